@@ -1,0 +1,474 @@
+"""The Regularizer: wraps one backward so that hooked weights receive curated gradients.
+
+Usage (separate-batch target, the default):
+
+    reg = Regularizer(model, spec)
+    reg.capture_target(target_loss)                # token-mean over the target batch; cached per layer
+    stats = reg.backward(loss_fn, units)           # loss_fn(rows) -> token-mean loss of those rows
+    clip_grad_norm_(...); optimizer.step()
+
+`loss_fn(rows)` returns the batch loss normalised over the rows it covers: sum of the rows'
+per-token losses divided by the sum of their `units` (supervised tokens for token-mean; use
+units = 1 and per-example means for a sequence-mean loss). rows=None is the whole batch. Only
+GlobalSubset two-pass calls it a second time, on the selected rows. A plain loss tensor may be
+passed instead of a callable when no second pass is needed.
+
+Merged-batch target (`target_mode: merged`): the batch's last `n_target_rows` rows are target
+rows sharing the backward (one token-mean over T_tot = T_train + T_val). Each hooked layer splits
+them off, builds G_T from them, scales scores by T_tot^2 / (T_train T_val) so they equal
+separate-batch scores, and curates only the train rows. Unhooked parameters (norm weights...) get
+a train-rows-only gradient, rescaled by T_tot / T_train: a forward hook on their modules recomputes
+target rows with detached parameters, so target rows still pass activation gradients upstream but
+never reach those weights.
+
+Choices where the paper's code leaves room (method.md 9):
+- token counts are whatever the loss averages over (callers pass the shifted-label counts);
+- an empty selection gives a zero gradient to every hooked weight (LayerWise: that layer; Global:
+  all hooked weights, and in two-pass every parameter, since pass 2 has no rows). Zero, not None:
+  AdamW still decays its moments, so parameters are not silently frozen out of the schedule;
+- `.grad` is accumulated into (+=), so micro-batch gradient accumulation works; the cosine metrics
+  read `.grad` and so describe the accumulated update.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from drpt_ray.config import RegularizerSpec
+from drpt_ray.regularize import kernels as K
+from drpt_ray.regularize.feasible import example_weights, get_feasible_set, kept_fraction, subset_weights
+from drpt_ray.regularize.hooks import Block, find_blocks, install
+
+LossFn = Callable[[torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class RegStats:
+    """What one regularized backward did. Per-block dicts are keyed by module name."""
+
+    kept: dict[str, float] = field(default_factory=dict)
+    cos: dict[str, float] = field(default_factory=dict)
+    cos_overall: float | None = None
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    global_scores: torch.Tensor | None = None
+    empty: bool = False
+    score_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def summary(self, prefix: str = "reg/") -> dict[str, float]:
+        """Flat scalar metrics (what goes to JSONL / the metric stream)."""
+        out = {f"{prefix}score_s": self.score_seconds, f"{prefix}time_s": self.seconds, f"{prefix}empty": float(self.empty)}
+        for key, d in (("kept_frac", self.kept), ("cos_layer", self.cos)):
+            if d:
+                v = list(d.values())
+                out.update({f"{prefix}{key}_mean": sum(v) / len(v), f"{prefix}{key}_min": min(v), f"{prefix}{key}_max": max(v)})
+        if self.cos_overall is not None:
+            out[f"{prefix}cos"] = self.cos_overall
+        return out
+
+
+@dataclass
+class _Pass:
+    """State of the backward in flight: what each hooked layer should do with its (dY, X)."""
+
+    mode: str  # capture | score | layer | retain
+    units: torch.Tensor | None = None  # (n_rows,) all rows, target rows last in merged mode
+    n_target: int = 0
+    normaliser: float = 1.0  # N: the loss of this backward is sum / N
+    score_scale: float = 1.0  # merged-mode correction
+    scores: torch.Tensor | None = None  # accumulated global scores (score / retain)
+    retained: dict = field(default_factory=dict)
+    merged_targets: dict = field(default_factory=dict)
+    stats: RegStats = field(default_factory=RegStats)
+
+    @property
+    def n_rows(self) -> int:
+        return self.units.numel()
+
+    @property
+    def n_train(self) -> int:
+        return self.n_rows - self.n_target
+
+
+class Regularizer:
+    """Dr. Post-Training gradient curation for one model, selected by a `RegularizerSpec`."""
+
+    def __init__(self, model: nn.Module, spec: RegularizerSpec):
+        if spec.target_mode == "merged" and spec.feasible_set in ("target_only", "iif"):
+            raise ValueError(f"regularizer.target_mode 'merged' is not supported with feasible_set {spec.feasible_set!r}")
+        if spec.passes == "two_pass" and spec.feasible_set != "global_subset":
+            raise ValueError("regularizer.passes 'two_pass' applies to feasible_set 'global_subset' only")
+        self.model, self.spec = model, spec
+        self.feasible = get_feasible_set(spec.feasible_set)
+        self.granularity = self.feasible.granularity(spec)
+        self.blocks = find_blocks(model, spec.hook_embeddings, spec.exclude)
+        for b in self.blocks:
+            b.on_backward = self._on_backward
+        hooked = {id(p) for b in self.blocks for p in b.params()}
+        self.unhooked = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
+        self._use_sketch = spec.kernel == "sketch" and self.granularity != "target"
+        self._factors: dict[Block, K.SketchFactors] = {}
+        self.targets: dict[Block, object] = {}
+        self.unhooked_targets: dict[str, torch.Tensor] = {}
+        self.captured = False
+        self._pass: _Pass | None = None
+        self._remove_hooks = install(self.blocks)
+        self._merged_handles = self._install_merged_row_split()
+
+    # --------------------------------------------------------------------------------------------
+    # public API
+
+    def needs_refresh(self, step: int) -> bool:
+        """True when the cached target gradient should be recaptured at this step."""
+        return not self.captured or step % self.spec.refresh_every == 0
+
+    def capture_target(self, loss: torch.Tensor, accumulate: bool = False) -> float:
+        """Backward `loss` (the target loss, normalised over the *whole* target batch) into the cache.
+
+        Weight gradients are not touched. Chunks of one target batch accumulate with
+        accumulate=True (each chunk's loss divided by the total target token count).
+        Returns the seconds spent.
+        """
+        t0 = time.perf_counter()
+        if not accumulate:
+            self.targets.clear()
+            self.unhooked_targets.clear()
+        with self._in_pass(_Pass(mode="capture")), self._unhooked_grads(keep=False) as fresh:
+            loss.backward()
+        if self.granularity == "target":
+            for name, g in fresh.items():
+                prev = self.unhooked_targets.get(name)
+                self.unhooked_targets[name] = g if prev is None else prev + g
+        self.captured = True
+        return time.perf_counter() - t0
+
+    def backward(self, loss_fn: LossFn | torch.Tensor, units: torch.Tensor, n_target_rows: int = 0) -> RegStats:
+        """Run the regularized backward of one (micro-)batch; hooked weights get curated `.grad`."""
+        t0 = time.perf_counter()
+        units = units.detach().to(torch.float64).flatten()
+        self._check_call(n_target_rows, units)
+        if n_target_rows and not callable(loss_fn):
+            raise TypeError("merged target mode needs loss_fn(rows) -> loss: target rows are split during the forward")
+        p = self._new_pass(units, n_target_rows)
+        if self.granularity == "target":
+            self._write_target_grads()
+        elif self.granularity == "none" and not n_target_rows:
+            _call(loss_fn, None).backward()
+        elif self.granularity == "global" and self.spec.passes == "two_pass":
+            self._two_pass(loss_fn, p)
+        else:
+            p.mode = "layer" if self.granularity in ("layer", "none") else "retain"
+            with self._in_pass(p), self._unhooked_grads(scale=p.normaliser / _sum(p.units[: p.n_train]) if n_target_rows else 1.0):
+                _call(loss_fn, None).backward()
+            if p.mode == "retain":
+                self._assemble_global(p)
+        self._cosine_metrics(p)
+        p.stats.seconds = time.perf_counter() - t0
+        return p.stats
+
+    def score(self, loss: LossFn | torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Global scores s_i = sum_l <G_i^l, g_T^l> of one batch; no parameter gradient changes."""
+        units = units.detach().to(torch.float64).flatten()
+        p = self._new_pass(units, 0)
+        p.mode = "score"
+        with self._in_pass(p), self._unhooked_grads(keep=False):
+            _call(loss, None).backward()
+        return p.scores
+
+    def filter_buffer(self, chunks: Iterable[tuple[LossFn | torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """IIF: score a whole buffer once (in chunks), return the indices the subset rule keeps."""
+        scores = torch.cat([self.score(loss, units) for loss, units in chunks])
+        return torch.nonzero(subset_weights(scores, self.spec)).flatten()
+
+    def remove(self) -> None:
+        """Restore the model's original forwards."""
+        self._remove_hooks()
+        for h in self._merged_handles:
+            h.remove()
+
+    # --------------------------------------------------------------------------------------------
+    # the per-layer backward
+
+    def _on_backward(self, block: Block, dy: torch.Tensor, x: torch.Tensor) -> bool:
+        p = self._pass
+        if p is None:
+            return False
+        if p.mode == "capture":
+            self._accumulate_target(block, self._target_from(block, dy.reshape(-1, dy.shape[-1])[None], _rows3(x, 1, block)))
+            return True
+        n = p.n_rows
+        if dy.shape[0] != n:
+            raise RuntimeError(
+                f"hooked layer {block.name!r} saw a leading dimension of {dy.shape[0]} but the batch has "
+                f"{n} examples; hooked layers need inputs shaped (examples, ..., features)"
+            )
+        dy, x = dy.reshape(n, -1, dy.shape[-1]), _rows3(x, n, block)
+        target = self._layer_target(block, dy, x, p)
+        dy, x = dy[: p.n_train], x[: p.n_train]
+        if p.mode == "layer" and self.granularity == "none":
+            pi = torch.ones(p.n_train, dtype=torch.float64, device=dy.device)
+        else:
+            t0 = time.perf_counter()
+            s = self._scores(block, dy, x, target).to(torch.float64) * p.score_scale
+            p.stats.score_seconds += time.perf_counter() - t0
+            p.stats.scores[block.name] = s.detach().cpu()
+            if p.mode in ("score", "retain"):
+                p.scores = s if p.scores is None else p.scores + s
+                if p.mode == "retain":
+                    p.retained[block] = (dy, x)
+                return True
+            pi = self.feasible.rule(s, self.spec)
+        self._write_grad(block, dy, x, pi, p)
+        return True
+
+    def _layer_target(self, block, dy, x, p: _Pass):
+        if p.n_target:
+            t = self._target_from(block, dy[p.n_train :], x[p.n_train :])
+            p.merged_targets[block] = t
+            return t
+        if not self.captured:
+            raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
+        return self.targets.get(block)
+
+    def _scores(self, block: Block, dy, x, target) -> torch.Tensor:
+        if target is None:  # the target loss never reached this block: g_T^l = 0
+            return dy.new_zeros(dy.shape[0])
+        if block.kind == "embedding":
+            return K.embedding_scores(dy, x, target, block.module.padding_idx)
+        if self._use_sketch:
+            return K.sketch_scores(dy, x, target, self._sketch_factors(block), block.bias is not None)
+        out_dim, in_dim = block.shape
+        kernel = K.choose_kernel(self.spec.kernel, dy.shape[1], out_dim, in_dim)
+        if kernel == "direct":
+            return K.direct_scores(dy, x, target, self.spec.direct_chunk)
+        return K.ghost_scores(dy, x, target)
+
+    def _target_from(self, block: Block, dy, x):
+        """Target representation (summed over the given rows) in the space the kernel scores in."""
+        if block.kind == "embedding":
+            return K.embedding_target(dy, x, block.module.num_embeddings, block.module.padding_idx)
+        if self._use_sketch:
+            return K.sketch_target(dy, x, self._sketch_factors(block), block.bias is not None)
+        return K.linear_target(dy, x, block.bias is not None)
+
+    def _accumulate_target(self, block: Block, t) -> None:
+        prev = self.targets.get(block)
+        if prev is None:
+            self.targets[block] = t
+        elif isinstance(prev, torch.Tensor):
+            prev += t
+        else:
+            prev.add_(t)
+
+    def _write_grad(self, block: Block, dy, x, pi: torch.Tensor, p: _Pass) -> None:
+        omega = example_weights(pi, p.units[: p.n_train], p.normaliser)
+        p.stats.kept[block.name] = kept_fraction(pi)
+        p.stats.weights[block.name] = omega.detach().cpu()
+        if block.kind == "embedding":
+            gw, gb = K.assemble_embedding(dy, x, omega, block.module.num_embeddings, block.module.padding_idx), None
+        else:
+            gw, gb = K.assemble_linear(dy, x, omega, block.bias is not None)
+        _accumulate_grad(block.weight, gw)
+        if gb is not None:
+            _accumulate_grad(block.bias, gb)
+
+    # --------------------------------------------------------------------------------------------
+    # global subsets
+
+    def _select_global(self, p: _Pass) -> torch.Tensor:
+        pi = self.feasible.rule(p.scores, self.spec)
+        p.stats.global_scores = p.scores.detach().cpu()
+        p.stats.empty = bool((pi * p.units[: p.n_train]).sum() <= 0)
+        return pi
+
+    @torch.no_grad()
+    def _assemble_global(self, p: _Pass) -> None:
+        """One-pass: the retained (dY, X) of every block, weighted by the one global choice."""
+        if p.scores is None:
+            return
+        pi = self._select_global(p)
+        for block, (dy, x) in p.retained.items():
+            self._write_grad(block, dy, x, pi, p)
+        p.retained.clear()
+
+    def _two_pass(self, loss_fn: LossFn | torch.Tensor, p: _Pass) -> None:
+        """Pass 1 scores only; pass 2 is a plain backward of the loss over the selected rows."""
+        if not callable(loss_fn):
+            raise TypeError("global_subset two_pass needs loss_fn(rows) -> loss, not a precomputed loss tensor")
+        p.mode = "score"
+        with self._in_pass(p), self._unhooked_grads(keep=False):
+            loss_fn(None).backward()
+        pi = self._select_global(p)
+        for b in self.blocks:
+            p.stats.kept[b.name] = kept_fraction(pi)
+        rows = torch.nonzero(pi).flatten()
+        if rows.numel() == 0:
+            for prm in self.model.parameters():
+                if prm.requires_grad:
+                    _accumulate_grad(prm, torch.zeros_like(prm))
+            return
+        loss_fn(rows.to(p.units.device)).backward()
+
+    # --------------------------------------------------------------------------------------------
+    # target-only, metrics, helpers
+
+    def _write_target_grads(self) -> None:
+        if not self.captured:
+            raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
+        for b in self.blocks:
+            t = self.targets.get(b)
+            if t is None:
+                continue
+            if isinstance(t, torch.Tensor):
+                _accumulate_grad(b.weight, t.clone())
+            else:
+                _accumulate_grad(b.weight, t.weight.clone())
+                if t.bias is not None:
+                    _accumulate_grad(b.bias, t.bias.clone())
+        for name, prm in self.unhooked:
+            if name in self.unhooked_targets:
+                _accumulate_grad(prm, self.unhooked_targets[name].clone())
+
+    @torch.no_grad()
+    def _cosine_metrics(self, p: _Pass) -> None:
+        """cos(update, g_T) per hooked block and overall, from `.grad` (sketched space for sketch)."""
+        dot_all = nd_all = nt_all = 0.0
+        for b in self.blocks:
+            t = p.merged_targets.get(b) if p.n_target else self.targets.get(b)
+            if t is None or b.weight.grad is None:
+                continue
+            bias_grad = b.bias.grad if b.bias is not None else None
+            if isinstance(t, torch.Tensor):
+                d, g = b.weight.grad, t
+            elif isinstance(t, K.SketchTarget):
+                d, g = self._sketch_factors(b).project_grad(b.weight.grad, bias_grad), t.sketch
+            else:
+                d = b.weight.grad if t.bias is None else torch.cat([b.weight.grad.flatten(), bias_grad.flatten()])
+                g = t.weight if t.bias is None else torch.cat([t.weight.flatten(), t.bias.flatten()])
+            dot, nd, nt = float((d * g).sum()), float((d * d).sum()), float((g * g).sum())
+            if nd > 0 and nt > 0:
+                p.stats.cos[b.name] = dot / (nd * nt) ** 0.5
+            dot_all, nd_all, nt_all = dot_all + dot, nd_all + nd, nt_all + nt
+        if nd_all > 0 and nt_all > 0:
+            p.stats.cos_overall = dot_all / (nd_all * nt_all) ** 0.5
+        if self.granularity in ("none", "target") and not p.stats.kept:
+            p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity == "none" else {}
+
+    def _sketch_factors(self, block: Block) -> K.SketchFactors:
+        f = self._factors.get(block)
+        if f is None:
+            out_dim, in_dim = block.shape
+            w = block.weight
+            f = K.SketchFactors.for_block(out_dim, in_dim, block.bias is not None, block.index, self.spec.sketch, w.dtype, w.device)
+            self._factors[block] = f
+        return f
+
+    def _new_pass(self, units: torch.Tensor, n_target: int) -> _Pass:
+        p = _Pass(mode="layer", units=units, n_target=n_target, normaliser=_sum(units))
+        if n_target:
+            t_train, t_val = _sum(units[:-n_target]), _sum(units[-n_target:])
+            p.score_scale = p.normaliser**2 / (t_train * t_val)
+        return p
+
+    def _check_call(self, n_target_rows: int, units: torch.Tensor) -> None:
+        merged = self.spec.target_mode == "merged"
+        if merged and n_target_rows <= 0:
+            raise ValueError("regularizer.target_mode is 'merged': pass n_target_rows > 0 (target rows last in the batch)")
+        if not merged and n_target_rows:
+            raise ValueError("n_target_rows given but regularizer.target_mode is 'separate'")
+        if n_target_rows >= units.numel():
+            raise ValueError(f"n_target_rows={n_target_rows} leaves no general rows in a batch of {units.numel()}")
+
+    @contextmanager
+    def _in_pass(self, p: _Pass):
+        if self._pass is not None:
+            raise RuntimeError("Regularizer passes cannot nest")
+        self._pass = p
+        try:
+            yield p
+        finally:
+            self._pass = None
+
+    @contextmanager
+    def _unhooked_grads(self, keep: bool = True, scale: float = 1.0):
+        """Isolate the unhooked parameters' gradient contribution of the enclosed backward.
+
+        keep=False discards it (score / capture passes) and yields it by name; keep=True adds it,
+        times `scale`, to whatever `.grad` held before.
+        """
+        saved = [prm.grad for _, prm in self.unhooked]
+        for _, prm in self.unhooked:
+            prm.grad = None
+        fresh: dict[str, torch.Tensor] = {}
+        try:
+            yield fresh
+        finally:
+            for (name, prm), old in zip(self.unhooked, saved):
+                new = prm.grad
+                if new is not None:
+                    fresh[name] = new
+                prm.grad = old
+                if keep and new is not None:
+                    _accumulate_grad(prm, new * scale if scale != 1.0 else new)
+
+    def _install_merged_row_split(self) -> list:
+        """Forward hooks that keep target rows out of unhooked weights' gradients in merged mode."""
+        unhooked_ids = {id(prm) for _, prm in self.unhooked}
+        handles = []
+        for m in self.model.modules():
+            own = dict(m.named_parameters(recurse=False))
+            if own and any(id(prm) in unhooked_ids for prm in own.values()):
+                handles.append(m.register_forward_hook(self._row_split_hook, with_kwargs=True))
+        return handles
+
+    def _row_split_hook(self, module, args, kwargs, out):
+        p = self._pass
+        if p is None or not p.n_target:
+            return out
+        if not isinstance(out, torch.Tensor) or out.shape[0] != p.n_rows:
+            raise RuntimeError(f"merged target mode: cannot split rows of {type(module).__name__} output")
+        detached = {n: prm.detach() for n, prm in module.named_parameters(recurse=False)}
+        with _hooks_paused(self):
+            out_det = torch.func.functional_call(module, detached, args, kwargs)
+        is_target = torch.arange(p.n_rows, device=out.device) >= p.n_train
+        return torch.where(is_target.view(-1, *([1] * (out.dim() - 1))), out_det, out)
+
+
+@contextmanager
+def _hooks_paused(reg: Regularizer):
+    # functional_call re-enters forward hooks; keep our own hook from recursing.
+    p, reg._pass = reg._pass, None
+    try:
+        yield
+    finally:
+        reg._pass = p
+
+
+def _rows3(x: torch.Tensor, n: int, block: Block) -> torch.Tensor:
+    """Reshape a hooked input to (n, T, features); embedding ids to (n, T)."""
+    if block.kind == "embedding":
+        return x.reshape(n, -1)
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def _call(loss: LossFn | torch.Tensor, rows) -> torch.Tensor:
+    return loss(rows) if callable(loss) else loss
+
+
+def _sum(t: torch.Tensor) -> float:
+    return float(t.sum())
+
+
+def _accumulate_grad(prm: nn.Parameter, g: torch.Tensor) -> None:
+    g = g.to(prm.dtype)
+    if prm.grad is None:
+        prm.grad = g
+    else:
+        prm.grad += g

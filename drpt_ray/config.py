@@ -148,7 +148,7 @@ class DataSpec(Spec):
 
 
 class OptimSpec(Spec):
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the curated gradient to this norm; None: off.")
@@ -163,10 +163,10 @@ class SFTSpec(Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="General examples per step.")
     target_batch_size: int = Field(1, ge=1, description="Target examples per step (drawn cycling the pool).")
-    eval_every: int = Field(25, ge=1, description="Steps between held-out target-loss evaluations.")
+    eval_every: int = Field(100, ge=1, description="Steps between held-out target-loss evaluations.")
     seed: int = Field(0, description="Training seed.")
     output_dir: str = Field("runs/sft", description="Where metrics.jsonl, the model and plots go.")
     progress: bool = Field(True, description="Show a progress bar.")

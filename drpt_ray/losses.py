@@ -22,11 +22,6 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor | None) -> di
     return {k: v[rows] for k, v in batch.items()}
 
 
-def token_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised tokens per example, counted after the causal shift: (n,) long."""
-    return (labels[:, 1:] != -100).sum(dim=1)
-
-
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t >= 1: (n, L-1) in the model's dtype."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]

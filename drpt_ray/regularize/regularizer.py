@@ -126,7 +126,9 @@ class Regularizer:
     # public API
 
     def needs_refresh(self, step: int) -> bool:
-        """True when the cached target gradient should be recaptured at this step."""
+        """True when the target gradient should be (re)captured at this step; `full` never needs it."""
+        if self.spec.feasible_set == "full":
+            return False
         return not self.captured or step % self.spec.refresh_every == 0
 
     def capture_target(self, loss: torch.Tensor, accumulate: bool = False) -> float:

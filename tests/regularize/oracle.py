@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from drpt_ray.losses import select_rows, sequence_loss_sums, token_counts
+from drpt_ray.data import supervised_token_counts
+from drpt_ray.losses import select_rows, sequence_loss_sums
 
 VOCAB = 48
 
@@ -147,7 +148,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def units_of(batch) -> torch.Tensor:
-    return token_counts(batch["labels"]).to(torch.float64)
+    return supervised_token_counts(batch["labels"]).to(torch.float64)
 
 
 def select(batch: dict, lo: int, n: int = 3) -> dict:

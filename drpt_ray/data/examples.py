@@ -1,0 +1,152 @@
+"""SFT examples: the record type, file loaders, and the general/target/eval splits of a task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from drpt_ray.config import DataSpec
+
+SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised example: the model is conditioned on `prompt` and trained to emit `response`.
+
+    The text is concatenated as-is (no separator is inserted), so any space between the two
+    belongs at the start of `response`.
+    """
+
+    prompt: str
+    response: str
+
+
+@dataclass
+class TaskSplits:
+    """The three pools of a data-regularized SFT task.
+
+    Attributes:
+        general: Plentiful, related but partly misaligned examples; the regularizer curates them.
+        target: The scarce pool whose gradient defines what "aligned" means.
+        eval: Held-out target-distribution examples for the held-out target loss.
+    """
+
+    general: list[Example]
+    target: list[Example]
+    eval: list[Example]
+
+
+def _checked_text(value: object, key: str, where: str) -> str:
+    """Return `value` if it is a string, else raise a ValueError that names `where` and `key`."""
+    if value is None:
+        raise ValueError(f"{where}: missing key {key!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _load_jsonl(path: Path, prompt_key: str, response_key: str) -> list[Example]:
+    """Parse one JSON object per non-blank line."""
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            examples.append(
+                Example(
+                    prompt=_checked_text(row.get(prompt_key), prompt_key, where),
+                    response=_checked_text(row.get(response_key), response_key, where),
+                )
+            )
+    return examples
+
+
+def _load_parquet(path: Path, prompt_key: str, response_key: str) -> list[Example]:
+    """Read the two columns of a parquet file; rows are numbered from 1 in error messages."""
+    import pyarrow.parquet as pq  # deferred: pyarrow is heavy and only parquet inputs need it
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for unreadable files
+        raise ValueError(f"{path}: not a readable parquet file: {e}") from None
+    for key in (prompt_key, response_key):
+        if key not in table.column_names:
+            raise ValueError(f"{path}: missing column {key!r} (columns: {table.column_names})")
+    prompts = table.column(prompt_key).to_pylist()
+    responses = table.column(response_key).to_pylist()
+    return [
+        Example(
+            prompt=_checked_text(p, prompt_key, f"{path}: row {i}"),
+            response=_checked_text(r, response_key, f"{path}: row {i}"),
+        )
+        for i, (p, r) in enumerate(zip(prompts, responses), start=1)
+    ]
+
+
+def load_examples(path: str | Path, prompt_key: str = "prompt", response_key: str = "response") -> list[Example]:
+    """Load (prompt, response) examples from a `.jsonl` or `.parquet` file.
+
+    Args:
+        path: The file. JSONL: one object per line, blank lines skipped. Parquet: one row per example.
+        prompt_key: Field (JSONL) or column (parquet) holding the prompt.
+        response_key: Field or column holding the response.
+
+    Returns:
+        The examples in file order.
+
+    Raises:
+        ValueError: The file is missing, has an unsupported extension, holds no examples, or a
+            row is malformed (the message names the file, the line or row number and the key).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected one of {SUPPORTED_SUFFIXES}")
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    loader = _load_jsonl if suffix == ".jsonl" else _load_parquet
+    examples = loader(path, prompt_key, response_key)
+    if not examples:
+        raise ValueError(f"{path}: file holds no examples")
+    return examples
+
+
+def load_task(spec: DataSpec) -> TaskSplits:
+    """Build the general, target and eval pools that `spec` describes.
+
+    With `spec.task == "scarce_target"` the built-in synthetic task is generated from the
+    `n_*`, `p_clean` and `seed` fields and the paths are ignored. With `spec.task is None` the
+    pools are read from `general_path`, `target_path` and `eval_path`; when `eval_path` is None
+    the target pool doubles as the eval pool, so the reported "held-out" loss is then a
+    training-set loss on the target pool.
+
+    Args:
+        spec: The data section of a run config.
+
+    Returns:
+        The three pools.
+
+    Raises:
+        ValueError: A file cannot be loaded (see `load_examples`).
+    """
+    if spec.task == "scarce_target":
+        from drpt_ray.data.synthetic import scarce_target_task  # synthetic imports this module
+
+        return scarce_target_task(
+            n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, p_clean=spec.p_clean, seed=spec.seed
+        )
+    # DataSpec's validator guarantees both paths when task is None.
+    keys = {"prompt_key": spec.prompt_key, "response_key": spec.response_key}
+    general = load_examples(spec.general_path, **keys)
+    target = load_examples(spec.target_path, **keys)
+    eval_ = load_examples(spec.eval_path, **keys) if spec.eval_path else list(target)
+    return TaskSplits(general=general, target=target, eval=eval_)

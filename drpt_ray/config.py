@@ -180,6 +180,29 @@ class SFTSpec(Spec):
 
 
 # --------------------------------------------------------------------------------------------
+# RL: rollout and algorithm
+
+
+class SamplingSpec(Spec):
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(16, ge=1, description="Maximum generated tokens per response.")
+    n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
+    seed: int | None = Field(None, description="Sampling seed; None draws a fresh one.")
+
+
+class RolloutSpec(Spec):
+    num_workers: int = Field(1, ge=1, description="RolloutWorker actors, each owning one vLLM engine.")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
+    num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs reserved per worker (0 on CPU vLLM).")
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU (GiB).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory fraction (GPU only).")
+    max_model_len: int = Field(256, ge=8, description="vLLM max sequence length.")
+    max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 

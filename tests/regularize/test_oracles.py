@@ -373,3 +373,14 @@ def test_iif_buffer_filter_keeps_non_negative_global_scores(mlp):
     ref = torch.cat(ref)
     assert kept.tolist() == [i for i in range(6) if ref[i] >= 0]
     reg.remove()
+
+
+def test_registry_matches_the_schema_and_refuses_clashes():
+    from drpt_ray.config import FEASIBLE_SETS
+    from drpt_ray.regularize import get_feasible_set, register_feasible_set, registered_feasible_sets
+
+    assert sorted(FEASIBLE_SETS) == registered_feasible_sets()
+    with pytest.raises(ValueError, match="already registered"):
+        register_feasible_set(get_feasible_set("full"))
+    with pytest.raises(ValueError, match="valid:"):
+        get_feasible_set("nope")

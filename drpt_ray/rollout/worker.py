@@ -1,0 +1,243 @@
+"""Rollout engine: one vLLM `LLM` that samples responses, scores sequences and takes new weights in place.
+
+`RolloutEngine` is a plain class (usable in-process, e.g. in a notebook); `RolloutWorker` is the same class as a Ray
+actor and `make_rollout_workers` starts a pool of them. The engine always runs in-process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): only then does `reload_weights` accept a weights iterator of tensors (in
+multiprocess mode the tensors reach the engine core as lists and the reload fails), see docs/env.md 1c.
+
+Log-probabilities are vLLM's "raw" ones (the model's softmax at temperature 1, before temperature/top-p), the same
+quantity as the learner's `drpt_ray.losses.token_logprobs`, so rollout and learner log-probs are directly comparable.
+
+Restarts: Ray re-runs `__init__` on a restarted actor, so the engine comes back with the weights at `model_path`
+and `weights_version` 0. The driver must compare `health()["weights_version"]` with its own and re-sync; every
+`Rollout` carries the version that produced it, so stale samples can be detected too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+from ray.actor import ActorHandle
+
+from drpt_ray.config import RolloutSpec, SamplingSpec
+
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+# Key prefixes/fragments of a peft-wrapped model's state dict: vLLM would not recognise these names.
+_PEFT_MARKERS = ("base_model.model.", "lora_A", "lora_B")
+
+
+@dataclass
+class Rollout:
+    """One sampled response.
+
+    Attributes:
+        prompt_index: Position of the prompt in the `generate` call (`n` rollouts share it).
+        prompt_ids: Prompt token ids as the engine saw them.
+        response_ids: Generated token ids (includes the eos token when generation stopped on it).
+        response_logprobs: log p(response_ids[t] | prefix) under the engine's weights, one per response token.
+        text: Detokenized response, special tokens skipped.
+        finish_reason: "stop" (eos or stop token) or "length" (hit `max_new_tokens`).
+        weights_version: `weights_version` of the engine that sampled it.
+    """
+
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    text: str
+    finish_reason: str
+    weights_version: int
+
+
+def engine_env(spec: RolloutSpec) -> dict[str, str]:
+    """Environment variables vLLM must see before it is imported (they are read at import/engine start)."""
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: required by the weights-iterator reload
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),  # else vLLM takes ~90% of RAM for the KV cache on CPU
+    }
+
+
+def _sampling_params(sampling: SamplingSpec) -> SamplingParams:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
+        seed=sampling.seed,
+        logprobs=0,  # 0 top alternatives: vLLM still returns the sampled token's log-prob
+    )
+
+
+def _as_inputs(prompts: list[str] | list[list[int]]) -> list[Any]:
+    """Strings pass through (vLLM tokenizes them); token-id lists become `TokensPrompt`s."""
+    from vllm.inputs import TokensPrompt
+
+    return [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+
+
+def _check_plain_hf(state_dict: dict[str, torch.Tensor]) -> None:
+    """Fail before touching the engine: a partial load of unknown names would leave the model half-updated."""
+    bad = [k for k in state_dict if any(m in k for m in _PEFT_MARKERS)]
+    if bad:
+        raise ValueError(
+            f"update_weights needs plain Hugging Face names of the full weights, got peft keys such as {bad[0]!r}; "
+            "pass the merged weights (e.g. the state_dict of `merge_and_unload()` on a copy of the model)"
+        )
+
+
+class RolloutEngine:
+    """A vLLM engine for rollouts: sample, score, and reload weights in place.
+
+    On CPU (no CUDA device visible) the engine runs in float32 with `enforce_eager=True` (bf16 selects an AMX
+    kernel that crashes on short prompts; compilation costs ~30 s per start). On GPU it uses the model's dtype
+    and `spec.gpu_memory_utilization`.
+
+    Args:
+        model_path: Hugging Face model directory (the one the learner loads, see `drpt_ray.models.model_dir`).
+        spec: Engine sizing; only the engine fields are used here (sampling comes with each `generate` call).
+        seed: Engine seed (sampling of requests without their own seed).
+    """
+
+    def __init__(self, model_path: str, spec: RolloutSpec, seed: int = 0) -> None:
+        os.environ.update(engine_env(spec))
+        from vllm import LLM  # after the env update: vLLM reads these variables
+
+        self.model_path = str(model_path)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device_kwargs: dict[str, Any] = (
+            {"gpu_memory_utilization": spec.gpu_memory_utilization}
+            if self.device == "cuda"
+            else {"dtype": "float32", "enforce_eager": True}
+        )
+        start = time.perf_counter()
+        self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)
+        self.start_seconds = time.perf_counter() - start
+        self.weights_version = 0
+        self.n_generated = 0
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec) -> list[Rollout]:
+        """Sample `sampling.n` responses per prompt.
+
+        Args:
+            prompts: Raw strings (no chat template is applied) or token-id lists.
+            sampling: Temperature, top-p, length, group size `n` and optional seed.
+
+        Returns:
+            `len(prompts) * sampling.n` rollouts, grouped by prompt in input order.
+        """
+        outputs = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling), use_tqdm=False)
+        rollouts = [
+            Rollout(
+                prompt_index=i,
+                prompt_ids=list(out.prompt_token_ids),
+                response_ids=list(c.token_ids),
+                response_logprobs=[lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
+                text=c.text,
+                finish_reason=str(c.finish_reason),
+                weights_version=self.weights_version,
+            )
+            for i, out in enumerate(outputs)
+            for c in out.outputs
+        ]
+        self.n_generated += len(rollouts)
+        return rollouts
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Score given sequences: log p(response[t] | prompt, response[:t]) under the current weights.
+
+        Runs each prompt+response as one prefill with `prompt_logprobs=0` (the scored token's log-prob is
+        always returned) and generates a single throw-away token.
+
+        Args:
+            prompt_ids: One non-empty token-id list per sequence.
+            response_ids: The matching response token ids.
+
+        Returns:
+            One list of `len(response_ids[i])` log-probs per sequence.
+        """
+        from vllm import SamplingParams
+
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        outputs = self._llm.generate(_as_inputs(sequences), params, use_tqdm=False)
+        return [
+            [out.prompt_logprobs[t][seq[t]].logprob for t in range(len(p), len(seq))]
+            for out, seq, p in zip(outputs, sequences, prompt_ids)
+        ]
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> float:
+        """Load new weights into the running engine, without restarting it.
+
+        Args:
+            state_dict: Plain Hugging Face names and full tensors, e.g. `model.state_dict()` of the learner's
+                `AutoModelForCausalLM` (for a peft model: the merged weights, not the adapter state).
+            version: The learner's version of these weights (e.g. its step); None increments the current one.
+                Passing it makes a retried call after an actor restart land on the right version.
+
+        Returns:
+            Seconds spent reloading.
+
+        vLLM logs "RotaryEmbedding: Failed to load weights" on every reload: the rotary cache is computed, not
+        loaded, and is left as it is (harmless).
+        """
+        _check_plain_hf(state_dict)
+        start = time.perf_counter()
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        # Cached KV blocks were computed with the old weights; reusing them would mix two policies.
+        self._llm.reset_prefix_cache()
+        self.weights_version = self.weights_version + 1 if version is None else version
+        return time.perf_counter() - start
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and sync state: answering at all means the engine was built and the actor is responsive."""
+        return {
+            "ok": True,
+            "model": self.model_path,
+            "device": self.device,
+            "weights_version": self.weights_version,
+            "n_generated": self.n_generated,
+            "start_seconds": self.start_seconds,
+            "pid": os.getpid(),
+        }
+
+
+RolloutWorker = ray.remote(RolloutEngine)
+
+# A call that was running when its actor died is retried once on the restarted actor: enough for a transient
+# death (OOM kill, lost node), while an input that crashes the engine deterministically fails fast instead of
+# burning every restart.
+_MAX_TASK_RETRIES = 1
+
+
+def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[ActorHandle]:
+    """Start `spec.num_workers` `RolloutWorker` actors (returns at once; engines start in the background).
+
+    Each worker reserves `spec.num_cpus_per_worker` CPUs and `spec.num_gpus_per_worker` GPUs, is restarted up to
+    `spec.max_restarts` times, and gets the vLLM environment through `runtime_env`. Worker i uses seed `seed + i`
+    so that workers do not draw identical samples. A restarted worker is back at the initial weights
+    (`weights_version` 0): re-sync it with `drpt_ray.rollout.sync.sync_weights`.
+
+    Wait for readiness with `ray.get([w.health.remote() for w in workers], timeout=...)`.
+    """
+    options = dict(
+        num_cpus=spec.num_cpus_per_worker,
+        num_gpus=spec.num_gpus_per_worker,
+        max_restarts=spec.max_restarts,
+        max_task_retries=_MAX_TASK_RETRIES,
+        runtime_env={"env_vars": engine_env(spec)},
+    )
+    return [RolloutWorker.options(**options).remote(model_path, spec, seed + i) for i in range(spec.num_workers)]
+

@@ -1,0 +1,48 @@
+"""RL algorithms in pure torch: advantage estimators, policy/value losses, KL estimators.
+
+Each kind has one registry (`ADVANTAGE_ESTIMATORS`, `POLICY_LOSSES`, `KL_ESTIMATORS`) with one
+signature; importing this package registers the built-ins, so every Ray actor that imports it
+sees them. Config names a built-in ("grpo") or a user function by import path ("pkg.mod:fn").
+"""
+
+from drpt_ray.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageFn,
+    AdvantageInputs,
+    gae_returns,
+    masked_whiten,
+)
+from drpt_ray.algorithms.aggregation import AGG_MODES, aggregate, example_losses, example_units
+from drpt_ray.algorithms.kl import KL_ESTIMATORS, KLFn, kl_loss, kl_penalty_tokens
+from drpt_ray.algorithms.losses import (
+    POLICY_LOSSES,
+    PolicyLossFn,
+    PolicyLossInputs,
+    PolicyLossOutput,
+    ValueLossOutput,
+    value_loss,
+)
+from drpt_ray.algorithms.registry import Registry
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGG_MODES",
+    "AdvantageFn",
+    "AdvantageInputs",
+    "KLFn",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "PolicyLossFn",
+    "PolicyLossInputs",
+    "PolicyLossOutput",
+    "Registry",
+    "ValueLossOutput",
+    "aggregate",
+    "example_losses",
+    "example_units",
+    "gae_returns",
+    "kl_loss",
+    "kl_penalty_tokens",
+    "masked_whiten",
+    "value_loss",
+]

@@ -121,8 +121,8 @@ class RegularizerSpec(Spec):
 
 
 class DataSpec(Spec):
-    task: Literal["scarce_target"] | None = Field(
-        "scarce_target", description="Built-in synthetic task; None means the paths below."
+    task: Literal["scarce_target", "arithmetic"] | None = Field(
+        "scarce_target", description="Built-in synthetic task (scarce_target: letter maps, SFT and RL; arithmetic: RL with math answers); None means the paths below."
     )
     general_path: str | None = Field(None, description="jsonl/parquet of general examples (prompt, response).")
     target_path: str | None = Field(None, description="jsonl/parquet of the scarce target pool.")
@@ -144,8 +144,7 @@ class DataSpec(Spec):
 
 
 # --------------------------------------------------------------------------------------------
-# SFT
-
+# Optimisation
 
 class OptimSpec(Spec):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -154,29 +153,6 @@ class OptimSpec(Spec):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the curated gradient to this norm; None: off.")
     warmup_frac: float = Field(0.03, ge=0, lt=1, description="Linear warmup as a fraction of steps.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
-
-
-class SFTSpec(Spec):
-    """An SFT run with a Dr. regularizer (`drpt-ray sft CONFIG.yaml`)."""
-
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
-    regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
-    optim: OptimSpec = Field(default_factory=OptimSpec)
-    steps: int = Field(2000, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="General examples per step.")
-    target_batch_size: int = Field(1, ge=1, description="Target examples per step (drawn cycling the pool).")
-    eval_every: int = Field(100, ge=1, description="Steps between held-out target-loss evaluations.")
-    seed: int = Field(0, description="Training seed.")
-    output_dir: str = Field("runs/sft", description="Where metrics.jsonl, the model and plots go.")
-    progress: bool = Field(True, description="Show a progress bar.")
-
-    @field_validator("output_dir")
-    @classmethod
-    def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("output_dir must not be empty")
-        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +176,124 @@ class RolloutSpec(Spec):
     max_model_len: int = Field(256, ge=8, description="vLLM max sequence length.")
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
+
+
+ADVANTAGES_NEEDING_CRITIC = ("gae",)
+
+
+class AlgorithmSpec(Spec):
+    """How rollouts become a policy loss (RL modes); names resolve in drpt_ray.algorithms registries."""
+
+    advantage: str = Field("grpo", description="Advantage estimator: grpo | grpo_no_std | rloo | reinforce_pp | gae (PPO).")
+    policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip | reinforce.")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean", description="How token losses are averaged (also the regularizer's normaliser units)."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); None: clip_eps.")
+    ppo_epochs: int = Field(1, ge=1, description="Optimizer passes over each rollout batch.")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference policy).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    kl_in_reward: bool = Field(False, description="Put the KL penalty in the reward instead of the loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount (REINFORCE++, GAE).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    vf_coef: float = Field(0.1, ge=0, description="Value-loss weight (PPO critic).")
+    critic_lr: float = Field(1e-3, gt=0, description="Critic (value head) learning rate.")
+    target_objective: Literal["reward", "token_pg", "train_loss"] = Field(
+        "reward",
+        description="Target loss for g_T: reward-weighted log-prob with standardised rewards (default), token policy gradient, or the training loss itself.",
+    )
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, v: str) -> str:
+        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS
+
+        ADVANTAGE_ESTIMATORS.get(v)  # raises ValueError listing the valid names
+        return v
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from drpt_ray.algorithms import POLICY_LOSSES
+
+        POLICY_LOSSES.get(v)
+        return v
+
+
+class RewardSpec(Spec):
+    kind: Literal["task", "exact_match", "math", "function", "model"] = Field(
+        "task",
+        description="task: the built-in task's verifiers; exact_match / math (math-verify) against the reference answer; function: a user `module:function`; model: a reward model (RLHF).",
+    )
+    function: str | None = Field(None, description="kind=function: import path `package.module:function`.")
+    model_path: str | None = Field(None, description="kind=model: sequence-classification model dir; None builds a tiny one in code.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of a user reward function (reward 0 on timeout).")
+
+    @model_validator(mode="after")
+    def _function_given(self) -> "RewardSpec":
+        if self.kind == "function" and not self.function:
+            raise ValueError("reward.kind is 'function', so reward.function ('module:function') is required")
+        if self.function and ":" not in self.function:
+            raise ValueError(f"reward.function must look like 'package.module:function', got {self.function!r}")
+        return self
+
+
+class CheckpointSpec(Spec):
+    every: int = Field(0, ge=0, description="Steps between checkpoints (0: only the final model).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
+    resume: bool = Field(True, description="Resume from the newest checkpoint in output_dir if one exists.")
+
+
+class ResourcesSpec(Spec):
+    learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner actor.")
+    learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved for the learner actor.")
+
+
+class JobSpec(Spec):
+    """One post-training job: SFT, RLHF or RLVR with a Dr. regularizer. The REST API, the CLI, the
+    library and Ray Tune all read this model."""
+
+    mode: Literal["sft", "rlhf", "rlvr"] = Field("sft", description="sft | rlhf (reward model) | rlvr (verifiable rewards).")
+    name: str | None = Field(None, description="Free-form job name.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    steps: int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
+    batch_size: int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
+    target_batch_size: int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
+    warm_start_sft_steps: int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
+    eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
+    eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
+    seed: int = Field(0, description="Training seed.")
+    output_dir: str = Field("runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_dir must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        if self.mode == "rlhf" and self.reward.kind != "model":
+            raise ValueError("mode 'rlhf' scores with a reward model: set reward.kind to 'model'")
+        if self.mode == "rlvr" and self.reward.kind == "model":
+            raise ValueError("mode 'rlvr' uses verifiable rewards: reward.kind 'model' belongs to mode 'rlhf'")
+        if self.regularizer.target_mode == "merged" and self.mode != "sft":
+            raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
+        if self.mode != "sft" and self.algorithm.advantage in ("grpo", "grpo_no_std", "rloo") and self.rollout.sampling.n < 2:
+            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,11 +123,11 @@ def load_examples(path: str | Path, prompt_key: str = "prompt", response_key: st
 def load_task(spec: DataSpec) -> TaskSplits:
     """Build the general, target and eval pools that `spec` describes.
 
-    With `spec.task == "scarce_target"` the built-in synthetic task is generated from the
-    `n_*`, `p_clean` and `seed` fields and the paths are ignored. With `spec.task is None` the
-    pools are read from `general_path`, `target_path` and `eval_path`; when `eval_path` is None
-    the target pool doubles as the eval pool, so the reported "held-out" loss is then a
-    training-set loss on the target pool.
+    With `spec.task` "scarce_target" or "arithmetic" the built-in synthetic task is generated
+    from the `n_*` and `seed` fields (and `p_clean` for scarce_target) and the paths are ignored.
+    With `spec.task is None` the pools are read from `general_path`, `target_path` and
+    `eval_path`; when `eval_path` is None the target pool doubles as the eval pool, so the
+    reported "held-out" loss is then a training-set loss on the target pool.
 
     Args:
         spec: The data section of a run config.
@@ -144,6 +144,10 @@ def load_task(spec: DataSpec) -> TaskSplits:
         return scarce_target_task(
             n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, p_clean=spec.p_clean, seed=spec.seed
         )
+    if spec.task == "arithmetic":
+        from drpt_ray.data.synthetic import arithmetic_task
+
+        return arithmetic_task(n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, seed=spec.seed)
     # DataSpec's validator guarantees both paths when task is None.
     keys = {"prompt_key": spec.prompt_key, "response_key": spec.response_key}
     general = load_examples(spec.general_path, **keys)

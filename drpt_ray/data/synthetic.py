@@ -1,4 +1,6 @@
-"""The built-in scarce-target SFT task: two independent letter maps, one scarce clean pool.
+"""Built-in synthetic tasks: scarce_target (letter maps; SFT and RL) and arithmetic (RL; below).
+
+scarce_target: two independent letter maps, one scarce clean pool.
 
 A prompt names two lowercase letters x and y and the answer names two letters, one per field:
 
@@ -161,3 +163,63 @@ def scarce_target_task(n_general: int, n_target: int, n_eval: int, p_clean: floa
     target = [_correct(x, y) for x, y in held[:n_target]]
     eval_ = [_correct(x, y) for x, y in held[n_target:]]
     return TaskSplits(general=_general_pool(n_general, p_clean, rng), target=target, eval=eval_)
+
+
+# --------------------------------------------------------------------------------------------
+# arithmetic: the RLVR task (answers checked with math-verify)
+#
+# A prompt is a sum or difference of two operands and the response is its value:
+#
+#     prompt "7+5="    response "12"
+#     prompt "42-57="  response "-15"
+#
+# general: `n_general` problems with operands in 0..99 and + or - drawn uniformly (so about half
+#   the differences are negative): broad coverage of both operations.
+# target: `n_target` distinct two-digit subtractions a-b with 10 <= b <= a <= 99 (results >= 0):
+#   a narrower distribution than the general pool's, of which it is a small corner.
+# eval: `n_eval` further distinct target-distribution problems, disjoint from the target pool.
+#
+# As in scarce_target, general problems are drawn independently of the target and eval ones.
+
+MAX_OPERAND = 99
+MIN_TARGET_OPERAND = 10
+
+
+def _arithmetic_example(a: int, op: str, b: int) -> Example:
+    return Example(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
+
+
+def arithmetic_task(n_general: int, n_target: int, n_eval: int, seed: int) -> TaskSplits:
+    """Generate the arithmetic task described above.
+
+    Args:
+        n_general: Size of the general pool (mixed + and -).
+        n_target: Size of the target pool (distinct non-negative two-digit subtractions).
+        n_eval: Size of the eval pool (distinct target-distribution problems, none in the target pool).
+        seed: Seed of every random choice.
+
+    Returns:
+        The general, target and eval pools.
+
+    Raises:
+        ValueError: A size is not positive, or `n_target + n_eval` exceeds the number of distinct
+            target-distribution problems (4095).
+    """
+    for name, n in (("n_general", n_general), ("n_target", n_target), ("n_eval", n_eval)):
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+    problems = [(a, b) for a in range(MIN_TARGET_OPERAND, MAX_OPERAND + 1) for b in range(MIN_TARGET_OPERAND, a + 1)]
+    if n_target + n_eval > len(problems):
+        raise ValueError(
+            f"n_target + n_eval = {n_target + n_eval} exceeds the {len(problems)} distinct target problems"
+        )
+    rng = random.Random(seed)
+    # One sample without replacement, split in two, makes the target and eval problems disjoint.
+    held = rng.sample(problems, n_target + n_eval)
+    target = [_arithmetic_example(a, "-", b) for a, b in held[:n_target]]
+    eval_ = [_arithmetic_example(a, "-", b) for a, b in held[n_target:]]
+    general = [
+        _arithmetic_example(rng.randint(0, MAX_OPERAND), rng.choice("+-"), rng.randint(0, MAX_OPERAND))
+        for _ in range(n_general)
+    ]
+    return TaskSplits(general=general, target=target, eval=eval_)

@@ -189,6 +189,20 @@ class Regularizer:
         scores = torch.cat([self.score(loss, units) for loss, units in chunks])
         return torch.nonzero(subset_weights(scores, self.spec)).flatten()
 
+    def state_dict(self) -> dict:
+        """The cached target gradient, by block name (for exact resume between refreshes)."""
+        return {
+            "captured": self.captured,
+            "targets": {b.name: _target_tensors(t) for b, t in self.targets.items()},
+            "unhooked_targets": dict(self.unhooked_targets),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        by_name = {b.name: b for b in self.blocks}
+        self.targets = {by_name[n]: _target_from_tensors(t) for n, t in state["targets"].items()}
+        self.unhooked_targets = dict(state["unhooked_targets"])
+        self.captured = state["captured"]
+
     def remove(self) -> None:
         """Restore the model's original forwards."""
         self._remove_hooks()
@@ -451,6 +465,22 @@ def _hooks_paused(reg: Regularizer):
         yield
     finally:
         reg._pass = p
+
+
+def _target_tensors(t) -> dict:
+    if isinstance(t, torch.Tensor):
+        return {"embedding": t}
+    if isinstance(t, K.SketchTarget):
+        return {"sketch": t.sketch}
+    return {"weight": t.weight, "bias": t.bias}
+
+
+def _target_from_tensors(d: dict):
+    if "embedding" in d:
+        return d["embedding"]
+    if "sketch" in d:
+        return K.SketchTarget(d["sketch"])
+    return K.LinearTarget(d["weight"], d["bias"])
 
 
 def _rows3(x: torch.Tensor, n: int, block: Block) -> torch.Tensor:

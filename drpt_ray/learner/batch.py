@@ -1,0 +1,66 @@
+"""The learner's RL batch: rollouts turned into right-padded tensors.
+
+Positions follow the causal shift: `token_logprobs` gives log p(x_t | x_<t) at index t-1, so a
+response token at sequence index j sits at logprob index j-1. Every per-token tensor here is
+(n, L-1) in that logprob layout, with `response_mask` nonzero exactly on response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class RLBatch:
+    input_ids: torch.Tensor  # (n, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (n, L)
+    response_mask: torch.Tensor  # (n, L-1) float, 1 on response-token logprob positions
+    rewards: torch.Tensor  # (n,) sequence rewards
+    group_ids: torch.Tensor  # (n,) long, one id per prompt
+    advantages: torch.Tensor | None = None  # (n, L-1)
+    old_logprobs: torch.Tensor | None = None  # (n, L-1) behaviour policy (learner recompute)
+    ref_logprobs: torch.Tensor | None = None  # (n, L-1) reference policy, when KL is used
+    values: torch.Tensor | None = None  # (n, L-1) critic values at rollout time
+    returns: torch.Tensor | None = None  # (n, L-1) critic targets
+
+    def rows(self, rows: torch.Tensor | None) -> "RLBatch":
+        """The sub-batch of `rows` (the whole batch when None)."""
+        if rows is None:
+            return self
+        return replace(self, **{f.name: _take(getattr(self, f.name), rows) for f in fields(self)})
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _take(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def build_batch(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    rewards: list[float],
+    group_ids: list[int],
+    pad_id: int,
+) -> RLBatch:
+    """Pack (prompt, response) token lists into an RLBatch (right padding)."""
+    n = len(prompt_ids)
+    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    resp = torch.zeros(n, width - 1)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, : len(p) + len(r)] = 1
+        resp[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
+    return RLBatch(
+        input_ids=ids,
+        attention_mask=attn,
+        response_mask=resp,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.tensor(group_ids, dtype=torch.long),
+    )

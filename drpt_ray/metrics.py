@@ -1,0 +1,69 @@
+"""Where metrics go: one dict per step to metrics.jsonl, TensorBoard and a callback (the stream the
+control plane follows), plus the end-of-run plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+# Shown on the progress bar and plotted, when present.
+HEADLINE = ("loss", "reward/reward_mean", "eval/target_loss", "eval/target_reward", "target/reward_mean")
+
+
+class MetricLogger:
+    """Append-only step metrics; on resume, lines after `resume_step` (from a crashed run) are dropped."""
+
+    def __init__(self, out: Path, tensorboard: bool, callback: Callable[[dict], None] | None, resume_step: int = 0):
+        self.path = out / "metrics.jsonl"
+        self.history: list[dict] = []
+        if resume_step and self.path.exists():
+            kept = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            self.history = [m for m in kept if m["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        self._file = open(self.path, "a")
+        self.callback = callback
+        self.headline = HEADLINE
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
+
+    def write(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, metrics["step"])
+        if self.callback is not None:
+            self.callback(metrics)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def plot(self, path: Path, title: str) -> None:
+        """One panel per headline metric present in the history."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in self.headline if any(k in m for m in self.history)]
+        if not keys:
+            return
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            pts = [(m["step"], m[key]) for m in self.history if key in m]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if len(pts) < 40 else None, ms=3)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

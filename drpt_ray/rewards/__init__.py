@@ -1,0 +1,111 @@
+"""Rewards: one `Reward` interface, one door (`make_reward`), one preflight (`check_reward`).
+
+A `Reward` is called on a batch, `reward(prompts, responses, references, split) -> RewardResult`
+(one score per response plus an error count), whatever `reward.kind` is:
+
+| reward.kind | scores                                         | runs where                        |
+|-------------|------------------------------------------------|-----------------------------------|
+| task        | the built-in task's verifier (tasks.py)        | in the caller                     |
+| exact_match | stripped response == stripped reference        | in the caller                     |
+| math        | math-verify equality with the reference        | in the caller                     |
+| function    | user `package.module:function`, with a timeout | a child process of the caller     |
+| model       | a reward model's logit (RLHF)                  | one `RewardModelWorker` Ray actor |
+
+Build a reward in the process that calls it (a function reward owns a child process) and `close`
+it when done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drpt_ray.config import RewardSpec
+from drpt_ray.rewards.model import ModelReward, RewardModelScorer, RewardModelWorker, tiny_reward_model
+from drpt_ray.rewards.tasks import TASK_VERIFIERS
+from drpt_ray.rewards.user import FunctionReward, resolve_function
+from drpt_ray.rewards.verifiable import (
+    Reward,
+    RewardResult,
+    Split,
+    VerifierReward,
+    exact_match_score,
+    exact_match_verifier,
+    math_score,
+    math_verifier,
+)
+
+__all__ = [
+    "TASK_VERIFIERS",
+    "FunctionReward",
+    "ModelReward",
+    "Reward",
+    "RewardModelScorer",
+    "RewardModelWorker",
+    "RewardResult",
+    "Split",
+    "VerifierReward",
+    "check_reward",
+    "exact_match_score",
+    "make_reward",
+    "math_score",
+    "resolve_function",
+    "tiny_reward_model",
+]
+
+
+def check_reward(spec: RewardSpec, task: str | None) -> None:
+    """Preflight: refuse a reward that cannot be built, before any actor starts.
+
+    Args:
+        spec: The reward section of a job.
+        task: The job's `data.task` (None when the data comes from files).
+
+    Raises:
+        ValueError: kind 'task' without a built-in task (names `reward.kind`); kind 'function'
+            whose function cannot be resolved (names `reward.function`); kind 'model' whose
+            `reward.model_path` is not a directory.
+    """
+    if spec.kind == "task" and task not in TASK_VERIFIERS.names():
+        raise ValueError(
+            f"reward.kind 'task' scores with a built-in task's verifier, but data.task is {task!r}; "
+            f"set data.task to one of {TASK_VERIFIERS.names()} or choose reward.kind "
+            "'exact_match', 'math', 'function' or 'model'"
+        )
+    if spec.kind == "function":
+        resolve_function(spec.function)
+    if spec.kind == "model" and spec.model_path is not None and not Path(spec.model_path).expanduser().is_dir():
+        raise ValueError(
+            f"reward.model_path {spec.model_path!r} is not a directory; give the local directory of a "
+            "sequence-classification model, or null for a tiny random one"
+        )
+
+
+def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cpus: float = 0.5) -> Reward:
+    """Build the reward that `spec` describes (after `check_reward`).
+
+    Args:
+        spec: The reward section of a job.
+        task: The job's `data.task`; kind 'task' uses its verifier.
+        work_dir: Run directory; kind 'model' with `model_path` None builds a tiny reward model
+            under `work_dir / "tiny-reward-model"`.
+        num_cpus: Ray CPUs reserved by the reward-model actor (kind 'model' only).
+
+    Returns:
+        The reward; kind 'model' has started its `RewardModelWorker` actor (Ray is initialised
+        if it is not yet).
+
+    Raises:
+        ValueError: See `check_reward`.
+    """
+    check_reward(spec, task)
+    if spec.kind == "task":
+        return VerifierReward(TASK_VERIFIERS.get(task))
+    if spec.kind == "exact_match":
+        return VerifierReward(exact_match_verifier)
+    if spec.kind == "math":
+        return VerifierReward(math_verifier)
+    if spec.kind == "function":
+        return FunctionReward(spec.function, spec.timeout_s)
+    model_path = spec.model_path or tiny_reward_model(Path(work_dir) / "tiny-reward-model")
+    worker = RewardModelWorker.options(num_cpus=num_cpus).remote(str(Path(model_path).expanduser()))
+    return ModelReward(worker)

@@ -1,0 +1,74 @@
+"""Verifiers of the built-in synthetic tasks (reward.kind 'task'), one per `data.task`.
+
+The general and target splits are scored differently on purpose. For `scarce_target` the general
+reward is a lenient proxy (right letters in either layout, partial credit per field) while the
+target reward is strict (exactly the target format): the imperfectly aligned general signal and
+the scarce high-fidelity target signal of the paper. Eval prompts are scored as "target".
+
+| task          | general split                                | target split                          |
+|---------------|----------------------------------------------|---------------------------------------|
+| scarce_target | 0.5 per right field, "a,b" or "a;b." layout  | 1.0 iff exactly `solve(prompt)`        |
+| arithmetic    | math-verify against the reference            | math-verify against the reference     |
+"""
+
+from __future__ import annotations
+
+import re
+
+from drpt_ray.algorithms.registry import Registry
+from drpt_ray.data.synthetic import solve
+from drpt_ray.rewards.verifiable import ScoreFn, Split, math_score, required_reference
+
+TASK_VERIFIERS: Registry[ScoreFn] = Registry("task verifier")
+
+# The two layouts the lenient scarce_target reward accepts: the target "a,b" and the general
+# pool's conflicting "a;b.".
+_LAYOUTS = (re.compile(r"([a-z]),([a-z])"), re.compile(r"([a-z]);([a-z])\."))
+
+
+def _fields(text: str) -> tuple[str, str] | None:
+    """The two letters of a scarce_target answer in either layout, or None if it is in neither."""
+    for layout in _LAYOUTS:
+        m = layout.fullmatch(text.strip())
+        if m is not None:
+            return m.group(1), m.group(2)
+    return None
+
+
+@TASK_VERIFIERS.register("scarce_target")
+def scarce_target_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
+    """Score a scarce_target response: lenient on the general split, strict on the target split.
+
+    The reference is not read: the answer follows from the prompt (`drpt_ray.data.synthetic.solve`).
+
+    Args:
+        prompt: A task prompt, "map:x,y->".
+        response: The generated answer.
+        reference: Unused.
+        split: "general": 0.5 per correct field when the response is in the target layout "a,b"
+            or the conflicting layout "a;b.", 0.0 in any other layout; "target": 1.0 iff the
+            stripped response is exactly the target-format answer, else 0.0.
+
+    Returns:
+        The reward: 0.0, 0.5 or 1.0.
+
+    Raises:
+        ValueError: `prompt` is not a scarce_target prompt.
+    """
+    answer = solve(prompt)
+    if split == "target":
+        return float(response.strip() == answer)
+    got = _fields(response)
+    if got is None:
+        return 0.0
+    return 0.5 * sum(g == w for g, w in zip(got, _fields(answer)))
+
+
+@TASK_VERIFIERS.register("arithmetic")
+def arithmetic_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
+    """Score an arithmetic response with math-verify against the reference answer, on both splits.
+
+    Raises:
+        ValueError: `reference` is None.
+    """
+    return math_score(response, required_reference(reference, "task"))

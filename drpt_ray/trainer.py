@@ -1,0 +1,406 @@
+"""The driver loop: one `step` for SFT, RLHF and RLVR (SFT skips the rollout phases).
+
+One RL step, each phase one call inside one named timer (metrics `time/<phase>`):
+  0. sample    general prompts (and, on refresh steps, target prompts)
+  1. gen       RolloutWorkers (vLLM) sample `n` responses per prompt with the current weights
+  2. reward    verifiable function or reward model; general and target splits scored apart
+  3. logprob   learner recomputes behaviour log-probs (+ reference log-probs, + values)
+  4. adv       advantages from the registry (GRPO group norm, ..., GAE with the critic)
+  5. regularize  learner captures the target gradient g_T from the target rollouts
+  6. update    learner: regularized backward of the policy loss -> clip -> AdamW
+  7. sync      learner weights -> object store -> every RolloutWorker (in place)
+then metrics (JSONL, TensorBoard, the callback the control plane streams) and checkpoints.
+
+Topology (`build`): the learner is a Ray actor in RL modes; in SFT it runs in the driver process
+(there are no rollout workers to share weights with, so an actor would only add start-up time).
+`call` is the one door to either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, gae_returns, kl_penalty_tokens
+from drpt_ray.config import JobSpec
+from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
+from drpt_ray.learner import Learner, LearnerActor, build_batch
+from drpt_ray.metrics import MetricLogger
+from drpt_ray.models import build_tokenizer, model_dir
+from drpt_ray.rollout import make_rollout_workers
+from drpt_ray.rollout.worker import Rollout
+
+MetricsCallback = Callable[[dict], None]
+ENV_VARS = ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")
+
+
+# ----------------------------------------------------------------------------------------------
+# small pieces
+
+
+def call(handle: Any, method: str, *args, **kwargs):
+    """Call a learner method on a local object or a Ray actor, blocking for the result."""
+    if isinstance(handle, ray.actor.ActorHandle):
+        return ray.get(getattr(handle, method).remote(*args, **kwargs))
+    return getattr(handle, method)(*args, **kwargs)
+
+
+class BatchSampler:
+    """Endless batches over a pool, reshuffled every epoch, with a two-int state for exact resume.
+
+    Epoch e's order is a permutation seeded by (seed, e); a batch may straddle two epochs.
+    """
+
+    def __init__(self, pool: list, batch_size: int, seed: int):
+        self.pool, self.batch_size, self.seed = pool, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.pool)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self) -> list:
+        out = []
+        while len(out) < self.batch_size:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            out.append(self.pool[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._permutation(self.epoch)
+
+
+@contextmanager
+def timer(metrics: dict, phase: str):
+    t0 = time.perf_counter()
+    yield
+    metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    steps: int
+    final: dict
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """Everything the loop holds: the spec, the actors and the data cursors."""
+
+    spec: JobSpec
+    out: Path
+    splits: TaskSplits
+    tokenizer: Any
+    learner: Any
+    general: BatchSampler
+    target: BatchSampler
+    workers: list = field(default_factory=list)
+    reward: Any = None
+    version: int = 0  # weights version the rollout workers should hold
+    step: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# preflight and topology
+
+
+def preflight(spec: JobSpec) -> TaskSplits:
+    """Every check a user's spec can fail, before any actor starts; errors name the field."""
+    if spec.model.path is not None:
+        model_dir(spec.model, spec.output_dir)  # raises ValueError naming model.path
+    splits = load_task(spec.data)
+    if spec.mode != "sft":
+        from drpt_ray.rewards import check_reward
+
+        check_reward(spec.reward, spec.data.task)
+    return splits
+
+
+def _init_ray(spec: JobSpec, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    need = spec.resources.learner_num_cpus + spec.rollout.num_workers * spec.rollout.num_cpus_per_worker + 1
+    ray.init(num_cpus=max(math.ceil(need), os.cpu_count() or 1), include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
+    """The topology, in order: learner, rollout workers, reward."""
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.mode == "sft":
+        learner = Learner(spec)
+        tokenizer = learner.tokenizer
+    else:
+        _init_ray(spec, address)
+        learner = LearnerActor.options(
+            num_cpus=spec.resources.learner_num_cpus, num_gpus=spec.resources.learner_num_gpus
+        ).remote(spec)
+        path = model_dir(spec.model, out)
+        tokenizer = _tokenizer(path)
+    ctx = Context(
+        spec=spec, out=out, splits=splits, tokenizer=tokenizer, learner=learner,
+        general=BatchSampler(splits.general, spec.batch_size, spec.seed),
+        target=BatchSampler(splits.target, spec.target_batch_size, spec.seed + 1),
+    )
+    if spec.mode != "sft":
+        from drpt_ray.rewards import make_reward
+
+        ctx.workers = make_rollout_workers(str(path), spec.rollout, spec.seed)
+        ctx.reward = make_reward(spec.reward, spec.data.task, out)
+    return ctx
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# rollouts
+
+
+def generate(ctx: Context, prompt_ids: list[list[int]], sampling) -> list[Rollout]:
+    """Split prompts over the workers; re-issue a dead or stale worker's share after re-syncing it."""
+    shares = [prompt_ids[i :: len(ctx.workers)] for i in range(len(ctx.workers))]
+    refs = [w.generate.remote(s, sampling) if s else None for w, s in zip(ctx.workers, shares)]
+    by_worker = []
+    for w, share, ref in zip(ctx.workers, shares, refs):
+        if ref is None:
+            by_worker.append([])
+            continue
+        try:
+            out = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            out = None
+        if out is None or any(r.weights_version != ctx.version for r in out):
+            out = _reissue(ctx, w, share, sampling)
+        by_worker.append(out)
+    # restore the caller's prompt order: worker k served prompts k, k+W, k+2W, ...
+    n = sampling.n
+    ordered: list[Rollout] = []
+    for i in range(len(prompt_ids)):
+        k, j = i % len(ctx.workers), i // len(ctx.workers)
+        group = by_worker[k][j * n : (j + 1) * n]
+        ordered += [Rollout(**{**r.__dict__, "prompt_index": i}) for r in group]
+    return ordered
+
+
+def _reissue(ctx: Context, worker, share, sampling) -> list[Rollout]:
+    """A worker died (Ray restarts it, back on the initial weights) or answered with stale weights:
+    wait until it is healthy, give it the current weights, and generate its share again."""
+    deadline = time.time() + 300
+    while True:
+        try:
+            ray.get(worker.health.remote(), timeout=60)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if time.time() > deadline:
+                raise RuntimeError("a rollout worker did not come back within 300 s") from None
+            time.sleep(1.0)
+    ray.get(worker.update_weights.remote(call(ctx.learner, "weights"), ctx.version))
+    return ray.get(worker.generate.remote(share, sampling))
+
+
+def sync(ctx: Context) -> None:
+    """Learner weights -> object store -> every worker; bumps the version the workers must hold."""
+    ctx.version += 1
+    if isinstance(ctx.learner, ray.actor.ActorHandle):
+        weights = ctx.learner.weights.remote()  # stays in the object store; never copied to the driver
+    else:
+        weights = ray.put(ctx.learner.weights())
+    ray.get([w.update_weights.remote(weights, ctx.version) for w in ctx.workers])
+
+
+def _prompt_ids(ctx: Context, examples: list[Example]) -> list[list[int]]:
+    return [ctx.tokenizer(e.prompt)["input_ids"] for e in examples]
+
+
+def rollout_batch(ctx: Context, examples: list[Example], split: str, sampling, metrics: dict, prefix: str):
+    """gen + reward + logprob + adv for one set of prompts; returns the learner-ready RLBatch."""
+    spec = ctx.spec
+    with timer(metrics, "gen"):
+        rollouts = generate(ctx, _prompt_ids(ctx, examples), sampling)
+    with timer(metrics, "reward"):
+        prompts = [examples[r.prompt_index].prompt for r in rollouts]
+        refs = [examples[r.prompt_index].response for r in rollouts]
+        scored = ctx.reward(prompts, [r.text for r in rollouts], refs, split)
+    batch = build_batch(
+        [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], scored.scores,
+        [r.prompt_index for r in rollouts], ctx.tokenizer.pad_token_id,
+    )
+    with timer(metrics, "logprob"):
+        batch = call(ctx.learner, "score_rollouts", batch)
+    with timer(metrics, "adv"):
+        alg = spec.algorithm
+        token_rewards = None
+        if batch.ref_logprobs is not None and alg.kl_in_reward:
+            token_rewards = kl_penalty_tokens(batch.old_logprobs, batch.ref_logprobs, alg.kl_estimator, alg.kl_coef)
+        inputs = AdvantageInputs(
+            rewards=batch.rewards, group_ids=batch.group_ids, response_mask=batch.response_mask,
+            values=batch.values, token_rewards=token_rewards, gamma=alg.gamma, lam=alg.lam,
+        )
+        if alg.advantage == "gae":
+            batch.advantages, batch.returns = gae_returns(inputs)
+        else:
+            batch.advantages = ADVANTAGE_ESTIMATORS.get(alg.advantage)(inputs)
+    lengths = batch.response_mask.sum(1)
+    metrics.update({
+        f"{prefix}reward_mean": float(batch.rewards.mean()),
+        f"{prefix}response_len": float(lengths.mean()),
+        f"{prefix}reward_errors": float(scored.errors),
+    })
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def step(ctx: Context) -> dict:
+    """One training step of any mode; returns its metrics."""
+    spec, m = ctx.spec, {"step": ctx.step + 1}
+    t0 = time.perf_counter()
+    wants_target = call(ctx.learner, "needs_target", ctx.step)
+    if spec.mode == "sft":
+        with timer(m, "sample"):
+            general = tokenize_sft(ctx.tokenizer, ctx.general.next(), spec.data.max_len)
+            target = tokenize_sft(ctx.tokenizer, ctx.target.next(), spec.data.max_len) if wants_target else None
+        m.update(call(ctx.learner, "sft_step", general, target))
+    else:
+        sampling = spec.rollout.sampling.model_copy(update={"seed": spec.seed * 1_000_003 + ctx.step})
+        with timer(m, "sample"):
+            general, target = ctx.general.next(), ctx.target.next() if wants_target else None
+        batch = rollout_batch(ctx, general, "general", sampling, m, "reward/")
+        if target is not None:
+            target_batch = rollout_batch(ctx, target, "target", sampling, m, "target/")
+            m.update(call(ctx.learner, "capture_target", target_batch))
+        m.update(call(ctx.learner, "rl_step", batch))
+        with timer(m, "sync"):
+            sync(ctx)
+    m["time/step"] = time.perf_counter() - t0
+    ctx.step += 1
+    return m
+
+
+def evaluate(ctx: Context) -> dict:
+    """Held-out target quality: token-mean loss (SFT) or greedy strict reward (RL)."""
+    spec = ctx.spec
+    if spec.mode == "sft":
+        batch = tokenize_sft(ctx.tokenizer, ctx.splits.eval, spec.data.max_len)
+        return {"eval/target_loss": call(ctx.learner, "eval_sft", batch)}
+    examples = ctx.splits.eval[: spec.eval_size]
+    greedy = spec.rollout.sampling.model_copy(update={"n": 1, "temperature": 0.0, "seed": 0})
+    rollouts = generate(ctx, _prompt_ids(ctx, examples), greedy)
+    scored = ctx.reward([e.prompt for e in examples], [r.text for r in rollouts], [e.response for e in examples], "target")
+    return {"eval/target_reward": sum(scored.scores) / len(scored.scores)}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(ctx: Context) -> Path:
+    """One consistent checkpoint: written to a temp dir, then renamed into place; keeps `keep`."""
+    root = ctx.out / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step_{ctx.step:07d}"
+    tmp = root / f".tmp_step_{ctx.step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    call(ctx.learner, "save", str(tmp))
+    state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict()}
+    (tmp / "trainer.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step_*"))[: -ctx.spec.checkpoint.keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+    return found[-1] if found else None
+
+
+def restore(ctx: Context, path: Path) -> None:
+    state = json.loads((path / "trainer.json").read_text())
+    call(ctx.learner, "load", str(path))
+    ctx.step = state["step"]
+    ctx.general.load_state_dict(state["general"])
+    ctx.target.load_state_dict(state["target"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the job
+
+
+def warm_start(ctx: Context) -> float:
+    """RL only: plain SFT on the general pool's (prompt, response) pairs before RL begins."""
+    spec = ctx.spec
+    sampler = BatchSampler(ctx.splits.general, 16, spec.seed + 7)
+    batches = [tokenize_sft(ctx.tokenizer, sampler.next(), spec.data.max_len) for _ in range(spec.warm_start_sft_steps)]
+    return call(ctx.learner, "warm_start", batches, spec.optim.lr)
+
+
+def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None) -> JobResult:
+    """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary."""
+    splits = preflight(spec)
+    ctx = build(spec, splits, address)
+    resume = latest_checkpoint(ctx.out) if spec.checkpoint.resume else None
+    if resume is not None:
+        restore(ctx, resume)
+    elif spec.mode != "sft" and spec.warm_start_sft_steps:
+        print(f"warm start: {spec.warm_start_sft_steps} SFT steps, loss {warm_start(ctx):.3f}", flush=True)
+    if spec.mode != "sft" and (resume is not None or spec.warm_start_sft_steps):
+        sync(ctx)
+    log = MetricLogger(ctx.out, spec.tensorboard, on_metrics, resume_step=ctx.step)
+    bar = tqdm(total=spec.steps, initial=ctx.step, disable=not spec.progress, desc=f"{spec.mode}[{spec.regularizer.feasible_set}]")
+    try:
+        if ctx.step == 0:
+            log.write({"step": 0, **evaluate(ctx)})
+        while ctx.step < spec.steps:
+            m = step(ctx)
+            if ctx.step % spec.eval_every == 0 or ctx.step == spec.steps:
+                m.update(evaluate(ctx))
+            log.write(m)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k in log.headline and isinstance(v, float)})
+            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps:
+                save_checkpoint(ctx)
+        call(ctx.learner, "save_model", str(ctx.out / "model"))
+    finally:
+        bar.close()
+        log.close()
+    log.plot(ctx.out / "curves.png", title=f"{spec.mode} {spec.regularizer.feasible_set}")
+    return JobResult(ctx.out, ctx.step, log.history[-1] if log.history else {}, log.history)

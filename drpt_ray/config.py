@@ -269,6 +269,7 @@ class JobSpec(Spec):
     batch_size: int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
     target_batch_size: int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
     warm_start_sft_steps: int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
+    warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
     eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
     seed: int = Field(0, description="Training seed.")

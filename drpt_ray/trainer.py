@@ -365,12 +365,22 @@ def restore(ctx: Context, path: Path) -> None:
 # the job
 
 
+def shutdown(ctx: Context) -> None:
+    """Release the job's actors and reward resources (a Ray session may run several jobs)."""
+    if ctx.reward is not None:
+        ctx.reward.close()
+    for handle in ctx.workers + ([ctx.learner] if isinstance(ctx.learner, ray.actor.ActorHandle) else []):
+        ray.kill(handle)
+    if not isinstance(ctx.learner, ray.actor.ActorHandle):
+        ctx.learner.remove()
+
+
 def warm_start(ctx: Context) -> float:
     """RL only: plain SFT on the general pool's (prompt, response) pairs before RL begins."""
     spec = ctx.spec
     sampler = BatchSampler(ctx.splits.general, 16, spec.seed + 7)
     batches = [tokenize_sft(ctx.tokenizer, sampler.next(), spec.data.max_len) for _ in range(spec.warm_start_sft_steps)]
-    return call(ctx.learner, "warm_start", batches, spec.optim.lr)
+    return call(ctx.learner, "warm_start", batches, spec.warm_start_lr)
 
 
 def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None) -> JobResult:
@@ -402,5 +412,6 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     finally:
         bar.close()
         log.close()
+        shutdown(ctx)
     log.plot(ctx.out / "curves.png", title=f"{spec.mode} {spec.regularizer.feasible_set}")
     return JobResult(ctx.out, ctx.step, log.history[-1] if log.history else {}, log.history)

@@ -198,7 +198,9 @@ SCARCE_CASES = [  # prompt "map:k,q->": f(k) = l, g(q) = s
 
 
 @pytest.mark.parametrize(("response", "general", "target"), SCARCE_CASES)
-def test_scarce_target_lenient_general_strict_target(response: str, general: float, target: float, tmp_path: Path) -> None:
+def test_scarce_target_lenient_general_strict_target(
+    response: str, general: float, target: float, tmp_path: Path
+) -> None:
     assert solve("map:k,q->") == "l,s"
     reward = make_reward(RewardSpec(kind="task"), "scarce_target", tmp_path)
     assert score_one(reward, response, None, "general", prompt="map:k,q->").scores == [general]

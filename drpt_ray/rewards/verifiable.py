@@ -7,9 +7,10 @@ are pure per-example functions wrapped by `VerifierReward`; they never fail on a
 
 math-verify bounds each parse and comparison with `signal.alarm`, which only works in the main
 thread (elsewhere it raises ValueError). `math_score` therefore passes `parsing_timeout=None` /
-`timeout_seconds=None` when it runs outside the main thread (a threaded or async Ray actor, a
-thread pool). Those calls have no time bound, and a pathological answer such as "9^9^9^9" can
-hang sympy there; the trainer scores from its main thread, where the bound is on.
+`timeout_seconds=None` when it runs outside the main thread: a thread pool, or a Ray actor with
+`max_concurrency > 1` or async methods. Those calls have no time bound, and a pathological answer
+such as "9^9^9^9" can hang sympy there. A default Ray actor runs its methods in the main thread,
+as the driver does, so there the bound (`MATH_TIMEOUT_S` per operation) is on.
 """
 
 from __future__ import annotations

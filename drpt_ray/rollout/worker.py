@@ -15,6 +15,7 @@ and `weights_version` 0. The driver must compare `health()["weights_version"]` w
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def engine_env(spec: RolloutSpec) -> dict[str, str]:
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: required by the weights-iterator reload
         "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),  # else vLLM takes ~90% of RAM for the KV cache on CPU
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # per-step INFO lines drown the job log
     }
 
 
@@ -110,6 +112,10 @@ class RolloutEngine:
     def __init__(self, model_path: str, spec: RolloutSpec, seed: int = 0) -> None:
         os.environ.update(engine_env(spec))
         from vllm import LLM  # after the env update: vLLM reads these variables
+
+        # Every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cache has
+        # no checkpoint weights to load, and outputs after a reload match the learner (tests/test_rollout.py).
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
         self.model_path = str(model_path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -113,10 +113,6 @@ class RolloutEngine:
         os.environ.update(engine_env(spec))
         from vllm import LLM  # after the env update: vLLM reads these variables
 
-        # Every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cache has
-        # no checkpoint weights to load, and outputs after a reload match the learner (tests/test_rollout.py).
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-
         self.model_path = str(model_path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         device_kwargs: dict[str, Any] = (
@@ -126,6 +122,10 @@ class RolloutEngine:
         )
         start = time.perf_counter()
         self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)
+        # Every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cache has no
+        # checkpoint weights to load, and outputs after a reload match the learner (tests/test_rollout.py).
+        # Set after the engine starts: vLLM's logging setup resets child loggers' levels.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.start_seconds = time.perf_counter() - start
         self.weights_version = 0
         self.n_generated = 0

@@ -1,0 +1,49 @@
+"""Bad specs fail before any actor starts, with a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from pydantic import ValidationError
+
+from drpt_ray.config import JobSpec
+from drpt_ray.trainer import run_job
+
+BASE = {"mode": "rlvr", "rollout": {"sampling": {"n": 4}}, "progress": False}
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"algorithm": {"advantage": "ppo2"}}, "algorithm.advantage"),
+        ({"algorithm": {"policy_loss": "nope"}}, "algorithm.policy_loss"),
+        ({"regularizer": {"feasible_set": "sometimes"}}, "regularizer.feasible_set"),
+        ({"regularizer": {"frac": -0.1}}, "regularizer.frac"),
+        ({"rollout": {"sampling": {"n": 1}}}, "rollout.sampling.n"),
+        ({"mode": "rlhf"}, "reward.kind"),
+        ({"reward": {"kind": "function"}}, "reward.function"),
+        ({"learner": {}}, "learner"),
+    ],
+)
+def test_schema_errors_name_the_field(over, field):
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({**BASE, **over})
+    assert field in str(e.value) or field.split(".")[-1] in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"model": {"path": "/no/such/model"}}, "model.path"),
+        ({"reward": {"kind": "function", "function": "no_such_module_xyz:score"}}, "reward.function"),
+        ({"reward": {"kind": "function", "function": "json:no_such_attr"}}, "reward.function"),
+        ({"mode": "rlhf", "reward": {"kind": "model", "model_path": "/no/such/rm"}}, "reward.model_path"),
+        ({"data": {"task": None, "general_path": "/no/g.jsonl", "target_path": "/no/t.jsonl"}}, "/no/g.jsonl"),
+    ],
+)
+def test_preflight_errors_name_the_field_and_start_nothing(tmp_path, over, field):
+    spec = JobSpec.model_validate({**BASE, "output_dir": str(tmp_path), **over})
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        run_job(spec)
+    assert not ray.is_initialized(), "a bad spec must fail before Ray (or any actor) starts"

@@ -1,0 +1,82 @@
+"""Learner pieces that need no Ray: LoRA weight export, the zero-variance guard, IIF, target objectives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from drpt_ray.config import JobSpec
+from drpt_ray.learner import Learner, build_batch, hf_state_dict, standardised_rewards
+
+
+def test_zero_variance_guard():
+    # mean 0.5, sample std sqrt(1/3): z = +-0.5 / 0.57735 = +-0.866025
+    z = standardised_rewards(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(z, torch.tensor([0.866025, -0.866025, -0.866025, 0.866025], dtype=torch.float64), atol=1e-6)
+    # no variance, or one sample: r - 0.5, so the target gradient is never silently zero
+    assert torch.equal(standardised_rewards(torch.tensor([1.0, 1.0, 1.0])), torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
+    assert torch.equal(standardised_rewards(torch.tensor([0.0])), torch.tensor([-0.5], dtype=torch.float64))
+
+
+def test_lora_weights_export_merged_plain_hf_names(tmp_path):
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), model={"lora": {"r": 4, "alpha": 8}})
+    learner = Learner(spec)
+    with torch.no_grad():  # make the adapters non-trivial (B starts at zero)
+        for n, p in learner.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    sd = hf_state_dict(learner.policy)
+    assert not any("lora" in k or "base_layer" in k or k.startswith("base_model") for k in sd)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", attn_implementation="eager")
+    assert set(sd) == set(plain.state_dict())
+    plain.load_state_dict(sd)
+    ids = torch.tensor([[5, 9, 33, 60, 7, 80]])
+    want = learner.policy(input_ids=ids).logits
+    got = plain(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    # the export did not modify the trained model
+    assert torch.allclose(learner.policy(input_ids=ids).logits, want)
+
+
+def _rl_batch(learner: Learner, n_prompts=4, n=4) -> "RLBatch":
+    g = torch.Generator().manual_seed(0)
+    prompts, responses, rewards, groups = [], [], [], []
+    for p in range(n_prompts):
+        prompt = torch.randint(5, 200, (6,), generator=g).tolist()
+        for _ in range(n):
+            prompts.append(prompt)
+            responses.append(torch.randint(5, 200, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist())
+            rewards.append(float(torch.rand(1, generator=g) > 0.5))
+            groups.append(p)
+    batch = build_batch(prompts, responses, rewards, groups, pad_id=3)
+    batch = learner.score_rollouts(batch)
+    from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
+
+    batch.advantages = ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(batch.rewards, batch.group_ids, batch.response_mask))
+    return batch
+
+
+@pytest.mark.parametrize("objective", ["reward", "token_pg", "train_loss"])
+def test_target_objectives_fill_the_cache(tmp_path, objective):
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), algorithm={"target_objective": objective})
+    learner = Learner(spec)
+    batch = _rl_batch(learner)
+    m = learner.capture_target(batch)
+    assert learner.reg.captured and len(learner.reg.targets) == len(learner.reg.blocks)
+    assert all(float(t.weight.abs().sum()) > 0 for t in learner.reg.targets.values())
+    assert m["time/regularize"] > 0
+    before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
+    out = learner.rl_step(batch)
+    assert any(not torch.equal(before[n], p) for n, p in learner.policy.named_parameters())
+    assert 0 < out["reg/kept_frac_mean"] <= 1
+
+
+def test_iif_filters_the_buffer_then_trains_plainly(tmp_path):
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), regularizer={"feasible_set": "iif", "selection": "filter", "frac": 1.0})
+    learner = Learner(spec)
+    batch = _rl_batch(learner)
+    learner.capture_target(batch)
+    m = learner.rl_step(batch)
+    assert 0 < m["reg/iif_kept_frac"] <= 1
+    assert m["reg/kept_frac_mean"] == 1.0  # the kept buffer trains with plain gradients

@@ -146,8 +146,13 @@ def test_killed_worker_restarts_with_initial_weights(worker, model_path, tokeniz
     before = ray.get(worker.health.remote(), timeout=30)
     start = time.perf_counter()
     ray.kill(worker, no_restart=False)
-    # Calls made while the actor restarts queue until the new engine is up; the timeout bounds a failed restart.
-    after = ray.get(worker.health.remote(), timeout=START_TIMEOUT_S)
+    # ray.kill is asynchronous: a call may still reach the old process, so poll until the pid changes.
+    # Calls made while the actor restarts queue until the new engine is up; the deadline bounds a failed restart.
+    while True:
+        after = ray.get(worker.health.remote(), timeout=START_TIMEOUT_S)
+        if after["pid"] != before["pid"] or time.perf_counter() - start > START_TIMEOUT_S:
+            break
+        time.sleep(0.5)
     print(f"\nrestart after kill: health again in {time.perf_counter() - start:.1f} s")
 
     assert after["ok"] and after["pid"] != before["pid"]

@@ -298,6 +298,79 @@ class JobSpec(Spec):
 
 
 # --------------------------------------------------------------------------------------------
+# Sweeps (Ray Tune)
+
+
+class SearchDim(Spec):
+    """One searched JobSpec field: a list of values (grid / choice) or a numeric range."""
+
+    values: list[float | int | str | bool] | None = Field(None, description="Grid points (grid) or choices (random, asha).")
+    low: float | None = Field(None, description="Range start (random, asha).")
+    high: float | None = Field(None, description="Range end (random, asha).")
+    log: bool = Field(False, description="Sample the range log-uniformly.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDim":
+        if (self.values is None) == (self.low is None or self.high is None):
+            raise ValueError("give either values, or both low and high")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError("log ranges need low > 0")
+        return self
+
+
+class SweepSpec(Spec):
+    """A Ray Tune sweep: trials are real training runs of `base` with `space` applied."""
+
+    name: str | None = Field(None, description="Free-form sweep name.")
+    base: JobSpec = Field(default_factory=JobSpec, description="The job every trial starts from.")
+    space: dict[str, SearchDim] = Field(
+        ..., description="Dotted JobSpec field paths (e.g. regularizer.tau, optim.lr, algorithm.kl_coef) -> search dimension."
+    )
+    metric: str = Field("eval/target_reward", description="Metric the best trial maximises or minimises.")
+    mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
+    scheduler: Literal["grid", "random", "asha"] = Field("grid", description="grid: every combination; random / asha: num_samples draws (ASHA stops bad trials early).")
+    num_samples: int = Field(1, ge=1, description="Draws for random / asha (grid: repeats of the grid).")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (each reserves its actors' resources).")
+    output_dir: str = Field("runs/sweep", description="Trial output dirs go under here.")
+
+    @model_validator(mode="after")
+    def _space_paths_exist(self) -> "SweepSpec":
+        if not self.space:
+            raise ValueError("space must name at least one field")
+        if self.scheduler == "grid" and any(d.values is None for d in self.space.values()):
+            raise ValueError("scheduler 'grid' needs values for every space entry")
+        base = self.base.model_dump()
+        for path, dim in self.space.items():
+            probe = dim.values[0] if dim.values is not None else dim.low
+            try:
+                JobSpec.model_validate(set_path(base, path, probe))
+            except (KeyError, TypeError):
+                raise ValueError(f"space: {path!r} is not a JobSpec field") from None
+            except ValidationError as e:
+                raise ValueError(f"space: {path}={probe!r} is not a valid value: {e.errors()[0]['msg']}") from None
+        return self
+
+
+def set_path(tree: dict, path: str, value) -> dict:
+    """A copy of the nested dict `tree` with the dotted `path` set to `value` (KeyError if absent)."""
+    head, _, rest = path.partition(".")
+    if head not in tree:
+        raise KeyError(path)
+    out = dict(tree)
+    if rest:
+        if not isinstance(tree[head], dict):
+            raise KeyError(path)
+        out[head] = set_path(tree[head], rest, value)
+    else:
+        out[head] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 

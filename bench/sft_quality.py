@@ -32,13 +32,14 @@ def run_one(args: tuple[str, int, int, float, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)  # two runs share the two cores
-    from drpt_ray.config import SFTSpec
-    from drpt_ray.sft import train_sft
+    from drpt_ray.config import JobSpec
+    from drpt_ray.trainer import run_job
 
     reg = METHODS[method]
     # target-only trains on the 16-example pool with the same batch size as the others
     target_bs = 8 if reg["feasible_set"] == "target_only" else 1
-    spec = SFTSpec(
+    spec = JobSpec(
+        mode="sft",
         steps=steps,
         optim={"lr": lr},
         regularizer=reg,
@@ -49,10 +50,13 @@ def run_one(args: tuple[str, int, int, float, str]) -> dict:
         eval_every=max(1, steps // 30),
         output_dir=f"{out}/runs/{method.replace(' ', '_')}/seed{seed}",
         progress=False,
+        tensorboard=False,
+        checkpoint={"resume": False},
     )
-    r = train_sft(spec)
+    r = run_job(spec)
     curve = [(h["step"], h["eval/target_loss"]) for h in r.history if "eval/target_loss" in h]
-    return {"method": method, "seed": seed, "final": r.final_eval_loss, "best": r.best_eval_loss, "curve": curve}
+    evals = [v for _, v in curve]
+    return {"method": method, "seed": seed, "final": evals[-1], "best": min(evals), "curve": curve}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:

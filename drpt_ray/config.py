@@ -246,8 +246,13 @@ class CheckpointSpec(Spec):
 
 
 class ResourcesSpec(Spec):
-    learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner actor.")
-    learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved for the learner actor.")
+    learner_num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
+    learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner worker.")
+    learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement of the learner workers' bundles."
+    )
+    fsdp: bool = Field(False, description="Shard the policy with torch FSDP (fully_shard) across learner workers (GPU).")
 
 
 class JobSpec(Spec):

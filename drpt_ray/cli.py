@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=["rlvr", "sft"], default="rlvr")
     d.add_argument("--output-dir", default="runs/demo")
     d.set_defaults(func=_demo)
+    from drpt_ray import client, k8s  # REST client (serve, submit, status, logs, cancel, sweep), k8s render
+
+    client.register(sub)
+    k8s.register(sub)
     return p
 
 

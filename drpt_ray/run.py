@@ -1,20 +1,135 @@
-"""`python -m drpt_ray.run --spec SPEC.yaml [--address ADDR]`: the job entry point Ray Jobs and
-KubeRay RayJobs call (same as `drpt-ray run`)."""
+"""`python -m drpt_ray.run --spec SPEC.yaml [--address ADDR] [--job-id ID --report-url URL]`: the job
+entry point Ray Jobs and KubeRay RayJobs call (same as `drpt-ray run`).
+
+With `--report-url` the driver reports to the control plane (`drpt_ray.reporting`, token from env
+`DRPT_INGEST_TOKEN`): state RUNNING, one `metrics` event per step, its stdout/stderr lines as `log`
+events, and a final SUCCEEDED / FAILED(message) / CANCELLED (on SIGTERM, which is how Ray stops a
+job) with the artifact paths. Inside a Ray job (env RAY_ADDRESS set) the default address is that
+cluster.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import traceback
+from pathlib import Path
 
 from drpt_ray.cli import main
+
+STOP_FLUSH_S = 2.0  # Ray SIGKILLs a stopped job a few seconds after SIGTERM
+FINAL_FLUSH_S = 30.0
 
 
 def entry(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m drpt_ray.run")
-    p.add_argument("--spec", required=True, help="YAML file with a JobSpec")
-    p.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    p.add_argument("--spec", required=True, help="YAML (or JSON) file with a JobSpec")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS inside a Ray job, else a local Ray)")
     p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--job-id", help="id the control plane knows this job by (with --report-url)")
+    p.add_argument("--report-url", help="control-plane base URL to post events to; token from env DRPT_INGEST_TOKEN")
     a = p.parse_args(argv)
-    args = ["run", a.spec] + (["--address", a.address] if a.address else []) + (["--output-dir", a.output_dir] if a.output_dir else [])
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job (Jobs API, KubeRay RayJob)
+        if a.address is None:
+            a.address = "auto"  # the job's cluster, not a second local Ray
+        # run_job's ray.init(runtime_env=...) repeats env vars the job's runtime env already sets
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    if a.report_url:
+        if not a.job_id:
+            p.error("--report-url needs --job-id")
+        return reported_run(a)
+    out = str(Path(a.output_dir).resolve()) if a.output_dir else _absolute_output_dir(a.spec)
+    args = ["run", a.spec] + (["--address", a.address] if a.address else []) + (["--output-dir", out] if out else [])
     return main(args)
+
+
+def _absolute_output_dir(spec_path: str) -> str | None:
+    """The spec's output_dir made absolute (see `absolute_paths`); None if the spec cannot be read,
+    which `drpt-ray run` then reports."""
+    from drpt_ray.config import JobSpec, load_spec
+
+    try:
+        return str(Path(load_spec(spec_path, JobSpec).output_dir).resolve())
+    except ValueError:
+        return None
+
+
+class _Stopped(BaseException):
+    """SIGTERM: Ray is stopping the job (a cancel)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped()
+
+
+def reported_run(a: argparse.Namespace) -> int:
+    """Run the job, reporting state, metrics and log lines; returns the process exit status."""
+    from drpt_ray.cli import summary
+    from drpt_ray.config import JobSpec, load_spec
+    from drpt_ray.reporting import EventReporter, LineTee
+    from drpt_ray.trainer import run_job
+
+    reporter = EventReporter(a.report_url, a.job_id, os.environ.get("DRPT_INGEST_TOKEN"))
+    real_out, real_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = LineTee(real_out, reporter.log), LineTee(real_err, reporter.log)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    flush_s, rc = FINAL_FLUSH_S, 0
+    try:
+        spec = absolute_paths(load_spec(a.spec, JobSpec))
+        if a.output_dir:
+            spec.output_dir = str(Path(a.output_dir).resolve())
+        reporter.state("RUNNING", artifacts={"output_dir": str(Path(spec.output_dir).resolve())})
+        result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address)
+        print(summary(result.history))
+        reporter.state("SUCCEEDED", artifacts=artifacts(result.output_dir))
+    except _Stopped:
+        flush_s, rc = STOP_FLUSH_S, 143
+        reporter.state("CANCELLED", "stopped (SIGTERM from Ray)")
+    except ValueError as e:  # user-caused: a bad spec, a missing file
+        print(f"drpt-ray: error: {e}", file=sys.stderr)
+        reporter.state("FAILED", str(e))
+        rc = 2
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the control plane
+        traceback.print_exc()
+        reporter.state("FAILED", f"{type(e).__name__}: {e}".strip())
+        rc = 1
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not reporter.close(timeout=flush_s):
+            print(f"drpt_ray.run: some events could not be delivered to {a.report_url}", file=sys.stderr)
+    return rc
+
+
+PATH_FIELDS = (("model", "path"), ("data", "general_path"), ("data", "target_path"), ("data", "eval_path"), ("reward", "model_path"))
+
+
+def absolute_paths(spec):
+    """The spec with output_dir, and relative local paths that exist, made absolute.
+
+    Ray actors on a cluster started elsewhere do not share the driver's working directory, so a
+    relative path (the default `output_dir` included) would point somewhere else inside them. The
+    directory meant is the same; a hub name such as `org/model` is left alone (it does not exist
+    locally)."""
+    spec.output_dir = str(Path(spec.output_dir).resolve())
+    for section, key in PATH_FIELDS:
+        sub = getattr(spec, section)
+        value = getattr(sub, key)
+        if value and not Path(value).is_absolute() and Path(value).exists():
+            setattr(sub, key, str(Path(value).resolve()))
+    return spec
+
+
+def artifacts(out: Path) -> dict:
+    """Paths a finished job leaves in its output_dir (absolute, as seen by the driver)."""
+    out = Path(out).resolve()
+    found = {"output_dir": str(out), "checkpoints": sorted(str(p) for p in (out / "checkpoints").glob("step_*"))}
+    for key, name in (("model", "model"), ("metrics", "metrics.jsonl"), ("curves", "curves.png"), ("tensorboard", "tb")):
+        if (out / name).exists():
+            found[key] = str(out / name)
+    return found
 
 
 if __name__ == "__main__":

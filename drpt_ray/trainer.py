@@ -11,9 +11,10 @@ One RL step, each phase one call inside one named timer (metrics `time/<phase>`)
   7. sync      learner weights -> object store -> every RolloutWorker (in place)
 then metrics (JSONL, TensorBoard, the callback the control plane streams) and checkpoints.
 
-Topology (`build`): the learner is a Ray actor in RL modes; in SFT it runs in the driver process
-(there are no rollout workers to share weights with, so an actor would only add start-up time).
-`call` is the one door to either.
+Topology (`build`): in RL modes the learner is a `LearnerGroup`, N data-parallel ranks on Ray
+Train (`resources.learner_num_workers`; N = 1 is one rank); in SFT with one worker it runs in the
+driver process (there are no rollout workers to share weights with, so Ray would only add
+start-up time), and SFT with N > 1 workers uses the LearnerGroup too. `call` is the one door.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from tqdm.auto import tqdm
 from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, gae_returns, kl_penalty_tokens
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
-from drpt_ray.learner import Learner, LearnerActor, build_batch
+from drpt_ray.learner import Learner, LearnerGroup, build_batch
+from drpt_ray.learner.group import check_resources
 from drpt_ray.metrics import MetricLogger
 from drpt_ray.models import build_tokenizer, model_dir
 from drpt_ray.rollout import make_rollout_workers
@@ -51,7 +53,7 @@ ENV_VARS = ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPRO
 
 
 def call(handle: Any, method: str, *args, **kwargs):
-    """Call a learner method on a local object or a Ray actor, blocking for the result."""
+    """Call a learner method on a local Learner, a LearnerGroup or a Ray actor, blocking for the result."""
     if isinstance(handle, ray.actor.ActorHandle):
         return ray.get(getattr(handle, method).remote(*args, **kwargs))
     return getattr(handle, method)(*args, **kwargs)
@@ -132,6 +134,7 @@ def preflight(spec: JobSpec) -> TaskSplits:
     if spec.model.path is not None:
         model_dir(spec.model, spec.output_dir)  # raises ValueError naming model.path
     splits = load_task(spec.data)
+    check_resources(spec)  # raises ValueError naming resources.fsdp / regularizer.target_mode
     if spec.mode != "sft":
         from drpt_ray.rewards import check_reward
 
@@ -139,29 +142,32 @@ def preflight(spec: JobSpec) -> TaskSplits:
     return splits
 
 
-def _init_ray(spec: JobSpec, address: str | None) -> None:
+def init_ray(cpus_needed: float, address: str | None) -> None:
+    """Join `address`, or start a local Ray with at least `cpus_needed` logical CPUs; no-op if Ray is up."""
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
         return
-    need = spec.resources.learner_num_cpus + spec.rollout.num_workers * spec.rollout.num_cpus_per_worker + 1
-    ray.init(num_cpus=max(math.ceil(need), os.cpu_count() or 1), include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def _cpus_needed(spec: JobSpec) -> float:
+    r = spec.resources
+    return r.learner_num_workers * r.learner_num_cpus + spec.rollout.num_workers * spec.rollout.num_cpus_per_worker + 1
 
 
 def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
     """The topology, in order: learner, rollout workers, reward."""
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.mode == "sft":
+    if spec.mode == "sft" and spec.resources.learner_num_workers == 1:
         learner = Learner(spec)
         tokenizer = learner.tokenizer
     else:
-        _init_ray(spec, address)
-        learner = LearnerActor.options(
-            num_cpus=spec.resources.learner_num_cpus, num_gpus=spec.resources.learner_num_gpus
-        ).remote(spec)
+        init_ray(_cpus_needed(spec), address)
+        learner = LearnerGroup(spec)
         path = model_dir(spec.model, out)
         tokenizer = _tokenizer(path)
     ctx = Context(
@@ -237,6 +243,8 @@ def sync(ctx: Context) -> None:
     ctx.version += 1
     if isinstance(ctx.learner, ray.actor.ActorHandle):
         weights = ctx.learner.weights.remote()  # stays in the object store; never copied to the driver
+    elif isinstance(ctx.learner, LearnerGroup):
+        weights = ctx.learner.weights_ref()  # rank 0's, put by rank 0; never copied to the driver
     else:
         weights = ray.put(ctx.learner.weights())
     ray.get([w.update_weights.remote(weights, ctx.version) for w in ctx.workers])
@@ -385,6 +393,8 @@ def warm_start(ctx: Context) -> float:
 
 def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None) -> JobResult:
     """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary."""
+    # Actors do not share the driver's working directory: every path they see must be absolute.
+    spec = spec.model_copy(update={"output_dir": str(Path(spec.output_dir).resolve())})
     splits = preflight(spec)
     ctx = build(spec, splits, address)
     resume = latest_checkpoint(ctx.out) if spec.checkpoint.resume else None

@@ -1,7 +1,8 @@
-"""The learner: policy, optimizer and the Dr. regularizer (in-process or as a Ray actor)."""
+"""The learner: policy, optimizer and the Dr. regularizer (in-process, or N ranks on Ray Train)."""
 
 from drpt_ray.learner.batch import RLBatch, build_batch
+from drpt_ray.learner.group import LearnerGroup, LearnerGroupError
 from drpt_ray.learner.learner import Learner, LearnerActor, hf_state_dict, standardised_rewards
 from drpt_ray.learner.optim import lr_factor, make_optimizer
 
-__all__ = ["Learner", "LearnerActor", "RLBatch", "build_batch", "hf_state_dict", "lr_factor", "make_optimizer", "standardised_rewards"]
+__all__ = ["Learner", "LearnerActor", "LearnerGroup", "LearnerGroupError", "RLBatch", "build_batch", "hf_state_dict", "lr_factor", "make_optimizer", "standardised_rewards"]

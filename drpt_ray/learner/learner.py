@@ -1,7 +1,16 @@
 """The Learner: policy (+reference, +critic), optimizer and the Dr. regularizer, for every mode.
 
-A plain class, so SFT runs it in-process and RL runs the same class as a Ray actor
-(`LearnerActor`). The trainer talks to either through `drpt_ray.trainer.call`.
+A plain class, so SFT runs it in-process and RL runs the same class on every rank of a Ray Train
+worker group (`drpt_ray.learner.group.LearnerGroup`; N = 1 is one rank). The trainer talks to
+either through `drpt_ray.trainer.call`.
+
+Data parallel (`self.comm`, drpt_ray/learner/collective.py; identities when world_size == 1): each
+rank holds a shard of every batch. Global statistics: the target loss is normalised by the global
+token (unit) count and the reward standardisation of the `reward` objective uses the global target
+batch, and the per-layer target cache is SUM all-reduced, so every rank holds g_T of the global
+target batch (method.md 1.3, oracle 12). Scoring and selection stay local (each rank's general
+shard against that global g_T), then every gradient is weighted by the rank's share of the
+global normaliser units and SUM all-reduced before clipping; group.py's docstring says why.
 
 One RL update (method.md 1.4, 4.3): `capture_target` backs the target objective into the
 regularizer's per-layer cache; `rl_step` runs the regularized backward of the full policy loss
@@ -39,8 +48,9 @@ from drpt_ray.algorithms import (
 from drpt_ray.config import ADVANTAGES_NEEDING_CRITIC, JobSpec
 from drpt_ray.data import supervised_token_counts
 from drpt_ray.learner.batch import RLBatch
+from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
-from drpt_ray.losses import token_mean_loss
+from drpt_ray.losses import sequence_loss_sums, token_mean_loss
 from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
 
@@ -103,6 +113,11 @@ class Learner:
         self.opt, self.sched = make_optimizer(groups, spec.optim, self.opt_steps_total)
         self.reg = Regularizer(self.policy, spec.regularizer)
         self.updates = 0
+        self.comm = Collective()
+        if self.comm.active:
+            if spec.regularizer.target_mode == "merged":
+                raise ValueError("regularizer.target_mode 'merged' needs one learner worker; use 'separate' with resources.learner_num_workers > 1")
+            self.comm.broadcast_(self._state_tensors())  # every rank starts from rank 0's weights, as DDP does
 
     # ------------------------------------------------------------------------------------------
     # SFT
@@ -118,9 +133,11 @@ class Learner:
             rows_batch, n_target = general, 0
             if target is not None:
                 c0 = time.perf_counter()
-                loss_t = token_mean_loss(self.policy, target)
+                sums, counts = sequence_loss_sums(self.policy, target)
+                loss_t = sums.sum() / self.comm.sum(counts.sum()).clamp(min=1)  # global token-mean's local part
                 self.reg.capture_target(loss_t)
-                metrics.update({"target_loss": float(loss_t.detach()), "time/regularize": time.perf_counter() - c0})
+                self._reduce_target()
+                metrics.update({"target_loss": float(self.comm.sum(loss_t.detach())), "time/regularize": time.perf_counter() - c0})
         seen: dict = {}
 
         def loss_fn(rows):
@@ -129,8 +146,11 @@ class Learner:
                 seen["loss"] = float(loss.detach())
             return loss
 
-        stats = self.reg.backward(loss_fn, supervised_token_counts(rows_batch["labels"]), n_target_rows=n_target)
-        metrics.update(loss=seen.get("loss", float("nan")), **self._optimizer_step(), **stats.summary())
+        units = supervised_token_counts(rows_batch["labels"])
+        share = self._share(units[: units.numel() - n_target])
+        stats = self.reg.backward(loss_fn, units, n_target_rows=n_target)
+        metrics.update(loss=seen.get("loss", float("nan")), **self._optimizer_step(share), **stats.summary())
+        self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0 - metrics.get("time/regularize", 0.0)
         return metrics
 
@@ -138,14 +158,18 @@ class Learner:
         """Plain SFT (no curation, its own AdamW at constant `lr`) before RL; returns the last loss."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr)
-        loss = torch.tensor(float("nan"))
+        loss, share = torch.tensor(float("nan")), 1.0
         for batch in batches:
             opt.zero_grad(set_to_none=True)
             loss = token_mean_loss(self.policy, batch)
             loss.backward()  # no regularized pass in flight: hooked layers give ordinary gradients
+            share = self._share(supervised_token_counts(batch["labels"]))
+            self.comm.average_grads(params, share)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
         opt.zero_grad(set_to_none=True)
+        if self.comm.active:
+            loss = self.comm.sum(loss.detach() * share)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -178,24 +202,36 @@ class Learner:
         self.policy.train(was_training)
         return batch
 
-    def capture_target(self, batch: RLBatch) -> dict:
-        """Back the target objective of `batch` (target rollouts) into the regularizer's cache."""
+    def capture_target(self, batch: RLBatch | None) -> dict:
+        """Back the target objective of `batch` (target rollouts) into the regularizer's cache.
+
+        Data parallel: `batch` is this rank's shard (None: no target rows on this rank this time;
+        it still joins the collectives with a zero contribution). Token counts and the reward
+        standardisation are global, and the cache is SUM all-reduced afterwards.
+        """
         if self.spec.regularizer.feasible_set == "full":
             return {}
         t0 = time.perf_counter()
+        n_rows = 0 if batch is None else batch.size
+        batch = batch if batch is not None else self._placeholder_batch()
         logp, _ = self._forward(batch)
         mask = batch.response_mask
-        tokens = mask.sum().clamp(min=1)
+        tokens = self.comm.sum(mask.sum()).clamp(min=1)
         objective = self.spec.algorithm.target_objective
         if objective == "reward":
-            z = standardised_rewards(batch.rewards).to(logp.dtype)
-            loss = -(z[:, None] * logp * mask).sum() / tokens
+            rewards, offset = self.comm.gather_cat(batch.rewards[:n_rows])
+            z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else torch.zeros(1)
+            loss = -(z.to(logp.dtype)[:, None] * logp * mask).sum() / tokens
         elif objective == "token_pg":
             loss = -(batch.advantages * logp * mask).sum() / tokens
         else:
             loss = self._policy_loss(batch, logp).loss
+            if self.comm.active:  # this rank's part of the global aggregate
+                units = example_units(mask, self.spec.algorithm.loss_agg) if n_rows else torch.zeros(1)
+                loss = loss * self._share(units)
         self.reg.capture_target(loss)
-        return {"target/objective": float(loss.detach()), "time/regularize": time.perf_counter() - t0}
+        self._reduce_target()
+        return {"target/objective": float(self.comm.sum(loss.detach())), "time/regularize": time.perf_counter() - t0}
 
     def rl_step(self, batch: RLBatch) -> dict:
         """`ppo_epochs` regularized optimizer steps on one rollout batch; returns metrics."""
@@ -205,6 +241,7 @@ class Learner:
             batch, kept = self._iif_filter(batch)
             metrics["reg/iif_kept_frac"] = kept
         units = example_units(batch.response_mask, self.spec.algorithm.loss_agg)
+        share = self._share(units)
         for _ in range(self.spec.algorithm.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             seen: dict = {}
@@ -219,8 +256,9 @@ class Learner:
 
             stats = self.reg.backward(loss_fn, units)
             metrics.update(seen)
-            metrics.update(self._optimizer_step())
+            metrics.update(self._optimizer_step(share))
             metrics.update(stats.summary())
+        self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
@@ -271,8 +309,10 @@ class Learner:
     # ------------------------------------------------------------------------------------------
     # internals
 
-    def _optimizer_step(self) -> dict:
+    def _optimizer_step(self, share: float = 1.0) -> dict:
+        """(Data parallel: average the ranks' gradients, weighted by `share`), clip, AdamW, schedule."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.comm.average_grads(params, share)
         clip = self.spec.optim.max_grad_norm if self.spec.optim.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         lr = self.opt.param_groups[0]["lr"]
@@ -280,6 +320,50 @@ class Learner:
         self.sched.step()
         self.updates += 1
         return {"grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------------------------------------
+    # data parallel (all identities in one process)
+
+    def _share(self, units: torch.Tensor) -> float:
+        """This rank's share of the global normaliser units (1.0 in one process)."""
+        if not self.comm.active:
+            return 1.0
+        local = units.detach().double().sum()
+        return float(local) / max(float(self.comm.sum(local)), 1e-300)
+
+    def _reduce_target(self) -> None:
+        """SUM all-reduce the per-layer target cache: every rank then holds g_T of the global batch."""
+        if not self.comm.active:
+            return
+        state = self.reg.state_dict()
+        tensors = []
+        for b in self.reg.blocks:  # the same order on every rank
+            parts = state["targets"].get(b.name)
+            if parts is not None:
+                tensors += [parts[k] for k in sorted(parts) if parts[k] is not None]
+        tensors += [state["unhooked_targets"][k] for k in sorted(state["unhooked_targets"])]
+        self.comm.check_same(sum(t.numel() for t in tensors), "the size of the target-gradient cache")
+        self.comm.sum_(tensors)
+
+    def _global_mean(self, metrics: dict, share: float) -> None:
+        """Loss-like metrics become the global (share-weighted) mean; the rest stay this rank's."""
+        if not self.comm.active:
+            return
+        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/") or k in ("clip_frac", "approx_kl"))
+        vals = self.comm.sum(torch.tensor([float(metrics[k]) * share for k in keys], dtype=torch.float64))
+        metrics.update({k: float(v) for k, v in zip(keys, vals)})
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        mods = [self.policy] + ([self.value_head] if self.value_head is not None else [])
+        return [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+
+    def _placeholder_batch(self) -> RLBatch:
+        """One fully masked row: a rank without target rows still runs the (zero) target backward."""
+        return RLBatch(
+            input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
+            response_mask=torch.zeros(1, 1), rewards=torch.zeros(1), group_ids=torch.zeros(1, dtype=torch.long),
+            advantages=torch.zeros(1, 1),
+        )
 
     def _forward(self, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs of every next token (n, L-1) and, with a critic, values (n, L-1)."""

@@ -1,0 +1,47 @@
+"""Typed dependencies shared by the routes (FastAPI template style: `DbDep`, `ApiAuth`, ...)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials
+
+from services.control_plane.db import Database
+from services.control_plane.launcher import Launcher
+from services.control_plane.notify import Hub
+from services.control_plane.security import bearer, require_api_token
+from services.control_plane.settings import Settings
+from services.control_plane.supervisor import Supervisor
+
+
+def _api_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    require_api_token(request, creds)
+
+
+def _db(request: Request) -> Database:
+    return request.app.state.db
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _launcher(request: Request) -> Launcher:
+    return request.app.state.launcher
+
+
+def _hub(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+def _supervisor(request: Request) -> Supervisor:
+    return request.app.state.supervisor
+
+
+ApiAuth = Depends(_api_token)
+DbDep = Annotated[Database, Depends(_db)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+LauncherDep = Annotated[Launcher, Depends(_launcher)]
+HubDep = Annotated[Hub, Depends(_hub)]
+SupervisorDep = Annotated[Supervisor, Depends(_supervisor)]

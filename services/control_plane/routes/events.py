@@ -1,0 +1,116 @@
+"""Event streams: drivers post into `/v1/ingest/{run_id}`; clients follow SSE on
+`/v1/jobs/{id}/events` and `/v1/sweeps/{id}/events`.
+
+SSE frames: `id:` = the event's position in the run's stream, `event:` = its type (state, metrics,
+log, trial, sweep), `data:` = the event JSON. A client that reconnects with `Last-Event-ID: N` (or
+`?after=N`) gets everything after N, so nothing is missed across a dropped connection or a
+control-plane restart. Once the run is terminal and every stored event is sent, one `end` event
+(`data: {"state": ..., "message": ...}`) closes the stream; comment lines keep idle connections
+alive every DRPT_SSE_HEARTBEAT_S.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials
+from sse_starlette import EventSourceResponse
+
+from services.control_plane import store
+from services.control_plane.db import TERMINAL, Database
+from services.control_plane.deps import ApiAuth, DbDep, HubDep, SupervisorDep
+from services.control_plane.models import IngestAck, IngestBatch
+from services.control_plane.notify import Hub
+from services.control_plane.security import bearer, bearer_token, token_matches
+
+router = APIRouter(tags=["events"])
+PAGE = 500
+SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events (see the module docstring)."}}
+
+
+def _fetch(db: Database, run_id: str, kind: str, after: int):
+    with db.read() as s:
+        run = store.get_run(s, run_id, kind=kind)
+        rows = store.events_after(s, run_id, after, PAGE)
+        return [(e.pos, e.type, e.data) for e in rows], run.state, run.message
+
+
+async def _stream(db: Database, hub: Hub, run_id: str, kind: str, after: int, follow: bool):
+    last = after
+    while True:
+        woken = hub.event(run_id)  # taken before the read, so a notify during it is not lost
+        rows, state, message = await anyio.to_thread.run_sync(_fetch, db, run_id, kind, last)
+        for pos, typ, data in rows:
+            yield {"id": str(pos), "event": typ, "data": json.dumps(data)}
+            last = pos
+        if len(rows) == PAGE:
+            continue
+        if state in TERMINAL or not follow:
+            yield {"event": "end", "data": json.dumps({"state": state, "message": message})}
+            return
+        await woken.wait()
+
+
+def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after: int | None, last_event_id: str | None, follow: bool):
+    with db.read() as s:
+        store.get_run(s, run_id, kind=kind)  # 404 before the stream starts
+    start = after if after is not None else int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    return EventSourceResponse(
+        _stream(db, hub, run_id, kind, start, follow), ping=request.app.state.settings.sse_heartbeat_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/v1/jobs/{job_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a job (SSE)")
+def job_events(
+    job_id: str, request: Request, db: DbDep, hub: HubDep,
+    after: int | None = Query(None, ge=0, description="Resume after this event id (same as Last-Event-ID)."),
+    follow: bool = Query(True, description="false: send what is stored, then end."),
+    last_event_id: Annotated[str | None, Header()] = None,
+):
+    return _sse(request, db, hub, job_id, "job", after, last_event_id, follow)
+
+
+@router.get("/v1/sweeps/{sweep_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a sweep (SSE)")
+def sweep_events(
+    sweep_id: str, request: Request, db: DbDep, hub: HubDep,
+    after: int | None = Query(None, ge=0), follow: bool = Query(True),
+    last_event_id: Annotated[str | None, Header()] = None,
+):
+    return _sse(request, db, hub, sweep_id, "sweep", after, last_event_id, follow)
+
+
+# ----------------------------------------------------------------------------------------------
+# ingest (the driver side; see drpt_ray/reporting.py for the format)
+
+
+def _ingest_auth(run_id: str, request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """The run's own ingest token, or an API token."""
+    token = bearer_token(creds)
+    state = request.app.state
+    if not (state.keys.check(run_id, token) or token_matches(token, state.settings.api_tokens)):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"invalid ingest token for {run_id}")
+
+
+IngestAuth = Depends(_ingest_auth)
+
+
+@router.get("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], summary="Last stored driver seq")
+def ingest_position(run_id: str, db: DbDep) -> IngestAck:
+    with db.read() as s:
+        return IngestAck(last_seq=store.get_run(s, run_id).last_seq)
+
+
+@router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], summary="Store a batch of driver events")
+def ingest_events(run_id: str, batch: IngestBatch, request: Request, db: DbDep, hub: HubDep, supervisor: SupervisorDep) -> IngestAck:
+    events = [e.model_dump() for e in batch.events]
+    result = store.ingest(db, run_id, events)
+    if result.stored:
+        request.app.state.metrics.count_events(result.types)
+        hub.notify(run_id)
+    if result.terminal:
+        supervisor.wake()  # a slot is free
+    return IngestAck(stored=result.stored, last_seq=result.last_seq)

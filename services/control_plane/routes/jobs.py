@@ -1,0 +1,102 @@
+"""`/v1/jobs`: submit, list, get, cancel, metrics history, logs, artifacts (SSE: routes/events.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import PlainTextResponse
+from sqlalchemy import func, select
+
+from drpt_ray.config import JobSpec
+from services.control_plane import store
+from services.control_plane.db import Event, Job
+from services.control_plane.deps import ApiAuth, DbDep, HubDep, LauncherDep, SupervisorDep
+from services.control_plane.launcher import LauncherUnavailable
+from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth])
+log = logging.getLogger("drpt.control_plane")
+MAX_LISTED_FILES = 2000
+
+
+@router.post("", status_code=201, summary="Submit a job (body: a JobSpec)")
+def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> JobPublic:
+    """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
+    job = store.create(db, "job", spec.model_dump(mode="json"), spec.name, mode=spec.mode)
+    supervisor.wake()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobPublic.of(job)
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(db: DbDep, state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> JobPage:
+    with db.read() as s:
+        items, total = store.list_runs(s, Job, state, limit, offset)
+        return JobPage(items=[JobPublic.of(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", summary="One job")
+def get_job(job_id: str, db: DbDep) -> JobPublic:
+    with db.read() as s:
+        return JobPublic.of(store.get_run(s, job_id, kind="job"))
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)")
+def cancel_job(job_id: str, db: DbDep, launcher: LauncherDep, hub: HubDep, supervisor: SupervisorDep) -> JobPublic:
+    job, ray_job_id = store.request_cancel(db, job_id, kind="job")
+    if ray_job_id is not None:
+        try:
+            launcher.stop(ray_job_id)
+        except LauncherUnavailable as e:  # the supervisor stops it once Ray answers again
+            log.warning("cancel %s: could not reach Ray yet (%s)", job_id, e)
+    hub.notify(job_id)
+    supervisor.wake()
+    return JobPublic.of(job)
+
+
+@router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged")
+def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> MetricsPage:
+    with db.read() as s:
+        store.get_run(s, job_id, kind="job")
+        where = (Event.run_id == job_id, Event.type == "metrics")
+        total = s.scalar(select(func.count()).select_from(Event).where(*where))
+        rows = s.scalars(select(Event.data).where(*where).order_by(Event.pos).offset(offset).limit(limit)).all()
+        return MetricsPage(items=[r["metrics"] for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, summary="Driver log (Ray's, else the streamed lines)")
+def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Query(None, ge=1, le=100_000)) -> str:
+    """The Ray job's full stdout/stderr when Ray still has it; otherwise the `log` lines the driver streamed."""
+    with db.read() as s:
+        job = store.get_run(s, job_id, kind="job")
+        ray_job_id = job.ray_job_id
+        text = None
+        if ray_job_id is not None:
+            try:
+                text = launcher.logs(ray_job_id)
+            except LauncherUnavailable:
+                text = None
+        if text is None:
+            rows = s.scalars(select(Event.data).where(Event.run_id == job_id, Event.type == "log").order_by(Event.pos)).all()
+            text = "".join(r["line"] + "\n" for r in rows)
+    if tail is not None:
+        text = "".join(text.splitlines(keepends=True)[-tail:])
+    return text
+
+
+@router.get("/{job_id}/artifacts", summary="Checkpoints, final model dir and other outputs")
+def job_artifacts(job_id: str, db: DbDep) -> Artifacts:
+    with db.read() as s:
+        reported = dict(store.get_run(s, job_id, kind="job").artifacts or {})
+    out = reported.get("output_dir")
+    root = Path(out) if out else None
+    visible = root is not None and root.is_dir()
+    checkpoints = sorted(str(p) for p in (root / "checkpoints").glob("step_*")) if visible else list(reported.get("checkpoints", []))
+    model = reported.get("model") or (str(root / "model") if visible and (root / "model").is_dir() else None)
+    files = None
+    if visible:
+        files = [ArtifactFile(path=str(p.relative_to(root)), bytes=p.stat().st_size)
+                 for p in sorted(root.rglob("*")) if p.is_file()][:MAX_LISTED_FILES]
+    return Artifacts(output_dir=out, model=model, checkpoints=checkpoints, reported=reported, files=files)

@@ -1,0 +1,59 @@
+"""`/v1/sweeps`: Ray Tune sweeps over JobSpec fields; trials are real training runs (SSE: routes/events.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy import select
+
+from drpt_ray.config import SweepSpec
+from services.control_plane import store
+from services.control_plane.db import Sweep, Trial
+from services.control_plane.deps import ApiAuth, DbDep, HubDep, LauncherDep, SupervisorDep
+from services.control_plane.launcher import LauncherUnavailable
+from services.control_plane.models import State, SweepPage, SweepPublic
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth])
+log = logging.getLogger("drpt.control_plane")
+
+
+def _public(s, sweep: Sweep) -> SweepPublic:
+    trials = list(s.scalars(select(Trial).where(Trial.sweep_id == sweep.id).order_by(Trial.trial_id)))
+    return SweepPublic.of(sweep, trials, store.best_trial(sweep, trials))
+
+
+@router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
+def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> SweepPublic:
+    sweep = store.create(db, "sweep", spec.model_dump(mode="json"), spec.name)
+    supervisor.wake()
+    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
+    with db.read() as s:
+        return _public(s, sweep)
+
+
+@router.get("", summary="List sweeps, newest first")
+def list_sweeps(db: DbDep, state: State | None = None, limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> SweepPage:
+    with db.read() as s:
+        items, total = store.list_runs(s, Sweep, state, limit, offset)
+        return SweepPage(items=[_public(s, w) for w in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial")
+def get_sweep(sweep_id: str, db: DbDep) -> SweepPublic:
+    with db.read() as s:
+        return _public(s, store.get_run(s, sweep_id, kind="sweep"))
+
+
+@router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)")
+def cancel_sweep(sweep_id: str, db: DbDep, launcher: LauncherDep, hub: HubDep, supervisor: SupervisorDep) -> SweepPublic:
+    sweep, ray_job_id = store.request_cancel(db, sweep_id, kind="sweep")
+    if ray_job_id is not None:
+        try:
+            launcher.stop(ray_job_id)
+        except LauncherUnavailable as e:
+            log.warning("cancel %s: could not reach Ray yet (%s)", sweep_id, e)
+    hub.notify(sweep_id)
+    supervisor.wake()
+    with db.read() as s:
+        return _public(s, store.get_run(s, sweep_id, kind="sweep"))

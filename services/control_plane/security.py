@@ -1,0 +1,128 @@
+"""Bearer-token auth, per-run ingest tokens and the request body limit.
+
+* API tokens (`DRPT_API_TOKENS`) guard every route but `/healthz`: no `Authorization: Bearer`
+  header -> 401 (with `WWW-Authenticate: Bearer`), a token that is not one of them -> 403.
+* A run's ingest token is `HMAC-SHA256(secret, run_id)`: the job driver gets it in its runtime
+  env and may only post events for its own run. Nothing per run needs storing, and a restarted
+  control plane (same database, hence same secret) still recognises it.
+* `BodyLimitMiddleware` answers 413 before a handler sees a body over `DRPT_MAX_BODY_BYTES`,
+  whether or not the client sent `Content-Length`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+
+from fastapi import HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from services.control_plane.db import Database, Meta
+
+bearer = HTTPBearer(auto_error=False, description="An API token from DRPT_API_TOKENS.")
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def token_matches(given: str, accepted: list[str]) -> bool:
+    """Constant-time membership test (every candidate is compared)."""
+    found = False
+    for t in accepted:
+        found |= hmac.compare_digest(given.encode(), t.encode())
+    return found
+
+
+def bearer_token(creds: HTTPAuthorizationCredentials | None) -> str:
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    return creds.credentials
+
+
+class IngestKeys:
+    """Derives and checks per-run ingest tokens."""
+
+    def __init__(self, secret: str):
+        self._key = secret.encode()
+
+    @classmethod
+    def load(cls, db: Database, configured: str | None) -> "IngestKeys":
+        """Use `configured`, else the secret kept in the database (created on first start)."""
+        if configured:
+            return cls(configured)
+        with db.write() as s:
+            row = s.scalar(select(Meta).where(Meta.key == "ingest_secret"))
+            if row is None:
+                row = Meta(key="ingest_secret", value=secrets.token_hex(32))
+                s.add(row)
+            return cls(row.value)
+
+    def token(self, run_id: str) -> str:
+        return hmac.new(self._key, run_id.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, run_id: str, given: str) -> bool:
+        return hmac.compare_digest(self.token(run_id), given)
+
+
+def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> None:
+    token = bearer_token(creds)
+    if not token_matches(token, request.app.state.settings.api_tokens):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid bearer token")
+
+
+class _TooLarge(HTTPException):
+    """Raised from `receive`; an HTTPException so FastAPI's body parsing passes it through as 413."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, _too_large_detail(max_bytes))
+
+
+def _too_large_detail(max_bytes: int) -> str:
+    return f"request body exceeds the {max_bytes}-byte limit (DRPT_MAX_BODY_BYTES)"
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 for bodies over `max_bytes` (declared or streamed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        body = json.dumps({"detail": _too_large_detail(self.max_bytes)}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,212 @@
+"""Fixtures: a real uvicorn control plane in a subprocess on 127.0.0.1 (ephemeral port, its own
+SQLite file) and, for the `slow` tests, one real local Ray with its dashboard per session.
+
+Everything waits with a deadline; a server or Ray that does not come up fails the test with the
+tail of its log instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from drpt_ray.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789abcdef"
+H = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Server:
+    """One control-plane process; `restart()` brings it back on the same port and database."""
+
+    workdir: Path
+    port: int
+    env: dict
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        self.starts += 1
+        log = self.workdir / f"server-{self.starts}.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.control_plane", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            cwd=ROOT, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def healthy():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"control plane exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout, "the control plane's /healthz")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> "Server":
+        self.kill()
+        return self.start()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.logs[-1].read_text(errors="replace").splitlines()[-n:]) if self.logs else ""
+
+    def client(self) -> Client:
+        return Client(self.url, TOKEN)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=H, timeout=kw.pop("timeout", 30.0), **kw)
+
+
+def make_server(workdir: Path, **env_extra) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "DRPT_API_TOKENS": TOKEN,
+        "DATABASE_URL": f"sqlite:///{workdir / 'control_plane.sqlite'}",
+        "DRPT_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "DRPT_RUNS_DIR": str(workdir / "runs"),
+        "DRPT_POLL_INTERVAL_S": "0.3",
+        "DRPT_SSE_HEARTBEAT_S": "5",
+        "PYTHONPATH": str(ROOT),
+    })
+    env.update({k: str(v) for k, v in env_extra.items()})
+    return Server(workdir, port, env)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start control planes; each is stopped at the end of the test."""
+    made: list[Server] = []
+
+    def factory(name: str = "cp", **env) -> Server:
+        s = make_server(tmp_path / name, **env)
+        made.append(s)
+        return s.start()
+
+    yield factory
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def dry_server(tmp_path_factory):
+    """A control plane with the dry-run launcher (nothing runs), shared by a module's fast tests."""
+    s = make_server(tmp_path_factory.mktemp("dry"), DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
+    yield s
+    s.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# a real local Ray with its dashboard (the Jobs API)
+
+
+@dataclass
+class RayCluster:
+    dashboard_url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def auth_headers(self) -> dict:
+        from services.control_plane.launcher import ray_auth_token
+        from services.control_plane.settings import Settings
+
+        token = ray_auth_token(Settings(api_tokens=[TOKEN]))
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def job_status(self, ray_job_id: str) -> str:
+        r = httpx.get(f"{self.dashboard_url}/api/jobs/{ray_job_id}", headers=self.auth_headers(), timeout=10)
+        r.raise_for_status()
+        return r.json()["status"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head --block` in its own process group, every port chosen free; SIGTERM, then
+    SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
+    from drpt_ray.client import dashboard_up
+
+    temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpray{os.getpid()}"  # short: unix socket paths
+    log = tmp_path_factory.mktemp("ray") / "ray.log"
+    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                                      "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+                                      "node-manager-port", "object-manager-port")}
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(f"ray start exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            return dashboard_up(url)
+
+        wait_for(up, 120, "the Ray dashboard", interval=0.5)
+        yield RayCluster(url, proc, log)
+    finally:
+        _end_group(proc, grace_s=3.0)
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM our process group, then SIGKILL whatever of it is left (Ray drains for up to 30 s)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass

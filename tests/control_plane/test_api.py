@@ -1,0 +1,211 @@
+"""The control plane's HTTP contract on a real uvicorn server, with the dry-run launcher (no Ray):
+auth, validation, limits, the queue, idempotent ingest, SSE resume, the reporter across a
+control-plane restart, and the CLI client."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from drpt_ray.client import ClientError, iter_sse
+from drpt_ray.reporting import EventReporter
+from tests.control_plane.conftest import H, TOKEN, wait_for
+
+TINY_SFT = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}
+
+
+def sse_events(http: httpx.Client, path: str, headers: dict | None = None) -> list:
+    with http.stream("GET", path, headers=headers or {}, timeout=httpx.Timeout(10, read=30)) as r:
+        assert r.status_code == 200, r.read()
+        out = []
+        for ev in iter_sse(r.iter_lines()):
+            out.append(ev)
+            if ev.event == "end":
+                return out
+    raise AssertionError("stream closed without an end event")
+
+
+def test_healthz_needs_no_token_and_openapi_documents_v1(dry_server):
+    assert httpx.get(f"{dry_server.url}/healthz", timeout=5).status_code == 200
+    with dry_server.http() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/artifacts",
+                 "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/metrics"):
+        assert path in paths
+    assert paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobSpec")
+
+
+BAD = [
+    # (name, method, path, body, headers, status, words the message must contain)
+    ("no token", "GET", "/v1/jobs", None, {}, 401, ["bearer"]),
+    ("no token for the schema", "GET", "/openapi.json", None, {}, 401, ["bearer"]),
+    ("no token for metrics", "GET", "/metrics", None, {}, 401, ["bearer"]),
+    ("wrong token", "GET", "/v1/jobs", None, {"Authorization": "Bearer wrong-token-123456789"}, 403, ["invalid"]),
+    ("no body", "POST", "/v1/jobs", None, H, 422, ["body", "required"]),
+    ("missing sweep space", "POST", "/v1/sweeps", {"base": TINY_SFT}, H, 422, ["body.space", "required"]),
+    ("wrong type", "POST", "/v1/jobs", {"steps": "many"}, H, 422, ["body.steps", "integer"]),
+    ("unknown field", "POST", "/v1/jobs", {"stepz": 5}, H, 422, ["body.stepz", "not permitted"]),
+    ("unknown regularizer", "POST", "/v1/jobs", {"regularizer": {"feasible_set": "magic"}}, H, 422, ["body.regularizer.feasible_set", "layerwise_subset"]),
+    ("negative strength", "POST", "/v1/jobs", {"regularizer": {"frac": -0.5}}, H, 422, ["body.regularizer.frac", "greater than or equal to 0"]),
+    ("negative tau", "POST", "/v1/jobs", {"regularizer": {"tau": -1}}, H, 422, ["body.regularizer.tau", "greater than 0"]),
+    ("unknown advantage", "POST", "/v1/jobs", {"mode": "rlvr", "algorithm": {"advantage": "nope"}}, H, 422, ["body.algorithm.advantage", "grpo"]),
+    ("inconsistent spec", "POST", "/v1/jobs", {"mode": "rlhf"}, H, 422, ["reward.kind"]),
+    ("sweep over a non-field", "POST", "/v1/sweeps", {"space": {"regularizer.strength": {"values": [1]}}}, H, 422, ["regularizer.strength", "not a JobSpec field"]),
+    ("bad state filter", "GET", "/v1/jobs?state=DONE", None, H, 422, ["query.state"]),
+    ("negative page", "GET", "/v1/jobs?offset=-1", None, H, 422, ["query.offset"]),
+    ("huge body", "POST", "/v1/jobs", {"name": "x" * (2 << 20)}, H, 413, ["limit"]),
+    ("unknown job", "GET", "/v1/jobs/job_0000000000000000", None, H, 404, ["job_0000000000000000"]),
+    ("unknown job cancel", "POST", "/v1/jobs/job_0000000000000000/cancel", None, H, 404, ["no job"]),
+    ("unknown job events", "GET", "/v1/jobs/job_0000000000000000/events", None, H, 404, ["no job"]),
+    ("unknown job metrics", "GET", "/v1/jobs/job_0000000000000000/metrics", None, H, 404, ["no job"]),
+    ("unknown sweep", "GET", "/v1/sweeps/swp_0000000000000000", None, H, 404, ["no sweep"]),
+    ("bad ingest token", "GET", "/v1/ingest/job_0000000000000000", None, {"Authorization": "Bearer not-the-ingest-token"}, 403, ["ingest token"]),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,headers,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_the_right_4xx_naming_the_problem(dry_server, name, method, path, body, headers, status, words):
+    with httpx.Client(base_url=dry_server.url, timeout=30) as c:
+        r = c.request(method, path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    text = r.text
+    assert "Traceback" not in text and 'File "' not in text
+    payload = r.json()
+    message = payload.get("message") or json.dumps(payload.get("detail"))
+    for w in words:
+        assert w.lower() in message.lower(), (w, message)
+    if status == 422:
+        assert all("loc" in d for d in payload["detail"])
+
+
+def test_streamed_body_over_the_limit_is_413(dry_server):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65536  # 2.5 MiB, no Content-Length
+
+    with dry_server.http() as c:
+        r = c.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_50_concurrent_submissions_are_recorded_once_and_queued(server_factory):
+    s = server_factory("queue", DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2)
+    with s.http() as c, ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: c.post("/v1/jobs", json=TINY_SFT | {"name": f"j{i}"}), range(50)))
+        assert [r.status_code for r in responses] == [201] * 50
+        ids = {r.json()["id"] for r in responses}
+        assert len(ids) == 50
+        listed = c.get("/v1/jobs", params={"limit": 100}).json()
+        assert listed["total"] == 50 and {j["id"] for j in listed["items"]} == ids
+        assert sorted(j["name"] for j in listed["items"]) == sorted(f"j{i}" for i in range(50))
+
+        def states():
+            page = c.get("/v1/jobs", params={"limit": 100}).json()["items"]
+            counts = {st: sum(j["state"] == st for j in page) for st in ("QUEUED", "PENDING", "RUNNING")}
+            return counts if counts["QUEUED"] == 48 and counts["PENDING"] + counts["RUNNING"] == 2 else None
+
+        wait_for(states, 20, "2 jobs admitted, 48 queued")  # DRPT_MAX_RUNNING_JOBS=2
+        page1 = c.get("/v1/jobs", params={"limit": 20, "offset": 0}).json()["items"]
+        page2 = c.get("/v1/jobs", params={"limit": 40, "offset": 20}).json()["items"]
+        assert len(page1) == 20 and len(page2) == 30 and not {j["id"] for j in page1} & {j["id"] for j in page2}
+        cancelled = list(pool.map(lambda i: c.post(f"/v1/jobs/{i}/cancel"), ids))
+        assert all(r.status_code == 200 and r.json()["state"] == "CANCELLED" for r in cancelled)
+        assert c.get("/v1/jobs", params={"state": "CANCELLED"}).json()["total"] == 50
+        assert c.post(f"/v1/jobs/{next(iter(ids))}/cancel").status_code == 409
+        prom = c.get("/metrics").text
+    assert 'drpt_jobs{state="CANCELLED"} 50.0' in prom
+    assert 'drpt_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="201"} 50.0' in prom
+
+
+def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
+    with dry_server.http() as c:
+        job = c.post("/v1/jobs", json=TINY_SFT).json()
+        jid = job["id"]
+        batch = [{"seq": 1, "type": "state", "state": "RUNNING"}] + [
+            {"seq": i + 2, "type": "metrics", "step": i, "metrics": {"step": i, "loss": 1.0 / (i + 1)}} for i in range(5)
+        ]
+        assert c.post(f"/v1/ingest/{jid}", json={"events": batch}).json() == {"stored": 6, "last_seq": 6}
+        again = batch[3:] + [{"seq": 7, "type": "log", "line": "hello"}]  # a retried batch overlapping the first
+        assert c.post(f"/v1/ingest/{jid}", json={"events": again}).json() == {"stored": 1, "last_seq": 7}
+        assert c.get(f"/v1/ingest/{jid}").json()["last_seq"] == 7
+        steps = [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics").json()["items"]]
+        assert steps == [0, 1, 2, 3, 4]
+        assert [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics", params={"offset": 3, "limit": 10}).json()["items"]] == [3, 4]
+
+        first = sse_events(c, f"/v1/jobs/{jid}/events?follow=false")
+        ids = [int(e.id) for e in first if e.id]
+        assert ids == list(range(1, len(ids) + 1))
+        resumed = sse_events(c, f"/v1/jobs/{jid}/events?follow=false", headers={"Last-Event-ID": str(ids[4])})
+        assert [e.id for e in resumed if e.id] == [str(i) for i in ids[5:]]
+        assert [e.event for e in resumed][-1] == "end"
+
+        # a follower attached now gets the live tail, then `end` after the driver's SUCCEEDED
+        got: list = []
+        t = threading.Thread(target=lambda: got.extend(sse_events(c, f"/v1/jobs/{jid}/events", headers={"Last-Event-ID": str(ids[-1])})))
+        t.start()
+        c.post(f"/v1/ingest/{jid}", json={"events": [{"seq": 8, "type": "state", "state": "SUCCEEDED", "message": None,
+                                                       "artifacts": {"output_dir": "/nonexistent/out"}}]})
+        t.join(30)
+        assert not t.is_alive()
+        assert [(e.event, e.json().get("state")) for e in got] == [("state", "SUCCEEDED"), ("end", "SUCCEEDED")]
+        done = c.get(f"/v1/jobs/{jid}").json()
+        assert done["state"] == "SUCCEEDED" and done["step"] == 4
+        assert c.get(f"/v1/jobs/{jid}/artifacts").json()["output_dir"] == "/nonexistent/out"
+        assert "hello" in c.get(f"/v1/jobs/{jid}/logs").text or "dry-run" in c.get(f"/v1/jobs/{jid}/logs").text
+
+
+def test_reporter_buffers_while_the_control_plane_is_down(server_factory):
+    s = server_factory("reporter", DRPT_LAUNCHER="dry-run")
+    with s.http() as c:
+        jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
+    s.kill()
+    reporter = EventReporter(s.url, jid, TOKEN)
+    reporter.state("RUNNING")
+    for i in range(300):
+        reporter.on_metrics({"step": i, "loss": float(i)})
+    reporter.log("a line")
+    s.start()  # same port, same database
+    assert reporter.close(timeout=30)
+    # a restarted driver continues the sequence instead of reusing numbers
+    second = EventReporter(s.url, jid, TOKEN)
+    second.state("SUCCEEDED")
+    assert second.close(timeout=30)
+    with s.http() as c:
+        events = sse_events(c, f"/v1/jobs/{jid}/events?follow=false")
+        seqs = [e.json()["seq"] for e in events if e.id and "seq" in e.json()]
+        assert seqs == list(range(1, 304))
+        assert [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics").json()["items"]] == list(range(300))
+        assert c.get(f"/v1/jobs/{jid}").json()["state"] == "SUCCEEDED"
+
+
+def test_cli_client_submit_status_cancel(dry_server, tmp_path, capsys):
+    import argparse
+
+    from drpt_ray.client import register
+
+    parser = argparse.ArgumentParser(prog="drpt-ray")
+    register(parser.add_subparsers(dest="command", required=True))
+    spec = tmp_path / "job.yaml"
+    spec.write_text("mode: sft\nsteps: 20\neval_every: 10\nprogress: false\n")
+    common = ["--url", dry_server.url, "--token", TOKEN]
+
+    def run(*argv) -> str:
+        args = parser.parse_args(list(argv))
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    jid = run("submit", str(spec), *common).strip()
+    assert jid.startswith("job_")
+    assert jid in run("status", *common)
+    assert "mode=sft" in run("status", jid, *common)
+    assert "CANCELLED" in run("cancel", jid, *common)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: sft\nregularizer: {feasible_set: magic}\n")
+    with pytest.raises(ValueError, match="regularizer.feasible_set"):
+        run("submit", str(bad), *common)
+    with pytest.raises(ClientError, match="HTTP 403"):
+        run("status", "--url", dry_server.url, "--token", "wrong-token-123456789")

@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--time", help=argparse.SUPPRESS)
     ap.add_argument("--memory", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    ap.add_argument("--main-only", action="store_true", help="only the main table (hidden 256), no scaling tables")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -225,7 +226,7 @@ def main() -> None:
     repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
     main_shape = [shape(128, 4, 64)] if args.quick else [shape(256, 8, 128)]
     sections = [("main: hidden 256, 4 layers, batch 8, seq 128", main_shape, list(METHODS), ("hidden", "batch", "seq"))]
-    if not args.quick:
+    if not (args.quick or args.main_only):
         core = ["full (no hooks)", "layerwise ghost", "layerwise sketch", "global one-pass"]
         sections.append(("scaling over batch x seq (hidden 256)", [shape(256, 4, 64), shape(256, 16, 256)], core, ("batch", "seq")))
         sections.append(("scaling over hidden (batch 8, seq 128)", [shape(512, 8, 128), shape(1024, 8, 128)], core, ("hidden",)))

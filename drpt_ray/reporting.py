@@ -283,3 +283,52 @@ class LineTee:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+STOP_FLUSH_S = 2.0  # Ray SIGKILLs a stopped job a few seconds after SIGTERM
+FINAL_FLUSH_S = 30.0
+
+
+class Stopped(BaseException):
+    """SIGTERM: Ray is stopping the job (a cancel)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def run_reported(reporter: "EventReporter", prog: str, body) -> int:
+    """Run a driver `body() -> exit status` under the control plane's eye, for jobs and sweeps alike.
+
+    stdout/stderr are teed to the reporter as `log` lines; SIGTERM (how Ray stops a job) becomes
+    CANCELLED; a ValueError (a user's bad spec or file) becomes FAILED with exit status 2, anything
+    else FAILED with a traceback and status 1. `body` reports RUNNING and its own outcome. The
+    reporter is flushed (bounded) on the way out.
+    """
+    import signal
+    import traceback
+
+    real_out, real_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = LineTee(real_out, reporter.log), LineTee(real_err, reporter.log)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    flush_s, rc = FINAL_FLUSH_S, 0
+    try:
+        rc = body()
+    except Stopped:
+        flush_s, rc = STOP_FLUSH_S, 143
+        reporter.state("CANCELLED", "stopped (SIGTERM from Ray)")
+    except ValueError as e:  # user-caused: a bad spec, a missing file
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        reporter.state("FAILED", str(e))
+        rc = 2
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the control plane
+        traceback.print_exc()
+        reporter.state("FAILED", f"{type(e).__name__}: {e}".strip())
+        rc = 1
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not reporter.close(timeout=flush_s):
+            print(f"{prog}: some events could not be delivered to {reporter.endpoint}", file=sys.stderr)
+    return rc
+

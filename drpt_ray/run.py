@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 
 from drpt_ray.cli import main
-
-STOP_FLUSH_S = 2.0  # Ray SIGKILLs a stopped job a few seconds after SIGTERM
-FINAL_FLUSH_S = 30.0
-
 
 def entry(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m drpt_ray.run")
@@ -56,27 +50,16 @@ def _absolute_output_dir(spec_path: str) -> str | None:
         return None
 
 
-class _Stopped(BaseException):
-    """SIGTERM: Ray is stopping the job (a cancel)."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stopped()
-
-
 def reported_run(a: argparse.Namespace) -> int:
     """Run the job, reporting state, metrics and log lines; returns the process exit status."""
     from drpt_ray.cli import summary
     from drpt_ray.config import JobSpec, load_spec
-    from drpt_ray.reporting import EventReporter, LineTee
+    from drpt_ray.reporting import EventReporter, run_reported
     from drpt_ray.trainer import run_job
 
     reporter = EventReporter(a.report_url, a.job_id, os.environ.get("DRPT_INGEST_TOKEN"))
-    real_out, real_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = LineTee(real_out, reporter.log), LineTee(real_err, reporter.log)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    flush_s, rc = FINAL_FLUSH_S, 0
-    try:
+
+    def body() -> int:
         spec = absolute_paths(load_spec(a.spec, JobSpec))
         if a.output_dir:
             spec.output_dir = str(Path(a.output_dir).resolve())
@@ -84,23 +67,9 @@ def reported_run(a: argparse.Namespace) -> int:
         result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address)
         print(summary(result.history))
         reporter.state("SUCCEEDED", artifacts=artifacts(result.output_dir))
-    except _Stopped:
-        flush_s, rc = STOP_FLUSH_S, 143
-        reporter.state("CANCELLED", "stopped (SIGTERM from Ray)")
-    except ValueError as e:  # user-caused: a bad spec, a missing file
-        print(f"drpt-ray: error: {e}", file=sys.stderr)
-        reporter.state("FAILED", str(e))
-        rc = 2
-    except BaseException as e:  # noqa: BLE001 - every failure must reach the control plane
-        traceback.print_exc()
-        reporter.state("FAILED", f"{type(e).__name__}: {e}".strip())
-        rc = 1
-    finally:
-        sys.stdout, sys.stderr = real_out, real_err
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not reporter.close(timeout=flush_s):
-            print(f"drpt_ray.run: some events could not be delivered to {a.report_url}", file=sys.stderr)
-    return rc
+        return 0
+
+    return run_reported(reporter, "drpt-ray", body)
 
 
 PATH_FIELDS = (("model", "path"), ("data", "general_path"), ("data", "target_path"), ("data", "eval_path"), ("reward", "model_path"))

@@ -46,11 +46,9 @@ import math
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +66,6 @@ EventCallback = Callable[[dict], None]
 TRIAL_DRIVER_CPUS = 1.0  # the Tune trainable process that runs `run_job`'s loop
 REWARD_MODEL_CPUS = 0.5  # `drpt_ray.rewards.make_reward`'s default, which `run_job` uses
 ASHA_REDUCTION_FACTOR = 2
-STOP_FLUSH_S = 2.0  # as drpt_ray.run: Ray SIGKILLs a stopped job a few seconds after SIGTERM
-FINAL_FLUSH_S = 30.0
 STOP_WAIT_S = 120.0  # a stopped trial's run_job gets this long to finish its step and release its actors
 
 # Keys Tune adds to every result; the rest is what `run_job` reported.
@@ -572,20 +568,12 @@ def _artifacts(result: SweepResult | None, spec: SweepSpec | None) -> dict:
     return out
 
 
-class _Stopped(BaseException):
-    """SIGTERM: Ray is stopping the sweep's job (a cancel)."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stopped()
-
-
 def reported_sweep(args: argparse.Namespace) -> int:
     """Run the sweep, posting to the control plane what `drpt_ray.run` posts for a job (state
     RUNNING, log lines, SUCCEEDED / FAILED / CANCELLED with artifacts) plus every `trial` event
     and the closing `sweep` event; returns the exit status."""
     try:
-        from drpt_ray.reporting import EventReporter, LineTee, _jsonable
+        from drpt_ray.reporting import EventReporter, _jsonable, run_reported
     except ImportError as e:
         print(f"drpt_ray.tune: error: --report-url needs drpt_ray.reporting (EventReporter), which cannot be imported: {e}", file=sys.stderr)
         return 2
@@ -597,37 +585,18 @@ def reported_sweep(args: argparse.Namespace) -> int:
             event = {**event, "metrics": _jsonable(event["metrics"])}  # NaN -> null: strict JSON on the wire
         reporter.emit(event)
 
-    real_out, real_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = LineTee(real_out, reporter.log), LineTee(real_err, reporter.log)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    flush_s, rc, spec, result = FINAL_FLUSH_S, 0, None, None
-    try:
+    def body() -> int:
         spec = load_spec(args.spec, SweepSpec)
         reporter.state("RUNNING", artifacts=_artifacts(None, spec))
         result = run_sweep(spec, on_event=on_event, address=args.address)
         _print_result(spec, result)
         if result.best is None:
             reporter.state("FAILED", f"no trial reported {spec.metric}", artifacts=_artifacts(result, spec))
-            rc = 1
-        else:
-            reporter.state("SUCCEEDED", artifacts=_artifacts(result, spec))
-    except _Stopped:
-        flush_s, rc = STOP_FLUSH_S, 143
-        reporter.state("CANCELLED", "stopped (SIGTERM from Ray)")
-    except ValueError as e:  # user-caused: a bad spec, a missing file
-        print(f"drpt_ray.tune: error: {e}", file=sys.stderr)
-        reporter.state("FAILED", str(e))
-        rc = 2
-    except BaseException as e:  # noqa: BLE001 - every failure must reach the control plane
-        traceback.print_exc()
-        reporter.state("FAILED", f"{type(e).__name__}: {e}".strip())
-        rc = 1
-    finally:
-        sys.stdout, sys.stderr = real_out, real_err
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not reporter.close(timeout=flush_s):
-            print(f"drpt_ray.tune: some events could not be delivered to {args.report_url}", file=sys.stderr)
-    return rc
+            return 1
+        reporter.state("SUCCEEDED", artifacts=_artifacts(result, spec))
+        return 0
+
+    return run_reported(reporter, "drpt_ray.tune", body)
 
 
 def main(argv: list[str] | None = None) -> int:

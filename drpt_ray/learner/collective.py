@@ -47,6 +47,15 @@ class Collective:
 
     def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
         """In-place SUM over ranks of a list of tensors (the same list, in the same order, on every rank)."""
+        self._flat_inplace(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Overwrite every rank's tensors with rank `src`'s (in place)."""
+        self._flat_inplace(tensors, lambda flat: dist.broadcast(flat, src=src))
+
+    def _flat_inplace(self, tensors: Iterable[torch.Tensor], collective) -> None:
+        """Run `collective` on one flat buffer per dtype (one call instead of one per tensor), then
+        copy the result back into the tensors."""
         tensors = list(tensors)
         if not self.active or not tensors:
             return
@@ -56,25 +65,7 @@ class Collective:
         for dtype in sorted(by_dtype, key=str):  # the same order on every rank
             group = by_dtype[dtype]
             flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for t in group:
-                n = t.numel()
-                t.copy_(flat[offset : offset + n].view_as(t))
-                offset += n
-
-    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-        """Overwrite every rank's tensors with rank `src`'s (in place)."""
-        tensors = list(tensors)
-        if not self.active or not tensors:
-            return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-        for t in tensors:
-            by_dtype[t.dtype].append(t)
-        for dtype in sorted(by_dtype, key=str):
-            group = by_dtype[dtype]
-            flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in group])
-            dist.broadcast(flat, src=src)
+            collective(flat)
             offset = 0
             with torch.no_grad():
                 for t in group:

@@ -10,13 +10,15 @@ the same global batch (`--batch` general rows, `--target` target rows) for every
   in-process     the plain `Learner` in this process (no Ray; torch threads = --threads)
   group N=1      `LearnerGroup` with one Ray Train worker (1 CPU)
   group N=2      `LearnerGroup` with two Ray Train workers (1 CPU each), gloo
+  N=2 fsdp       the same two workers with the policy sharded (`resources.fsdp`, FSDP2 on CPU)
 All three stay alive and step through the same batches in interleaved rounds (so background
 load hits each alike): `--warmup` rounds, then `--steps` timed rounds; medians. "step" is the driver's
 wall time of `sft_step` (sharding, object store, mailbox, the ranks' work, the reply).
 "capture+reduce" is the learner's own `time/regularize` (target forward/backward + all-reduce);
 "g_T all-reduce" and "grad all-reduce" are the two collectives timed in isolation on the ranks
 right after the timed steps (median of 20 calls each: `_reduce_target` on the cached g_T, and
-`Collective.average_grads` on the step's gradients), so their share = median / median step.
+`Collective.sum_grads` on the step's gradients; under FSDP the gradients are reduce-scattered
+inside the backward, so that column is empty), so their share = median / median step.
 "round trip" is a no-op command through the group (`needs_target`), the transport's floor;
 "start" is construction until every rank has built its Learner (Ray Train start included).
 
@@ -50,13 +52,13 @@ from drpt_ray.trainer import BatchSampler  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out" / "learner_scaling"
 
 
-def spec_for(args, workers: int, out: str) -> JobSpec:
+def spec_for(args, workers: int, out: str, fsdp: bool = False) -> JobSpec:
     return JobSpec.model_validate({
         "mode": "sft", "output_dir": out, "batch_size": args.batch, "target_batch_size": args.target,
         "model": {"tiny": {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_layers": 2,
                            "num_heads": max(1, args.hidden // 64), "num_kv_heads": 1}},
         "data": {"n_general": 2000, "n_eval": 16},
-        "resources": {"learner_num_workers": workers, "learner_num_cpus": 1},
+        "resources": {"learner_num_workers": workers, "learner_num_cpus": 1, "fsdp": fsdp},
         "progress": False, "tensorboard": False,
     })
 
@@ -76,22 +78,25 @@ def _collective_times(learner, repeats: int) -> dict:
         t0 = time.perf_counter()
         learner._reduce_target()
         t_target.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        learner.comm.average_grads(params, 1.0)
-        t_grads.append(time.perf_counter() - t0)
+        if not learner.fsdp:  # FSDP reduce-scatters inside the backward
+            t0 = time.perf_counter()
+            learner.comm.sum_grads(params)
+            t_grads.append(time.perf_counter() - t0)
     learner.reg.load_state_dict(saved)
     nbytes = sum(t.numel() * t.element_size() for d in saved["targets"].values() for t in d.values() if t is not None)
-    return {"target_allreduce_s": statistics.median(t_target), "grad_allreduce_s": statistics.median(t_grads),
-            "target_cache_mb": nbytes / 2**20}
+    out = {"target_allreduce_s": statistics.median(t_target), "target_cache_mb": nbytes / 2**20}
+    if t_grads:
+        out["grad_allreduce_s"] = statistics.median(t_grads)
+    return out
 
 
 class Config:
     """One learner configuration, alive for the whole run (so rounds can interleave)."""
 
-    def __init__(self, name: str, args, workers: int | None):
+    def __init__(self, name: str, args, workers: int | None, fsdp: bool = False):
         self.name, self.workers = name, workers
         out = tempfile.mkdtemp(prefix="drpt-bench-scaling-")
-        self.spec = spec_for(args, workers or 1, out)
+        self.spec = spec_for(args, workers or 1, out, fsdp)
         t0 = time.perf_counter()
         self.learner = Learner(self.spec) if workers is None else LearnerGroup(self.spec)
         if workers is not None:
@@ -142,8 +147,9 @@ def main() -> int:
     if args.quick:
         args.hidden, args.batch, args.warmup, args.steps = 128, 16, 2, 5
     torch.set_num_threads(args.threads)
-    ray.init(num_cpus=max(3, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    configs = [Config("in-process", args, None), Config("group N=1", args, 1), Config("group N=2", args, 2)]
+    ray.init(num_cpus=max(5, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    configs = [Config("in-process", args, None), Config("group N=1", args, 1), Config("group N=2", args, 2),
+               Config("N=2 fsdp", args, 2, fsdp=True)]
     data = batches(configs[0].spec, configs[0].tok, args.warmup + args.steps)  # the same batches for all
     for i, (general, target) in enumerate(data):  # interleaved rounds: background load hits all alike
         for c in configs:
@@ -164,7 +170,9 @@ def main() -> int:
         frac = f"{100 * r['target_allreduce_s'] / r['step_s']:.1f}%" if "target_allreduce_s" in r else "-"
         lines.append(f"| {r['config']} | {r['start_s']:.1f} | {1e3 * r['step_s']:.1f} | {base / r['step_s']:.2f}x | {ms('capture_s')} | "
                      f"{ms('target_allreduce_s')} | {frac} | {ms('grad_allreduce_s')} | {ms('round_trip_s')} |")
+    per_round_fsdp = [a / b for a, b in zip(rows[2]["steps"], rows[3]["steps"])]
     lines += ["", f"N=2 speed-up over N=1 as the median of per-round ratios: {statistics.median(per_round):.2f}x; "
+                  f"N=2 fsdp step / N=2 data-parallel step: {1 / statistics.median(per_round_fsdp):.2f}x; "
                   f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."]
     mb = next((r["target_cache_mb"] for r in rows if "target_cache_mb" in r), None)
     if mb is not None:

@@ -299,7 +299,29 @@ class JobSpec(Spec):
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
         if self.mode != "sft" and self.algorithm.advantage in ("grpo", "grpo_no_std", "rloo") and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        self._check_learner_layout()
         return self
+
+    def _check_learner_layout(self) -> None:
+        """What the data-parallel / FSDP learner cannot run (drpt_ray/learner/fsdp.py says why)."""
+        from drpt_ray.regularize.feasible import get_feasible_set  # the registry imports this module
+
+        res, reg = self.resources, self.regularizer
+        if res.learner_num_workers > 1 and reg.target_mode == "merged":
+            raise ValueError("regularizer.target_mode: 'merged' needs one learner worker (target rows share each rank's "
+                             "backward); use 'separate' with resources.learner_num_workers > 1")
+        if not res.fsdp:
+            return
+        if res.learner_num_workers < 2:
+            raise ValueError("resources.fsdp shards the policy over learner workers: set resources.learner_num_workers >= 2")
+        if self.model.lora is not None:
+            raise ValueError("resources.fsdp is not supported with model.lora (a LoRA model's trained weights fit one "
+                             "device; use data parallelism with fsdp: false)")
+        if reg.target_mode == "merged":
+            raise ValueError("regularizer.target_mode 'merged' is not supported with resources.fsdp; use 'separate'")
+        if get_feasible_set(reg.feasible_set).granularity(reg) == "global" and reg.passes != "two_pass":
+            raise ValueError(f"regularizer.passes: global selection ({reg.feasible_set}) with resources.fsdp needs "
+                             "passes: two_pass (one-pass writes gradients after the backward, when FSDP has reduced them)")
 
 
 # --------------------------------------------------------------------------------------------

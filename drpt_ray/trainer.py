@@ -38,7 +38,6 @@ from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, gae_retur
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
 from drpt_ray.learner import Learner, LearnerGroup, build_batch
-from drpt_ray.learner.group import check_resources
 from drpt_ray.metrics import MetricLogger
 from drpt_ray.models import build_tokenizer, model_dir
 from drpt_ray.rollout import make_rollout_workers
@@ -134,7 +133,6 @@ def preflight(spec: JobSpec) -> TaskSplits:
     if spec.model.path is not None:
         model_dir(spec.model, spec.output_dir)  # raises ValueError naming model.path
     splits = load_task(spec.data)
-    check_resources(spec)  # raises ValueError naming resources.fsdp / regularizer.target_mode
     if spec.mode != "sft":
         from drpt_ray.rewards import check_reward
 

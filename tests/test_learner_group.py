@@ -1,5 +1,8 @@
 """The data-parallel learner on real Ray Train: 2 CPU workers over gloo, a tiny float64 Llama.
 
+Every group test runs twice: plain data parallel (`dp`) and with the policy sharded by torch's
+fully_shard (`fsdp`, FSDP2 on CPU over gloo). Both must equal the same references.
+
 References are the in-process `Learner` (a world of one: the same rank code) and brute force
 (plain autograd, one backward per example). HF's Llama computes RMSNorm and the attention softmax
 in float32 even in a float64 model, which leaves ~1e-7 relative noise that depends on the batch
@@ -24,7 +27,7 @@ from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from drpt_ray.config import JobSpec
 from drpt_ray.data import load_task, supervised_token_counts, tokenize_sft
 from drpt_ray.learner import Learner, LearnerGroup, LearnerGroupError, build_batch, standardised_rewards
-from drpt_ray.learner.group import check_resources, row_ranges
+from drpt_ray.learner.group import row_ranges
 from drpt_ray.losses import sequence_loss_sums, token_mean_loss
 
 pytestmark = pytest.mark.slow
@@ -74,48 +77,60 @@ def f64():
     M.LlamaRMSNorm.forward, M.eager_attention_forward = original
 
 
-def job(out, feasible: str, workers: int = 2, **reg) -> JobSpec:
+def job(out, feasible: str, workers: int = 2, fsdp: bool = False, **reg) -> JobSpec:
     return JobSpec.model_validate({
         "mode": "rlvr", "output_dir": str(out), "model": {"dtype": "float64"},
         "regularizer": {"feasible_set": feasible, **reg}, "optim": {"max_grad_norm": None, "warmup_frac": 0.0},
-        "resources": {"learner_num_workers": workers, "learner_num_cpus": 0.5}, "progress": False, "tensorboard": False,
+        "resources": {"learner_num_workers": workers, "learner_num_cpus": 0.5, "fsdp": fsdp}, "progress": False,
+        "tensorboard": False,
     })
 
 
-def _group_and_reference(out, feasible, **reg):
-    spec = job(out, feasible, **reg)
+def _group_and_reference(out, feasible, fsdp, **reg):
+    spec = job(out, feasible, fsdp=fsdp, **reg)
     group = LearnerGroup(spec, call_timeout_s=120)
     group.execute(float64_math)
     ref = Learner(job(out, feasible, workers=1, **reg))  # in-process: a world of one
+    if fsdp:
+        assert all(group.execute(is_sharded)), "fsdp: the ranks' parameters are DTensors"
     return spec, group, ref
 
 
-@pytest.fixture(scope="module")
-def full(f64, tmp_path_factory):
-    spec, group, ref = _group_and_reference(tmp_path_factory.mktemp("full"), "full")
+@pytest.fixture(scope="module", params=[False, True], ids=["dp", "fsdp"])
+def full(f64, tmp_path_factory, request):
+    spec, group, ref = _group_and_reference(tmp_path_factory.mktemp("full"), "full", request.param)
     yield spec, group, ref
     group.remove()
     ref.remove()
 
 
-@pytest.fixture(scope="module")
-def layerwise(f64, tmp_path_factory):
-    spec, group, ref = _group_and_reference(tmp_path_factory.mktemp("lw"), "layerwise_subset", selection="topk", frac=0.5)
+@pytest.fixture(scope="module", params=[False, True], ids=["dp", "fsdp"])
+def layerwise(f64, tmp_path_factory, request):
+    spec, group, ref = _group_and_reference(tmp_path_factory.mktemp("lw"), "layerwise_subset", request.param,
+                                            selection="topk", frac=0.5)
     yield spec, group, ref
     group.remove()
     ref.remove()
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
+# helpers (run on every rank in lockstep: gathering a sharded tensor is a collective)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def is_sharded(learner) -> bool:
+    return all(hasattr(p, "full_tensor") for p in learner.policy.parameters())
 
 
 def grads_of(learner) -> dict:
-    return {n: p.grad.detach().clone() for n, p in learner.policy.named_parameters() if p.grad is not None}
+    return {n: _whole(p.grad) for n, p in learner.policy.named_parameters() if p.grad is not None}
 
 
 def weights_of(learner) -> dict:
-    return {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
+    return {n: _whole(p) for n, p in learner.policy.named_parameters()}
 
 
 def cache_of(learner) -> dict:
@@ -179,6 +194,7 @@ def test_full_sft_step_equals_one_worker(full):
     m2, m1 = group.sft_step(general, None), ref.sft_step(general, None)
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-12)
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-10)
+    assert m2["reg/kept_frac_mean"] == m1["reg/kept_frac_mean"] == 1.0
     grads, weights = group.execute(grads_of), group.execute(weights_of)
     assert_ranks_identical(grads)
     assert_ranks_identical(weights)
@@ -206,12 +222,8 @@ def test_full_rl_step_equals_one_worker(full):
     assert_close(group.execute(weights_of)[0], weights_of(ref), rtol=1e-12)
 
 
-def test_unsupported_settings_fail_before_anything_runs(full, tmp_path):
+def test_too_few_rows_fail_before_anything_runs(full):
     spec, group, ref = full
-    with pytest.raises(ValueError, match="resources.fsdp"):
-        check_resources(JobSpec(output_dir=str(tmp_path), resources={"fsdp": True}))
-    with pytest.raises(ValueError, match="regularizer.target_mode"):
-        check_resources(JobSpec(output_dir=str(tmp_path), regularizer={"target_mode": "merged"}, resources={"learner_num_workers": 2}))
     with pytest.raises(ValueError, match="batch_size"):  # fewer general rows than workers
         group.sft_step(sft_rows(spec, ref.tokenizer, 1), None)
     assert group.needs_target(0) is False  # `full` never captures; the group is still usable
@@ -304,10 +316,14 @@ def test_layerwise_subset_matches_brute_force(layerwise, tmp_path):
             else:  # unhooked (norms, embeddings): the rank's ordinary token-mean gradient
                 d_r = sum(g) / u_r
             want[n] += (u_r / total) * d_r  # share-weighted average over ranks
-    group.sft_step(general, target)
+    m = group.sft_step(general, target)
     grads = group.execute(grads_of)
     assert_ranks_identical(grads)
     assert_close(grads[0], want, rtol=1e-9)
+    # the reported cosine is that of the applied (reduced) update with g_T over the hooked weights
+    dot, nd, nt = (sum(float((a * b).sum()) for a, b in ((want[n] if x else g_t[n], want[n] if y else g_t[n]) for n in hooked))
+                   for x, y in ((True, False), (True, True), (False, False)))
+    assert m["reg/cos"] == pytest.approx(dot / (nd * nt) ** 0.5, rel=1e-9)
     # local selection is not the one-process selection over the concatenated batch
     ref.sft_step(general, target)
     assert any(float((grads[0][n] - p.grad).abs().max()) > 1e-6 for n, p in params.items() if n in hooked)

@@ -23,12 +23,28 @@ BASE = {"mode": "rlvr", "rollout": {"sampling": {"n": 4}}, "progress": False}
         ({"mode": "rlhf"}, "reward.kind"),
         ({"reward": {"kind": "function"}}, "reward.function"),
         ({"learner": {}}, "learner"),
+        # learner layouts the data-parallel / FSDP learner cannot run
+        ({"resources": {"fsdp": True}}, "resources.learner_num_workers"),  # nothing to shard over
+        ({"resources": {"fsdp": True, "learner_num_workers": 2}, "model": {"lora": {"r": 4}}}, "model.lora"),
+        ({"resources": {"fsdp": True, "learner_num_workers": 2}, "regularizer": {"feasible_set": "global_subset"}},
+         "regularizer.passes"),
+        ({"resources": {"fsdp": True, "learner_num_workers": 2},
+          "regularizer": {"feasible_set": "soft_subset", "soft_granularity": "global"}}, "regularizer.passes"),
+        ({"mode": "sft", "resources": {"learner_num_workers": 2}, "regularizer": {"target_mode": "merged"}},
+         "regularizer.target_mode"),
     ],
 )
 def test_schema_errors_name_the_field(over, field):
     with pytest.raises(ValidationError) as e:
         JobSpec.model_validate({**BASE, **over})
     assert field in str(e.value) or field.split(".")[-1] in str(e.value)
+
+
+def test_fsdp_layouts_that_work_validate():
+    for reg in ({"feasible_set": "layerwise_subset"}, {"feasible_set": "global_subset", "passes": "two_pass"},
+                {"feasible_set": "soft_subset", "soft_granularity": "layer"}, {"feasible_set": "target_only"}):
+        spec = JobSpec.model_validate({**BASE, "regularizer": reg, "resources": {"fsdp": True, "learner_num_workers": 2}})
+        assert spec.resources.fsdp
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,30 @@ def test_rlhf_ppo_with_critic_and_kl(tmp_path):
     assert m["loss/kl"] >= 0
 
 
+def test_rl_with_fsdp_learner(tmp_path):
+    """PPO with a critic and a reference policy on 2 FSDP learner workers (CPU, gloo): rollouts
+    from vLLM, weights gathered on rank 0 and loaded into the rollout worker every step, one
+    checkpoint, the final model saved from the gathered weights."""
+    spec = rlvr(
+        tmp_path, steps=3, eval_every=3, warm_start_sft_steps=4, checkpoint={"every": 2, "keep": 1},
+        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2},
+        regularizer={"feasible_set": "layerwise_subset", "kernel": "sketch"},
+        resources={"learner_num_workers": 2, "learner_num_cpus": 0.5, "fsdp": True},
+    )
+    r = run_job(spec)
+    assert r.steps == 3
+    m = r.history[-1]
+    assert {"loss/policy", "loss/kl", "loss/value", "reg/cos", "eval/target_reward"} <= set(m)
+    assert all(torch.isfinite(torch.tensor(float(v))) for k, v in m.items() if k.startswith(("loss", "reg/", "grad_norm")))
+    assert m["time/sync"] > 0
+    ckpt = torch.load(latest_checkpoint(tmp_path) / "learner.pt", weights_only=False)
+    final = load_file(tmp_path / "model" / "model.safetensors")
+    # the checkpoint (step 2) holds full tensors of policy and critic; the final model is one full copy
+    assert {"policy.lm_head.weight", "value_head.weight"} <= set(ckpt["model"])
+    assert all(final[k].shape == ckpt["model"][f"policy.{k}"].shape for k in final)
+    assert any(not torch.equal(final[k], ckpt["model"][f"policy.{k}"]) for k in final)  # step 3 moved it
+
+
 def _kill_rollout_worker() -> int:
     """SIGKILL the process hosting the RolloutEngine actor (a crash, not a polite shutdown)."""
     for p in psutil.process_iter(["cmdline"]):
@@ -99,7 +123,7 @@ def test_rl_kill_and_resume_matches_uninterrupted(tmp_path):
     ca, cb = (latest_checkpoint(tmp_path / x) for x in "ab")
     assert ca.name == cb.name == "step_0000002"
     assert json.loads((ca / "trainer.json").read_text()) == json.loads((cb / "trainer.json").read_text())
-    wa, wb = (torch.load(c / "learner.pt", weights_only=False)["policy"] for c in (ca, cb))
+    wa, wb = (torch.load(c / "learner.pt", weights_only=False)["model"] for c in (ca, cb))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed.steps == full.steps == 4
     # after the resume the same rollouts are drawn (seeded per step) and the same updates made

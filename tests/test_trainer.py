@@ -53,8 +53,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     resumed = run_job(_spec(tmp_path / "b"))
     # same checkpoint contents at step 4: weights, optimizer moments, data cursors
     w_b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000004" / "learner.pt", weights_only=False)
-    for k in w_full["policy"]:
-        assert torch.equal(w_full["policy"][k], w_b["policy"][k]), k
+    for k in w_full["model"]:
+        assert torch.equal(w_full["model"][k], w_b["model"][k]), k
+    moments = [(w["opt"]["state"][k]["exp_avg_sq"] for w in (w_full, w_b)) for k in w_full["opt"]["state"]]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
     cur_a = json.loads((latest_checkpoint(tmp_path / "a") / "trainer.json").read_text())
     cur_b = json.loads((tmp_path / "b" / "checkpoints" / "step_0000004" / "trainer.json").read_text())
     assert cur_a == cur_b and cur_a["general"] == {"epoch": 1, "pos": 12}

@@ -2,7 +2,7 @@
 
 from drpt_ray.learner.batch import RLBatch, build_batch
 from drpt_ray.learner.group import LearnerGroup, LearnerGroupError
-from drpt_ray.learner.learner import Learner, LearnerActor, hf_state_dict, standardised_rewards
+from drpt_ray.learner.learner import Learner, hf_state_dict, learner_device, standardised_rewards
 from drpt_ray.learner.optim import lr_factor, make_optimizer
 
-__all__ = ["Learner", "LearnerActor", "LearnerGroup", "LearnerGroupError", "RLBatch", "build_batch", "hf_state_dict", "lr_factor", "make_optimizer", "standardised_rewards"]
+__all__ = ["Learner", "LearnerGroup", "LearnerGroupError", "RLBatch", "build_batch", "hf_state_dict", "learner_device", "lr_factor", "make_optimizer", "standardised_rewards"]

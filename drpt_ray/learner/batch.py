@@ -31,6 +31,10 @@ class RLBatch:
             return self
         return replace(self, **{f.name: _take(getattr(self, f.name), rows) for f in fields(self)})
 
+    def to(self, device) -> "RLBatch":
+        """The batch on `device` (tensors already there are shared, not copied)."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
+
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]

@@ -88,6 +88,14 @@ class Collective:
         out = torch.cat([p[: int(n)] for p, n in zip(parts, sizes)]).to(x.device)
         return out, int(sizes[: self.rank].sum())
 
+    def max(self, value: int) -> int:
+        """The largest of the ranks' integers."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t[0])
+
     def check_same(self, value: int, what: str) -> None:
         """Raise on every rank unless all ranks hold the same integer (structure checks before a SUM)."""
         if not self.active:
@@ -98,8 +106,8 @@ class Collective:
             raise RuntimeError(f"data-parallel ranks disagree on {what}: this rank (rank {self.rank}) has {value}, "
                                f"the ranks range over [{-int(t[1])}, {int(t[0])}]")
 
-    def average_grads(self, params: list[torch.nn.Parameter], share: float) -> None:
-        """grad <- SUM_r share_r * grad_r over ranks, in place (share_r: this rank's weight).
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """grad <- SUM over ranks of grad, in place (each rank has already scaled its loss by its share).
 
         A parameter whose `.grad` is None on every rank stays None (AdamW skips it, as in one
         process); one that has a gradient on some rank only gets zeros elsewhere first.
@@ -114,7 +122,5 @@ class Collective:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            elif share != 1.0:
-                p.grad.mul_(share)
             grads.append(p.grad)
         self.sum_(grads)

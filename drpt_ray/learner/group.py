@@ -37,14 +37,14 @@ Which statistics are global and which are local (method.md 1.3, 3.4, 8; oracle 1
   per-layer target cache g_T (SUM all-reduced after capture, so every rank holds the gradient of
   the global target batch); the optimizer step (gradients averaged, so every rank applies the
   same update and the weights, AdamW moments and schedule stay identical on every rank); the
-  reported losses (share-weighted means) and grad_norm (of the averaged gradient).
+  reported losses (share-weighted means), grad_norm (of the averaged gradient) and the cosines
+  `reg/cos*` (of the averaged update against g_T).
 - local: scores s_i = <G_i, g_T> and the selection (top-k / filter / soft weights, per layer or
   global) on each rank's own general shard, exactly as the paper's RLVR runs select per rank on
   local micro-batches against the synced g_T (method.md 8). Gathering the whole batch's
   per-example statistics to select globally would cost an all-gather per hooked layer inside the
   backward and tie every rank's backward to every other's; local selection costs nothing extra.
-  So are the regularizer metrics (`reg/*`: kept fractions and cosines are rank 0's, computed on
-  its curated gradient before averaging), and IIF's buffer filtering (per shard).
+  So are the kept fractions `reg/kept_frac*` (rank 0's) and IIF's buffer filtering (per shard).
 
 Normalisation of the update. Rank r's curated gradient is the normalised gradient of its own
 selected subset, d_r = (1 / U_{S_r}) sum_{i in S_r} G_i (U: the loss's normaliser units, i.e.
@@ -54,24 +54,28 @@ example i's unnormalised loss), and the group's update is the share-weighted sum
 With `full` (S_r = the shard) this is (1/U) sum_i G_i: exactly the one-process gradient of the
 concatenated batch, also when ranks hold different token counts (a plain mean of the per-rank
 token means would not be). With equal shares it is the usual DDP mean. Unhooked parameters
-(norms, value head) get the same weighting of their ordinary local gradients.
+(norms, value head) get the same weighting of their ordinary local gradients. Mechanically, rank
+r backpropagates (U_r / U) times its loss (`Regularizer.backward(loss_scale=...)`, which divides
+the scores by the same factor, so selection is unchanged) and the group SUMs the gradients.
 
 Why no DDP reducer. The regularizer writes the curated `.grad` of hooked layers from inside their
 custom backward, so autograd's AccumulateGrad hooks, which DDP's reducer counts on, never fire
 for those weights: DDP would wait for buckets that never fill (or all-reduce the plain,
 uncurated gradient). The target capture and GlobalSubset's scoring pass are backwards that must
 not be averaged at all, the two-pass path runs two backwards per step, and the share weighting
-is not a uniform mean. So the group averages explicitly: after the regularized backward, one
-flat SUM all-reduce per dtype of share-scaled gradients (`Collective.average_grads`), then
+is not a uniform mean. So the group reduces explicitly: after the regularized backward, one
+flat SUM all-reduce per dtype of the share-scaled gradients (`Collective.sum_grads`), then
 clipping and AdamW. It gives up DDP's overlap of communication with the backward; for a
 curated gradient that overlap is not available anyway before each layer's selection is done.
 
 Weights and checkpoints. `weights()` / `weights_ref()` come from rank 0 alone (rank 0 puts its
 state dict in the object store; the trainer hands the reference to the rollout workers). `save`
 writes ONE checkpoint from rank 0 (weights, AdamW state, schedule, RNG, g_T cache: all identical
-on every rank since every rank applies the same averaged update); `load` reads it on every
-rank. The path must be visible to the learner workers (one node, or shared storage), as it was
-for the single learner actor.
+on every rank since every rank applies the same reduced update), with full tensors keyed by
+name, so it loads into any number of workers, with or without FSDP; `load` reads it on every
+rank. Every rank runs these methods (under FSDP gathering the full state is a collective); the
+Learner writes on rank 0 only. The path must be visible to the learner workers (one node, or
+shared storage), as it was for the single learner actor.
 
 Failures: fail fast, resume from the last checkpoint. A worker that dies (or raises) fails the
 Ray Train run (FailureConfig(max_failures=0)); the call in flight, and every later call, raises
@@ -82,13 +86,14 @@ the placement group are released. The trainer's job then ends; re-running it wit
 Restarting the group in place (Ray Train's max_failures > 0) is not used: the driver's loop
 state (step, data cursors, rollout weights) would have to roll back with it.
 
-FSDP (`resources.fsdp`): not implemented. The curated gradient is written as a full [O, I]
-matrix per hooked layer; with torch's fully_shard each rank would have to write its own shard
-of it (and the g_T cache would shard the same way). TODO: shard `_write_grad` / the target cache
-along FSDP's parameter sharding and all-gather parameters for scoring. `LearnerGroup` (and the
-trainer's preflight) reject fsdp=True with a clear error. GPU: NCCL is selected when
-`learner_num_gpus > 0`; the Learner itself still computes on CPU (it has no device placement
-yet), and the collectives move their flat buffers through the GPU.
+FSDP (`resources.fsdp`): the same ranks, with the policy sharded by torch's fully_shard
+(drpt_ray/learner/fsdp.py says how the regularizer's hooks see full weights inside the backward,
+and what is not supported). The statistics above are the same; the SUM of the gradients happens
+in FSDP's reduce-scatter instead of `sum_grads`. Every forward is a collective under FSDP, so a
+rank without rows still runs one (`score_rollouts(None)`, `eval_sft` chunk counts matched).
+
+Devices: NCCL is selected when `learner_num_gpus > 0`, and each rank computes on the CUDA device
+Ray Train assigned it (`learner_device`); on CPU, gloo.
 """
 
 from __future__ import annotations
@@ -115,21 +120,6 @@ POLL_S = 0.2
 
 class LearnerGroupError(RuntimeError):
     """The learner worker group failed (or could not start); it is unusable from here on."""
-
-
-def check_resources(spec: JobSpec) -> None:
-    """The resource combinations the data-parallel learner cannot run; errors name the field."""
-    res = spec.resources
-    if res.fsdp:
-        raise ValueError(
-            "resources.fsdp: sharding the policy with FSDP is not implemented yet (the curated gradient is "
-            "written as a full matrix per layer); use data parallelism (resources.learner_num_workers) with fsdp: false"
-        )
-    if res.learner_num_workers > 1 and spec.regularizer.target_mode == "merged":
-        raise ValueError(
-            "regularizer.target_mode: 'merged' needs one learner worker (target rows share each rank's backward); "
-            "use 'separate' with resources.learner_num_workers > 1"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,13 +195,11 @@ class _Mailbox:
 
 
 def _rank_call(learner, rank: int, method: str, args: tuple, kwargs: dict):
-    """What rank `rank` does for one command."""
+    """What rank `rank` does for one command (every rank runs every method: under FSDP gathering the
+    weights is a collective; the Learner itself writes files on rank 0 only)."""
     if method == "weights_ref":
-        return [ray.put(learner.weights())] if rank == 0 else None  # a list, so the ref is not resolved
-    if method in ("save", "save_model"):
-        return getattr(learner, method)(*args, **kwargs) if rank == 0 else None
-    if method in ("score_rollouts", "eval_sft") and args[0] is None:
-        return None  # no rows on this rank; no collective in these methods
+        weights = learner.weights()
+        return [ray.put(weights)] if rank == 0 else None  # a list, so the ref is not resolved
     if method == "execute":
         fn, *rest = args
         return fn(learner, *rest, **kwargs)
@@ -264,7 +252,6 @@ class LearnerGroup:
 
         from drpt_ray.models import model_dir
 
-        check_resources(spec)
         res = spec.resources
         self.spec, self.num_workers, self.call_timeout_s = spec, res.learner_num_workers, call_timeout_s
         self.start_timeout_s = start_timeout_s

@@ -9,8 +9,13 @@ rank holds a shard of every batch. Global statistics: the target loss is normali
 token (unit) count and the reward standardisation of the `reward` objective uses the global target
 batch, and the per-layer target cache is SUM all-reduced, so every rank holds g_T of the global
 target batch (method.md 1.3, oracle 12). Scoring and selection stay local (each rank's general
-shard against that global g_T), then every gradient is weighted by the rank's share of the
-global normaliser units and SUM all-reduced before clipping; group.py's docstring says why.
+shard against that global g_T). Every rank multiplies its loss by its share of the global
+normaliser units (`loss_scale`), so a SUM of the ranks' gradients is the update: an explicit
+all-reduce before clipping, or, with `resources.fsdp`, FSDP's own reduce-scatter inside the
+backward (drpt_ray/learner/fsdp.py). group.py's docstring says why there is no DDP reducer.
+
+Device: the learner computes on `learner_device(spec)` (the worker's CUDA device when the job
+reserves learner GPUs, else CPU); batches come in on CPU and results go back on CPU.
 
 One RL update (method.md 1.4, 4.3): `capture_target` backs the target objective into the
 regularizer's per-layer cache; `rl_step` runs the regularized backward of the full policy loss
@@ -32,9 +37,9 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import ray
 import torch
 from torch import nn
 
@@ -47,6 +52,13 @@ from drpt_ray.algorithms import (
 )
 from drpt_ray.config import ADVANTAGES_NEEDING_CRITIC, JobSpec
 from drpt_ray.data import supervised_token_counts
+from drpt_ray.learner.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    shard_policy,
+)
 from drpt_ray.learner.batch import RLBatch
 from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
@@ -63,6 +75,25 @@ def standardised_rewards(rewards: torch.Tensor) -> torch.Tensor:
     if r.numel() < 2 or r.std() < ZERO_VARIANCE_STD:
         return r - 0.5
     return (r - r.mean()) / (r.std() + 1e-8)
+
+
+def learner_device(spec: JobSpec) -> torch.device:
+    """CUDA when the job reserves learner GPUs (Ray Train sets each worker's current device), else CPU."""
+    if spec.resources.learner_num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("resources.learner_num_gpus > 0 but the learner process sees no CUDA device "
+                           f"(torch {torch.__version__}; a CPU-only build, or no GPU on this node)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def to_device(batch, device: torch.device):
+    """A tokenized batch (dict) or an RLBatch on `device` (None stays None)."""
+    if batch is None:
+        return None
+    if isinstance(batch, RLBatch):
+        return batch.to(device)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,28 +127,37 @@ class Learner:
     def __init__(self, spec: JobSpec):
         torch.manual_seed(spec.seed)
         self.spec = spec
+        self.comm = Collective()
+        self.device = learner_device(spec)
+        self.fsdp = spec.resources.fsdp
+        if self.comm.world_size != spec.resources.learner_num_workers:  # the spec's layout checks assume it
+            raise RuntimeError(f"this learner runs in a world of {self.comm.world_size} ranks but the spec asks for "
+                               f"resources.learner_num_workers={spec.resources.learner_num_workers}")
         self.policy, self.tokenizer = load_model(spec.model, spec.output_dir)
-        self.policy.train()
+        self.policy.to(self.device).train()
         alg = spec.algorithm
         rl = spec.mode != "sft"
-        self.ref = self._reference() if rl and alg.kl_coef > 0 else None
         self.value_head = None
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
         if rl and alg.advantage in ADVANTAGES_NEEDING_CRITIC:
             hidden = self.policy.config.hidden_size if not hasattr(self.policy, "get_base_model") else self.policy.get_base_model().config.hidden_size
-            self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype))
+            self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype), device=self.device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
+        self.comm.broadcast_(self._state_tensors())  # every rank starts from rank 0's weights, as DDP does
+        self.ref = self._reference() if rl and alg.kl_coef > 0 else None
+        if self.fsdp:
+            for m in (self.policy, self.ref, self.value_head):
+                if isinstance(m, nn.Module):
+                    shard_policy(m, self.device)
+        # What the optimizer updates, by name (the checkpoint's optimizer state is keyed by these names).
+        self.trained = nn.ModuleDict({"policy": self.policy, **({"value_head": self.value_head} if self.value_head is not None else {})})
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+        if self.value_head is not None:
             groups.append({"params": list(self.value_head.parameters()), "lr": alg.critic_lr})
         self.opt_steps_total = spec.steps * (alg.ppo_epochs if rl else 1)
         self.opt, self.sched = make_optimizer(groups, spec.optim, self.opt_steps_total)
-        self.reg = Regularizer(self.policy, spec.regularizer)
+        self.reg = Regularizer(self.policy, spec.regularizer, shard_sum=self.comm.sum if self.fsdp else None)
         self.updates = 0
-        self.comm = Collective()
-        if self.comm.active:
-            if spec.regularizer.target_mode == "merged":
-                raise ValueError("regularizer.target_mode 'merged' needs one learner worker; use 'separate' with resources.learner_num_workers > 1")
-            self.comm.broadcast_(self._state_tensors())  # every rank starts from rank 0's weights, as DDP does
 
     # ------------------------------------------------------------------------------------------
     # SFT
@@ -125,6 +165,7 @@ class Learner:
     def sft_step(self, general: dict, target: dict | None) -> dict:
         """One regularized SFT step (token-mean CE on response tokens); returns its metrics."""
         t0 = time.perf_counter()
+        general, target = to_device(general, self.device), to_device(target, self.device)
         self.opt.zero_grad(set_to_none=True)
         metrics: dict = {}
         if self.spec.regularizer.target_mode == "merged":
@@ -148,8 +189,8 @@ class Learner:
 
         units = supervised_token_counts(rows_batch["labels"])
         share = self._share(units[: units.numel() - n_target])
-        stats = self.reg.backward(loss_fn, units, n_target_rows=n_target)
-        metrics.update(loss=seen.get("loss", float("nan")), **self._optimizer_step(share), **stats.summary())
+        stats = self._backward(loss_fn, units, share, n_target_rows=n_target)
+        metrics.update(loss=seen.get("loss", float("nan")), **self._optimizer_step(), **stats.summary())
         self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0 - metrics.get("time/regularize", 0.0)
         return metrics
@@ -160,47 +201,50 @@ class Learner:
         opt = torch.optim.AdamW(params, lr=lr)
         loss, share = torch.tensor(float("nan")), 1.0
         for batch in batches:
+            batch = to_device(batch, self.device)
             opt.zero_grad(set_to_none=True)
-            loss = token_mean_loss(self.policy, batch)
-            loss.backward()  # no regularized pass in flight: hooked layers give ordinary gradients
             share = self._share(supervised_token_counts(batch["labels"]))
-            self.comm.average_grads(params, share)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            loss = token_mean_loss(self.policy, batch)
+            (loss * share if share != 1.0 else loss).backward()  # no regularized pass in flight: ordinary gradients
+            self._reduce_grads(params)
+            _clip(params, 1.0)
             opt.step()
         opt.zero_grad(set_to_none=True)
         if self.comm.active:
             loss = self.comm.sum(loss.detach() * share)
         return float(loss.detach())
 
-    @torch.no_grad()
-    def eval_sft(self, batch: dict, chunk: int = 64) -> float:
-        """Token-mean loss over every supervised token of `batch`."""
-        was_training = self.policy.training
-        self.policy.eval()
-        n = batch["input_ids"].shape[0]
+    def eval_sft(self, batch: dict | None, chunk: int = 64) -> float | None:
+        """Token-mean loss over every supervised token of `batch` (None: this rank has no rows)."""
+        n = 0 if batch is None else batch["input_ids"].shape[0]
+        starts = list(range(0, n, chunk))
+        # Under FSDP every forward is a collective: match the rank with the most chunks.
+        joins = self.comm.max(len(starts)) - len(starts) if self.fsdp else 0
         total = tokens = 0.0
-        for lo in range(0, n, chunk):
-            rows = torch.arange(lo, min(n, lo + chunk))
-            count = float(supervised_token_counts(batch["labels"][rows]).sum())
-            total += float(token_mean_loss(self.policy, batch, rows)) * count
-            tokens += count
-        self.policy.train(was_training)
-        return total / max(tokens, 1.0)
+        with self._inference():
+            for lo in starts:
+                b = to_device({k: v[lo : lo + chunk] for k, v in batch.items()}, self.device)
+                count = float(supervised_token_counts(b["labels"]).sum())
+                total += float(token_mean_loss(self.policy, b)) * count
+                tokens += count
+            for _ in range(joins):
+                self._join_forward()
+        return total / max(tokens, 1.0) if n else None
 
     # ------------------------------------------------------------------------------------------
     # RL
 
-    @torch.no_grad()
-    def score_rollouts(self, batch: RLBatch) -> RLBatch:
-        """The logprob phase: behaviour log-probs (learner recompute), reference log-probs, values."""
-        was_training = self.policy.training
-        self.policy.eval()
-        batch.old_logprobs, values = self._forward(batch)
-        batch.values = values
-        if self.ref is not None:
-            batch.ref_logprobs = self._ref_logprobs(batch)
-        self.policy.train(was_training)
-        return batch
+    def score_rollouts(self, batch: RLBatch | None) -> RLBatch | None:
+        """The logprob phase: behaviour log-probs (learner recompute), reference log-probs, values.
+        (None: this rank has no rows; under FSDP it still joins the forwards.)"""
+        if batch is None and not self.fsdp:
+            return None
+        b = (batch if batch is not None else self._placeholder_batch()).to(self.device)
+        with self._inference():
+            b.old_logprobs, b.values = self._forward(b)
+            if self.ref is not None:
+                b.ref_logprobs = self._ref_logprobs(b)
+        return b.to("cpu") if batch is not None else None
 
     def capture_target(self, batch: RLBatch | None) -> dict:
         """Back the target objective of `batch` (target rollouts) into the regularizer's cache.
@@ -213,14 +257,14 @@ class Learner:
             return {}
         t0 = time.perf_counter()
         n_rows = 0 if batch is None else batch.size
-        batch = batch if batch is not None else self._placeholder_batch()
+        batch = (batch if batch is not None else self._placeholder_batch()).to(self.device)
         logp, _ = self._forward(batch)
         mask = batch.response_mask
         tokens = self.comm.sum(mask.sum()).clamp(min=1)
         objective = self.spec.algorithm.target_objective
         if objective == "reward":
             rewards, offset = self.comm.gather_cat(batch.rewards[:n_rows])
-            z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else torch.zeros(1)
+            z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else logp.new_zeros(1)
             loss = -(z.to(logp.dtype)[:, None] * logp * mask).sum() / tokens
         elif objective == "token_pg":
             loss = -(batch.advantages * logp * mask).sum() / tokens
@@ -236,6 +280,7 @@ class Learner:
     def rl_step(self, batch: RLBatch) -> dict:
         """`ppo_epochs` regularized optimizer steps on one rollout batch; returns metrics."""
         t0 = time.perf_counter()
+        batch = batch.to(self.device)
         metrics: dict = {}
         if self.spec.regularizer.feasible_set == "iif":
             batch, kept = self._iif_filter(batch)
@@ -254,9 +299,9 @@ class Learner:
                     seen.update(parts)
                 return total
 
-            stats = self.reg.backward(loss_fn, units)
+            stats = self._backward(loss_fn, units, share)
             metrics.update(seen)
-            metrics.update(self._optimizer_step(share))
+            metrics.update(self._optimizer_step())
             metrics.update(stats.summary())
         self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0
@@ -267,40 +312,53 @@ class Learner:
         return self.spec.regularizer.target_mode == "merged" or self.reg.needs_refresh(step)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full weights under HF names, for the rollout workers."""
-        return hf_state_dict(self.policy)
+        """Full weights under HF names, on CPU, for the rollout workers (under FSDP a collective
+        whose result is complete on rank 0 only)."""
+        if self.fsdp:
+            return full_model_state(self.policy)
+        return {k: v.cpu() for k, v in hf_state_dict(self.policy).items()}
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
 
     def save(self, path: str) -> None:
-        """Everything needed for an exact resume: weights, optimizer, schedule, RNG, update count."""
+        """Everything needed for an exact resume: weights, optimizer, schedule, RNG, update count.
+
+        One file, written by rank 0 and read by every rank. Full (unsharded) tensors on CPU, keyed
+        by parameter name, so a checkpoint of N data-parallel or FSDP workers loads into any other
+        layout. Data parallel, every rank holds the same state; under FSDP gathering it is a
+        collective, so every rank calls save.
+        """
         state = {
-            "policy": {k: v for k, v in self.policy.state_dict().items()},
-            "value_head": self.value_head.state_dict() if self.value_head is not None else None,
-            "opt": self.opt.state_dict(),
+            "model": full_model_state(self.trained),
+            "opt": full_optimizer_state(self.trained, self.opt),
             "sched": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "updates": self.updates,
             "regularizer": self.reg.state_dict(),
         }
-        torch.save(state, Path(path) / "learner.pt")
+        if self.comm.rank == 0:
+            torch.save(state, Path(path) / "learner.pt")
 
     def load(self, path: str) -> None:
-        state = torch.load(Path(path) / "learner.pt", weights_only=False)
-        self.policy.load_state_dict(state["policy"])
-        if self.value_head is not None:
-            self.value_head.load_state_dict(state["value_head"])
-        self.opt.load_state_dict(state["opt"])
+        state = torch.load(Path(path) / "learner.pt", weights_only=False, map_location="cpu")
+        load_full_model_state(self.trained, state["model"])
+        load_full_optimizer_state(self.trained, self.opt, state["opt"])
         self.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
         self.updates = state["updates"]
-        self.reg.load_state_dict(state["regularizer"])
+        self.reg.load_state_dict({**state["regularizer"], "targets": _on(state["regularizer"]["targets"], self.device)})
 
     def save_model(self, path: str) -> str:
-        """The final model (adapters for LoRA) and tokenizer, loadable with from_pretrained."""
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """The final model (adapters for LoRA) and tokenizer, loadable with from_pretrained (rank 0
+        writes; under FSDP every rank joins gathering the weights)."""
+        weights = full_model_state(self.policy) if self.fsdp else None
+        if self.comm.rank == 0:
+            self.policy.save_pretrained(path, state_dict=weights)
+            self.tokenizer.save_pretrained(path)
         return path
 
     def remove(self) -> None:
@@ -309,12 +367,22 @@ class Learner:
     # ------------------------------------------------------------------------------------------
     # internals
 
-    def _optimizer_step(self, share: float = 1.0) -> dict:
-        """(Data parallel: average the ranks' gradients, weighted by `share`), clip, AdamW, schedule."""
+    def _backward(self, loss_fn, units: torch.Tensor, share: float, n_target_rows: int = 0):
+        """The regularized backward of this rank's `share` of the global loss, then the SUM over ranks."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.comm.average_grads(params, share)
+        return self.reg.backward(loss_fn, units, n_target_rows=n_target_rows, loss_scale=share,
+                                 reduce_grads=lambda: self._reduce_grads(params))
+
+    def _reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """SUM the ranks' (share-scaled) gradients; FSDP has already done it inside the backward."""
+        if not self.fsdp:
+            self.comm.sum_grads(params)
+
+    def _optimizer_step(self) -> dict:
+        """Clip, AdamW, schedule (the gradients are already the group's)."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
         clip = self.spec.optim.max_grad_norm if self.spec.optim.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = _clip(params, clip)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
@@ -332,16 +400,11 @@ class Learner:
         return float(local) / max(float(self.comm.sum(local)), 1e-300)
 
     def _reduce_target(self) -> None:
-        """SUM all-reduce the per-layer target cache: every rank then holds g_T of the global batch."""
+        """SUM all-reduce the per-layer target cache: every rank then holds g_T of the global batch.
+        (Under FSDP the unhooked parameters' part went through FSDP's reduce-scatter already.)"""
         if not self.comm.active:
             return
-        state = self.reg.state_dict()
-        tensors = []
-        for b in self.reg.blocks:  # the same order on every rank
-            parts = state["targets"].get(b.name)
-            if parts is not None:
-                tensors += [parts[k] for k in sorted(parts) if parts[k] is not None]
-        tensors += [state["unhooked_targets"][k] for k in sorted(state["unhooked_targets"])]
+        tensors = self.reg.target_cache(unhooked=not self.fsdp)
         self.comm.check_same(sum(t.numel() for t in tensors), "the size of the target-gradient cache")
         self.comm.sum_(tensors)
 
@@ -356,6 +419,28 @@ class Learner:
     def _state_tensors(self) -> list[torch.Tensor]:
         mods = [self.policy] + ([self.value_head] if self.value_head is not None else [])
         return [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+
+    @contextmanager
+    def _inference(self):
+        """no_grad and eval mode for forwards without a backward. Under FSDP the root units reshard
+        afterwards: a root keeps its all-gathered weights after a forward, expecting the backward,
+        and a later training step would otherwise run on those stale copies (measured: wrong
+        gradients after an eval)."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.policy.train(was_training)
+            if self.fsdp:
+                for m in (self.policy, self.ref, self.value_head):
+                    if isinstance(m, nn.Module):
+                        m.reshard()
+
+    def _join_forward(self) -> None:
+        """A throwaway forward: under FSDP a rank with nothing left to do still joins the all-gathers."""
+        self.policy(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)
 
     def _placeholder_batch(self) -> RLBatch:
         """One fully masked row: a rank without target rows still runs the (zero) target backward."""
@@ -379,7 +464,6 @@ class Learner:
             values = self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1)
         return logp, values
 
-    @torch.no_grad()
     def _ref_logprobs(self, batch: RLBatch) -> torch.Tensor:
         ids = batch.input_ids
         if self.ref == "disable_adapter":
@@ -439,7 +523,14 @@ class Learner:
         return batch.rows(kept), kept.numel() / batch.size
 
 
-LearnerActor = ray.remote(Learner)
+def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+    """clip_grad_norm_ that also takes FSDP's sharded gradients; returns the total norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _on(targets: dict, device: torch.device) -> dict:
+    return {name: {k: None if v is None else v.to(device) for k, v in parts.items()} for name, parts in targets.items()}
 
 
 def _concat_rows(a: dict, b: dict) -> dict:

@@ -100,11 +100,13 @@ class SketchFactors:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
         return x if self.p_in is None else x @ self.p_in
 
-    def project_grad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """P1^T [W | b] P2: the sketch of a full gradient (used for the cosine metric)."""
+    def project_grad(self, weight: torch.Tensor, bias: torch.Tensor | None, p_out: torch.Tensor | None = None) -> torch.Tensor:
+        """P1^T [W | b] P2: the sketch of a full gradient (used for the cosine metric). Given rows of
+        [W | b] and the matching rows `p_out` of P1, it is those rows' summand of the sketch."""
         g = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
-        if self.p_out is not None:
-            g = self.p_out.T @ g
+        p_out = self.p_out if p_out is None else p_out
+        if p_out is not None:
+            g = p_out.T @ g
         if self.p_in is not None:
             g = g @ self.p_in
         return g

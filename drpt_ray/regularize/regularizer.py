@@ -28,6 +28,13 @@ Choices where the paper's code leaves room (method.md 9):
   AdamW still decays its moments, so parameters are not silently frozen out of the schedule;
 - `.grad` is accumulated into (+=), so micro-batch gradient accumulation works; the cosine metrics
   read `.grad` and so describe the accumulated update.
+
+Sharded parameters (FSDP, drpt_ray/learner/fsdp.py): inside a backward a hooked module holds its
+all-gathered weight, so scoring and `_write_grad` work unchanged; outside one, parameters are
+DTensors sharded by rows. There the cached g_T is written as a gradient through the matching
+local rows (`target_only`), and the cosine metrics are computed on local rows and summed over the
+ranks by `shard_sum` (they then describe the reduced update). The target cache itself stays full
+size (see fsdp.py on memory).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from drpt_ray.config import RegularizerSpec
 from drpt_ray.regularize import kernels as K
@@ -100,12 +108,13 @@ class _Pass:
 class Regularizer:
     """Dr. Post-Training gradient curation for one model, selected by a `RegularizerSpec`."""
 
-    def __init__(self, model: nn.Module, spec: RegularizerSpec):
+    def __init__(self, model: nn.Module, spec: RegularizerSpec, shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if spec.target_mode == "merged" and spec.feasible_set in ("target_only", "iif"):
             raise ValueError(f"regularizer.target_mode 'merged' is not supported with feasible_set {spec.feasible_set!r}")
         if spec.passes == "two_pass" and spec.feasible_set != "global_subset":
             raise ValueError("regularizer.passes 'two_pass' applies to feasible_set 'global_subset' only")
         self.model, self.spec = model, spec
+        self.shard_sum = shard_sum or (lambda t: t)  # SUM over the ranks that shard the parameters
         self.feasible = get_feasible_set(spec.feasible_set)
         self.granularity = self.feasible.granularity(spec)
         self.blocks = find_blocks(model, spec.hook_embeddings, spec.exclude)
@@ -113,6 +122,7 @@ class Regularizer:
             b.on_backward = self._on_backward
         hooked = {id(p) for b in self.blocks for p in b.params()}
         self.unhooked = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
+        self.device = self.blocks[0].weight.device if self.blocks else torch.device("cpu")
         self._use_sketch = spec.kernel == "sketch" and self.granularity != "target"
         self._factors: dict[Block, K.SketchFactors] = {}
         self.targets: dict[Block, object] = {}
@@ -151,14 +161,26 @@ class Regularizer:
         self.captured = True
         return time.perf_counter() - t0
 
-    def backward(self, loss_fn: LossFn | torch.Tensor, units: torch.Tensor, n_target_rows: int = 0) -> RegStats:
-        """Run the regularized backward of one (micro-)batch; hooked weights get curated `.grad`."""
+    def backward(self, loss_fn: LossFn | torch.Tensor, units: torch.Tensor, n_target_rows: int = 0,
+                 loss_scale: float = 1.0, reduce_grads: Callable[[], None] | None = None) -> RegStats:
+        """Run the regularized backward of one (micro-)batch; hooked weights get curated `.grad`.
+
+        Data parallel: `loss_scale` multiplies the loss, hence every gradient this backward produces
+        (the rank's share of the global normaliser, before a SUM over ranks); scores are divided by
+        it again, so selection and the reported scores see the unscaled loss. `target_only` writes
+        the cached g_T, which is already the global target gradient, and ignores it. `reduce_grads`
+        (the SUM over ranks) runs after the backward and before the metrics, so the cosines describe
+        the update every rank applies.
+        """
         t0 = time.perf_counter()
-        units = units.detach().to(torch.float64).flatten()
+        units = self._units(units)
         self._check_call(n_target_rows, units)
         if n_target_rows and not callable(loss_fn):
             raise TypeError("merged target mode needs loss_fn(rows) -> loss: target rows are split during the forward")
+        if loss_scale != 1.0:
+            loss_fn = _scaled(loss_fn, loss_scale)
         p = self._new_pass(units, n_target_rows)
+        p.score_scale /= loss_scale
         if self.granularity == "target":
             self._write_target_grads()
         elif self.granularity == "none" and not n_target_rows:
@@ -171,14 +193,15 @@ class Regularizer:
                 _call(loss_fn, None).backward()
             if p.mode == "retain":
                 self._assemble_global(p)
+        if reduce_grads is not None and self.granularity != "target":
+            reduce_grads()
         self._cosine_metrics(p)
         p.stats.seconds = time.perf_counter() - t0
         return p.stats
 
     def score(self, loss: LossFn | torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Global scores s_i = sum_l <G_i^l, g_T^l> of one batch; no parameter gradient changes."""
-        units = units.detach().to(torch.float64).flatten()
-        p = self._new_pass(units, 0)
+        p = self._new_pass(self._units(units), 0)
         p.mode = "score"
         with self._in_pass(p), self._unhooked_grads(keep=False):
             _call(loss, None).backward()
@@ -189,18 +212,31 @@ class Regularizer:
         scores = torch.cat([self.score(loss, units) for loss, units in chunks])
         return torch.nonzero(subset_weights(scores, self.spec)).flatten()
 
+    def target_cache(self, unhooked: bool = True) -> list[torch.Tensor]:
+        """The cached target tensors in a fixed order (the same on every rank), for an all-reduce."""
+        out = []
+        for b in self.blocks:
+            if b in self.targets:
+                parts = _target_tensors(self.targets[b])
+                out += [parts[k] for k in sorted(parts) if parts[k] is not None]
+        if unhooked:
+            out += [self.unhooked_targets[k] for k in sorted(self.unhooked_targets)]
+        return out
+
     def state_dict(self) -> dict:
-        """The cached target gradient, by block name (for exact resume between refreshes)."""
+        """The cached target gradient, by block name (for exact resume between refreshes); full
+        tensors (a collective when parameters are sharded: call it on every rank)."""
         return {
             "captured": self.captured,
             "targets": {b.name: _target_tensors(t) for b, t in self.targets.items()},
-            "unhooked_targets": dict(self.unhooked_targets),
+            "unhooked_targets": {k: _full(v) for k, v in self.unhooked_targets.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         by_name = {b.name: b for b in self.blocks}
+        params = dict(self.unhooked)
         self.targets = {by_name[n]: _target_from_tensors(t) for n, t in state["targets"].items()}
-        self.unhooked_targets = dict(state["unhooked_targets"])
+        self.unhooked_targets = {k: _like(v, params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
 
     def remove(self) -> None:
@@ -326,6 +362,9 @@ class Regularizer:
             p.stats.kept[b.name] = kept_fraction(pi)
         rows = torch.nonzero(pi).flatten()
         if rows.numel() == 0:
+            # A zero backward all the same: under FSDP the other ranks' backwards wait on this one's
+            # collectives. Parameters it does not reach get zeros too.
+            (loss_fn(None) * 0.0).backward()
             for prm in self.model.parameters():
                 if prm.requires_grad:
                     _accumulate_grad(prm, torch.zeros_like(prm))
@@ -354,21 +393,44 @@ class Regularizer:
 
     @torch.no_grad()
     def _cosine_metrics(self, p: _Pass) -> None:
-        """cos(update, g_T) per hooked block and overall, from `.grad` (sketched space for sketch)."""
-        dot_all = nd_all = nt_all = 0.0
+        """cos(update, g_T) per hooked block and overall, from `.grad` (sketched space for sketch).
+
+        Built from summands so that sharded parameters need two SUMs over ranks in all: per block,
+        (<d, g>, |d|^2, |g|^2) over this rank's rows when rows are disjoint (full g_T, or a sketch
+        without an output factor), or this rank's part of P1^T [W | b] P2 when the output factor
+        mixes rows (summed before its norms). Unsharded, every summand is the whole thing.
+        """
+        disjoint, mixed = {}, {}
         for b in self.blocks:
             t = p.merged_targets.get(b) if p.n_target else self.targets.get(b)
             if t is None or b.weight.grad is None:
                 continue
-            bias_grad = b.bias.grad if b.bias is not None else None
+            d_w = _local(b.weight.grad)
+            d_b = _local(b.bias.grad) if b.bias is not None and b.bias.grad is not None else None
             if isinstance(t, torch.Tensor):
-                d, g = b.weight.grad, t
+                pairs = [(d_w, _rows(t, b.weight))]
             elif isinstance(t, K.SketchTarget):
-                d, g = self._sketch_factors(b).project_grad(b.weight.grad, bias_grad), t.sketch
+                f = self._sketch_factors(b)
+                if f.p_out is not None:
+                    mixed[b.name] = (f.project_grad(d_w, d_b, p_out=_rows(f.p_out, b.weight)), t.sketch)
+                    continue
+                pairs = [(f.project_grad(d_w, d_b), _rows(t.sketch, b.weight))]
             else:
-                d = b.weight.grad if t.bias is None else torch.cat([b.weight.grad.flatten(), bias_grad.flatten()])
-                g = t.weight if t.bias is None else torch.cat([t.weight.flatten(), t.bias.flatten()])
-            dot, nd, nt = float((d * g).sum()), float((d * d).sum()), float((g * g).sum())
+                pairs = [(d_w, _rows(t.weight, b.weight))] + ([(d_b, _rows(t.bias, b.bias))] if t.bias is not None else [])
+            disjoint[b.name] = torch.stack([sum((d * g).sum() for d, g in pairs), sum((d * d).sum() for d, _ in pairs),
+                                            sum((g * g).sum() for _, g in pairs)]).double()
+        parts = dict(zip(disjoint, self.shard_sum(torch.stack(list(disjoint.values()))))) if disjoint else {}
+        if mixed:
+            summed = self.shard_sum(torch.cat([d.reshape(-1) for d, _ in mixed.values()]))
+            offset = 0
+            for name, (d, g) in mixed.items():
+                d, offset = summed[offset : offset + d.numel()].view_as(d), offset + d.numel()
+                parts[name] = torch.stack([(d * g).sum(), (d * d).sum(), (g * g).sum()]).double()
+        dot_all = nd_all = nt_all = 0.0
+        for b in self.blocks:  # block order, as before
+            if b.name not in parts:
+                continue
+            dot, nd, nt = (float(v) for v in parts[b.name])
             if nd > 0 and nt > 0:
                 p.stats.cos[b.name] = dot / (nd * nt) ** 0.5
             dot_all, nd_all, nt_all = dot_all + dot, nd_all + nd, nt_all + nt
@@ -385,6 +447,9 @@ class Regularizer:
             f = K.SketchFactors.for_block(out_dim, in_dim, block.bias is not None, block.index, self.spec.sketch, w.dtype, w.device)
             self._factors[block] = f
         return f
+
+    def _units(self, units: torch.Tensor) -> torch.Tensor:
+        return units.detach().to(device=self.device, dtype=torch.float64).flatten()
 
     def _new_pass(self, units: torch.Tensor, n_target: int) -> _Pass:
         p = _Pass(mode="layer", units=units, n_target=n_target, normaliser=_sum(units))
@@ -494,12 +559,43 @@ def _call(loss: LossFn | torch.Tensor, rows) -> torch.Tensor:
     return loss(rows) if callable(loss) else loss
 
 
+def _scaled(loss: LossFn | torch.Tensor, c: float) -> LossFn | torch.Tensor:
+    return (lambda rows: c * loss(rows)) if callable(loss) else c * loss
+
+
 def _sum(t: torch.Tensor) -> float:
     return float(t.sum())
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor (the tensor itself when unsharded)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor (an all-gather: every rank must call it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like(full: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like `prm`: sharded the same way when prm is a DTensor. Every rank
+    holds the same `full`, so each keeps its own rows without communicating (src_data_rank=None)."""
+    if not _is_dtensor(prm) or _is_dtensor(full):
+        return full
+    return distribute_tensor(full, prm.device_mesh, prm.placements, src_data_rank=None)
+
+
+def _rows(full: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of `full` for the sharded parameter `prm` (full itself when unsharded)."""
+    return _local(_like(full, prm))
+
+
 def _accumulate_grad(prm: nn.Parameter, g: torch.Tensor) -> None:
-    g = g.to(prm.dtype)
+    g = _like(g.to(prm.dtype), prm)
     if prm.grad is None:
         prm.grad = g
     else:

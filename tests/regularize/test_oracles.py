@@ -34,12 +34,13 @@ class Case:
         self.plain = O.grads(self.model, token_mean_loss(self.model, self.batch))
         self.tol = TOL[kind]
 
-    def run(self, hook_embeddings=False, exclude=(), **spec_kw):
+    def run(self, hook_embeddings=False, exclude=(), loss_scale=1.0, reduce_grads=None, **spec_kw):
         spec = RegularizerSpec(hook_embeddings=hook_embeddings, exclude=list(exclude), **spec_kw)
         reg = Regularizer(self.model, spec)
         self.model.zero_grad(set_to_none=True)
         reg.capture_target(token_mean_loss(self.model, self.target))
-        stats = reg.backward(lambda rows: token_mean_loss(self.model, self.batch, rows), self.units)
+        stats = reg.backward(lambda rows: token_mean_loss(self.model, self.batch, rows), self.units,
+                             loss_scale=loss_scale, reduce_grads=reduce_grads)
         out = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
         reg.remove()
@@ -418,3 +419,35 @@ def test_lora_adapters_are_separate_blocks_and_match_brute_force():
             B_sel = S
     assert A_sel is not None and B_sel is not None  # the two factors select independently
     assert set(stats.kept) == set(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel: a rank backpropagates its share c of the global loss (loss_scale); the SUM over
+# ranks (reduce_grads) runs before the metrics.
+
+
+@pytest.mark.parametrize("feasible,kw", [
+    ("layerwise_subset", {}), ("global_subset", {}), ("global_subset", {"passes": "two_pass"}),
+    ("soft_subset", {"tau": 0.3}), ("full", {}), ("target_only", {}),
+])
+def test_loss_scale_scales_the_update_not_the_selection(case, feasible, kw):
+    c = 0.37
+    _, s1, g1 = case.run(feasible_set=feasible, **kw)
+    _, s2, g2 = case.run(feasible_set=feasible, loss_scale=c, **kw)
+    factor = 1.0 if feasible == "target_only" else c  # target_only writes the (already global) g_T
+    assert set(g1) == set(g2)
+    for k in g1:
+        assert O.rel_err(g2[k], factor * g1[k]) < case.tol, k
+    assert s1.kept == pytest.approx(s2.kept, abs=1e-6) and s1.cos == pytest.approx(s2.cos, abs=1e-6)
+    for name in s1.scores:  # scores are reported unscaled
+        assert O.rel_err(s2.scores[name], s1.scores[name]) < case.tol, name
+
+
+def test_metrics_describe_the_reduced_update(mlp):
+    """reduce_grads runs after the backward and before the cosines: flipping every gradient there
+    flips every reported cosine."""
+    params = [p for p in mlp.model.parameters()]
+    _, s1, _ = mlp.run(feasible_set="layerwise_subset")
+    _, s2, _ = mlp.run(feasible_set="layerwise_subset", reduce_grads=lambda: [p.grad.neg_() for p in params if p.grad is not None])
+    assert s1.cos and s2.cos == pytest.approx({k: -v for k, v in s1.cos.items()}, rel=1e-9)
+    assert s2.cos_overall == pytest.approx(-s1.cos_overall, rel=1e-9)

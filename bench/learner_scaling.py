@@ -90,6 +90,14 @@ def _collective_times(learner, repeats: int) -> dict:
     return out
 
 
+def _state_mb(learner) -> float:
+    """MiB this rank holds of parameters, gradients and AdamW state (local shards under FSDP)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    tensors = [p for p in learner.policy.parameters()] + [p.grad for p in learner.policy.parameters() if p.grad is not None]
+    tensors += [v for st in learner.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**20
+
+
 class Config:
     """One learner configuration, alive for the whole run (so rounds can interleave)."""
 
@@ -130,6 +138,9 @@ class Config:
                 rt.append(time.perf_counter() - t0)
             row["round_trip_s"] = statistics.median(rt)
             row.update(self.learner.execute(_collective_times, 20)[0])
+            row["state_mb"] = self.learner.execute(_state_mb)[0]
+        else:
+            row["state_mb"] = _state_mb(self.learner)
         self.learner.remove()
         return row
 
@@ -162,14 +173,14 @@ def main() -> int:
         f"learner scaling: SFT step, tiny Llama hidden {args.hidden} (2 layers, float32), global batch {args.batch} "
         f"general + {args.target} target rows, layerwise_subset; {os.cpu_count()} cores; medians of {args.steps} steps",
         "",
-        "| config | start (s) | step (ms) | speed-up vs N=1 | capture+reduce (ms) | g_T all-reduce (ms) | g_T all-reduce / step | grad all-reduce (ms) | round trip (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | start (s) | step (ms) | speed-up vs N=1 | capture+reduce (ms) | g_T all-reduce (ms) | g_T all-reduce / step | grad all-reduce (ms) | round trip (ms) | params+grads+AdamW per rank (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
         frac = f"{100 * r['target_allreduce_s'] / r['step_s']:.1f}%" if "target_allreduce_s" in r else "-"
         lines.append(f"| {r['config']} | {r['start_s']:.1f} | {1e3 * r['step_s']:.1f} | {base / r['step_s']:.2f}x | {ms('capture_s')} | "
-                     f"{ms('target_allreduce_s')} | {frac} | {ms('grad_allreduce_s')} | {ms('round_trip_s')} |")
+                     f"{ms('target_allreduce_s')} | {frac} | {ms('grad_allreduce_s')} | {ms('round_trip_s')} | {r['state_mb']:.1f} |")
     per_round_fsdp = [a / b for a, b in zip(rows[2]["steps"], rows[3]["steps"])]
     lines += ["", f"N=2 speed-up over N=1 as the median of per-round ratios: {statistics.median(per_round):.2f}x; "
                   f"N=2 fsdp step / N=2 data-parallel step: {1 / statistics.median(per_round_fsdp):.2f}x; "

@@ -134,16 +134,23 @@ class Learner:
             raise RuntimeError(f"this learner runs in a world of {self.comm.world_size} ranks but the spec asks for "
                                f"resources.learner_num_workers={spec.resources.learner_num_workers}")
         self.policy, self.tokenizer = load_model(spec.model, spec.output_dir)
-        self.policy.to(self.device).train()
+        self.policy.train()
+        # Under FSDP the full model stays on the host: fully_shard moves one unit at a time to the
+        # device and keeps only its shard there, so a model that does not fit one device still loads.
+        home = torch.device("cpu") if self.fsdp else self.device
+        self.policy.to(home)
         alg = spec.algorithm
         rl = spec.mode != "sft"
         self.value_head = None
         if rl and alg.advantage in ADVANTAGES_NEEDING_CRITIC:
             hidden = self.policy.config.hidden_size if not hasattr(self.policy, "get_base_model") else self.policy.get_base_model().config.hidden_size
-            self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype), device=self.device)
+            self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype), device=home)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        self.comm.broadcast_(self._state_tensors())  # every rank starts from rank 0's weights, as DDP does
+        # Every rank starts from rank 0's weights, as DDP does. Not under FSDP: every rank read the
+        # same files, and one flat buffer of the whole model may not fit a device.
+        if not self.fsdp:
+            self.comm.broadcast_(self._state_tensors())
         self.ref = self._reference() if rl and alg.kl_coef > 0 else None
         if self.fsdp:
             for m in (self.policy, self.ref, self.value_head):

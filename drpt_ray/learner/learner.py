@@ -357,7 +357,7 @@ class Learner:
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
         self.updates = state["updates"]
-        self.reg.load_state_dict({**state["regularizer"], "targets": _on(state["regularizer"]["targets"], self.device)})
+        self.reg.load_state_dict(state["regularizer"])
 
     def save_model(self, path: str) -> str:
         """The final model (adapters for LoRA) and tokenizer, loadable with from_pretrained (rank 0
@@ -534,10 +534,6 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> float:
     """clip_grad_norm_ that also takes FSDP's sharded gradients; returns the total norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _on(targets: dict, device: torch.device) -> dict:
-    return {name: {k: None if v is None else v.to(device) for k, v in parts.items()} for name, parts in targets.items()}
 
 
 def _concat_rows(a: dict, b: dict) -> dict:

@@ -233,10 +233,12 @@ class Regularizer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` (tensors may come from another device, e.g. a checkpoint read on CPU)."""
         by_name = {b.name: b for b in self.blocks}
         params = dict(self.unhooked)
-        self.targets = {by_name[n]: _target_from_tensors(t) for n, t in state["targets"].items()}
-        self.unhooked_targets = {k: _like(v, params[k]) for k, v in state["unhooked_targets"].items()}
+        on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        self.targets = {by_name[n]: _target_from_tensors({k: on(v) for k, v in t.items()}) for n, t in state["targets"].items()}
+        self.unhooked_targets = {k: _like(on(v), params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
 
     def remove(self) -> None:
@@ -595,7 +597,7 @@ def _rows(full: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate_grad(prm: nn.Parameter, g: torch.Tensor) -> None:
-    g = _like(g.to(prm.dtype), prm)
+    g = _like(g.to(device=prm.device, dtype=prm.dtype), prm)
     if prm.grad is None:
         prm.grad = g
     else:

@@ -5,7 +5,7 @@ tests/test_learner_group.py); each runs the same SFT steps twice on its row shar
 data-parallel rank and once with the policy sharded. Sharding must not change a number: the
 losses, the gradient norm, the cosine metrics (computed from local rows plus a SUM under FSDP),
 the weights after two steps, the eval loss, and a checkpoint written by FSDP ranks must load
-into data-parallel ranks. The configurations cover the regularizer's sharded paths: sketch
+into data-parallel ranks. Under FSDP the full-size target caches must be sharded. The configurations cover the regularizer's sharded paths: sketch
 cosines with an output factor and biases (qwen2), target_only's cached-g_T writes, two-pass
 global selection, soft weights, direct kernel with hooked embeddings.
 """
@@ -57,11 +57,13 @@ def _rank(rank: int, port: int, out: str, arch: str, reg: dict) -> None:
             target = shard_dict(tok(splits.target[:3]), 2)[rank]
             metrics.append(learner.sft_step(general, target))
         weights = {k: _whole(v) for k, v in learner.policy.state_dict().items()}
+        # which per-layer target caches are sharded (DTensors holding this rank's rows)
+        sharded = [hasattr(getattr(t, "weight", t), "full_tensor") for t in learner.reg.targets.values()]
         ev = learner.eval_sft(shard_dict(tok(splits.eval[:3]), 2)[rank] if rank == 0 else None)  # rank 1: no rows
         ckpt = os.path.join(out, f"ckpt-{int(fsdp)}")
         os.makedirs(ckpt, exist_ok=True)
         learner.save(ckpt)
-        results[fsdp] = {"metrics": metrics, "weights": weights, "eval": ev, "ckpt": ckpt}
+        results[fsdp] = {"metrics": metrics, "weights": weights, "eval": ev, "ckpt": ckpt, "sharded": sharded}
         learner.remove()
     # the FSDP ranks' checkpoint loads into data-parallel ranks
     dp = Learner(_spec(out, False, arch, reg))
@@ -104,3 +106,6 @@ def test_fsdp_equals_data_parallel(tmp_path, arch, reg):
         assert float((fsdp["weights"][k] - v).abs().max()) <= 1e-12 * scale, k
     assert fsdp["eval"] == pytest.approx(dp["eval"], rel=1e-12)
     assert all(torch.equal(r["reloaded"][k], fsdp["weights"][k]) for k in fsdp["weights"])
+    # under FSDP the full-size g_T caches are sharded like their weights; sketches stay whole
+    assert dp["sharded"] and not any(dp["sharded"])
+    assert fsdp["sharded"] == [reg.get("kernel") != "sketch"] * len(fsdp["sharded"])

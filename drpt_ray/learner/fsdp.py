@@ -10,18 +10,18 @@ unit's forward, so it sees the all-gathered weight, the full activations X and, 
 full dY of its rank's rows. Scoring needs only (dY, X) and the cached g_T, never the sharded
 weight, and the curated gradient is written into the *unsharded* parameter's `.grad`, which FSDP
 then reduce-scatters like any autograd gradient. So the selection is exactly the data-parallel
-one (local per rank against the global g_T; drpt_ray/learner/group.py), and the only sharded
-state the regularizer touches outside a backward is the cached g_T written as a gradient
-(`target_only`) and the cosine metrics (local rows, then one SUM over ranks).
+one (local per rank against the global g_T; drpt_ray/learner/group.py).
+
+The target cache is sharded like the weights (drpt_ray/regularize/regularizer.py): each layer's
+g_T is reduce-scattered as the capture backward reaches it, and all-gathered one layer at a time
+when a backward scores against it. So a rank holds 1/N of the cache, plus one layer's full g_T
+while it scores that layer, the same pattern as FSDP's own weight all-gathers (and the same
+extra volume per regularized backward for the hooked layers). `kernel: sketch` caches k x k
+sketches instead, which are small and stay whole.
 
 Gradient reduction is a SUM (divide factor 1): every rank has already multiplied its loss by its
 share of the global normaliser (`Regularizer.backward(loss_scale=...)`), so the SUM is the
 share-weighted average of the data-parallel learner, bit for bit the same formula.
-
-Memory: parameters, gradients and AdamW moments are sharded, but the g_T cache of the `ghost` and
-`direct` kernels is a full-size copy of each hooked weight on every rank (scores contract it
-against each rank's own examples). `kernel: sketch` caches a k x k sketch per layer instead, which
-is what a model that needs FSDP should use.
 
 Not supported with FSDP (the JobSpec is rejected, naming the field): LoRA (the merged export
 reads the adapters module by module), `target_mode: merged` (its row split calls modules with

@@ -407,11 +407,11 @@ class Learner:
         return float(local) / max(float(self.comm.sum(local)), 1e-300)
 
     def _reduce_target(self) -> None:
-        """SUM all-reduce the per-layer target cache: every rank then holds g_T of the global batch.
-        (Under FSDP the unhooked parameters' part went through FSDP's reduce-scatter already.)"""
+        """SUM all-reduce the per-layer target cache: every rank then holds g_T of the global batch
+        (under FSDP, its rows of it: the sharded parts were reduce-scattered during the capture)."""
         if not self.comm.active:
             return
-        tensors = self.reg.target_cache(unhooked=not self.fsdp)
+        tensors = self.reg.target_cache()
         self.comm.check_same(sum(t.numel() for t in tensors), "the size of the target-gradient cache")
         self.comm.sum_(tensors)
 

@@ -31,10 +31,14 @@ Choices where the paper's code leaves room (method.md 9):
 
 Sharded parameters (FSDP, drpt_ray/learner/fsdp.py): inside a backward a hooked module holds its
 all-gathered weight, so scoring and `_write_grad` work unchanged; outside one, parameters are
-DTensors sharded by rows. There the cached g_T is written as a gradient through the matching
-local rows (`target_only`), and the cosine metrics are computed on local rows and summed over the
-ranks by `shard_sum` (they then describe the reduced update). The target cache itself stays full
-size (see fsdp.py on memory).
+DTensors sharded by rows. The full-size target cache (ghost/direct kernels, embeddings) is then
+sharded like its weight: each layer's captured g_T is reduce-scattered across the ranks as the
+capture backward reaches it (the SUM over ranks of oracle 12, done here instead of by the
+caller), and all-gathered again, one layer at a time, when a backward scores against it, as
+FSDP does with the weights. Sketch caches (k x k) stay whole and are all-reduced by the caller
+(`target_cache`). `target_only` writes the cached shard as the gradient, and the cosine metrics
+are computed on local rows and summed over the ranks by `shard_sum` (they then describe the
+reduced update).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from drpt_ray.config import RegularizerSpec
 from drpt_ray.regularize import kernels as K
@@ -123,6 +127,9 @@ class Regularizer:
         hooked = {id(p) for b in self.blocks for p in b.params()}
         self.unhooked = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
         self.device = self.blocks[0].weight.device if self.blocks else torch.device("cpu")
+        # Blocks whose weights are sharded (FSDP): the sharded parameters, kept because inside a
+        # backward the module holds the all-gathered ones instead.
+        self._sharded = {b: {"weight": b.weight, "bias": b.bias, "embedding": b.weight} for b in self.blocks if _is_dtensor(b.weight)}
         self._use_sketch = spec.kernel == "sketch" and self.granularity != "target"
         self._factors: dict[Block, K.SketchFactors] = {}
         self.targets: dict[Block, object] = {}
@@ -212,23 +219,24 @@ class Regularizer:
         scores = torch.cat([self.score(loss, units) for loss, units in chunks])
         return torch.nonzero(subset_weights(scores, self.spec)).flatten()
 
-    def target_cache(self, unhooked: bool = True) -> list[torch.Tensor]:
-        """The cached target tensors in a fixed order (the same on every rank), for an all-reduce."""
+    def target_cache(self) -> list[torch.Tensor]:
+        """The cached target tensors that still need a SUM over data-parallel ranks, in a fixed order
+        (the same on every rank). Sharded ones are left out: they were reduce-scattered already
+        (hooked layers here, unhooked parameters by FSDP)."""
         out = []
         for b in self.blocks:
             if b in self.targets:
                 parts = _target_tensors(self.targets[b])
                 out += [parts[k] for k in sorted(parts) if parts[k] is not None]
-        if unhooked:
-            out += [self.unhooked_targets[k] for k in sorted(self.unhooked_targets)]
-        return out
+        out += [self.unhooked_targets[k] for k in sorted(self.unhooked_targets)]
+        return [t for t in out if not _is_dtensor(t)]
 
     def state_dict(self) -> dict:
         """The cached target gradient, by block name (for exact resume between refreshes); full
         tensors (a collective when parameters are sharded: call it on every rank)."""
         return {
             "captured": self.captured,
-            "targets": {b.name: _target_tensors(t) for b, t in self.targets.items()},
+            "targets": {b.name: {k: None if v is None else _full(v) for k, v in _target_tensors(t).items()} for b, t in self.targets.items()},
             "unhooked_targets": {k: _full(v) for k, v in self.unhooked_targets.items()},
         }
 
@@ -237,7 +245,8 @@ class Regularizer:
         by_name = {b.name: b for b in self.blocks}
         params = dict(self.unhooked)
         on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        self.targets = {by_name[n]: _target_from_tensors({k: on(v) for k, v in t.items()}) for n, t in state["targets"].items()}
+        self.targets = {by_name[n]: _target_from_tensors({k: self._shard_like(by_name[n], k, on(v)) for k, v in t.items()})
+                        for n, t in state["targets"].items()}
         self.unhooked_targets = {k: _like(on(v), params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
 
@@ -289,7 +298,10 @@ class Regularizer:
             return t
         if not self.captured:
             raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
-        return self.targets.get(block)
+        t = self.targets.get(block)
+        if block in self._sharded and t is not None and not isinstance(t, K.SketchTarget):
+            return _target_from_tensors({k: None if v is None else _full(v) for k, v in _target_tensors(t).items()})
+        return t
 
     def _scores(self, block: Block, dy, x, target) -> torch.Tensor:
         if target is None:  # the target loss never reached this block: g_T^l = 0
@@ -313,6 +325,8 @@ class Regularizer:
         return K.linear_target(dy, x, block.bias is not None)
 
     def _accumulate_target(self, block: Block, t) -> None:
+        if block in self._sharded and not isinstance(t, K.SketchTarget):  # SUM over ranks, keep our rows
+            t = _target_from_tensors({k: self._reduce_scatter(block, k, v) for k, v in _target_tensors(t).items()})
         prev = self.targets.get(block)
         if prev is None:
             self.targets[block] = t
@@ -440,6 +454,20 @@ class Regularizer:
             p.stats.cos_overall = dot_all / (nd_all * nt_all) ** 0.5
         if self.granularity in ("none", "target") and not p.stats.kept:
             p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity == "none" else {}
+
+    def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor | None):
+        """SUM every rank's full `t` and keep this rank's rows, laid out like the block's `part`."""
+        if t is None:
+            return None
+        prm = self._sharded[block][part]
+        mesh = prm.device_mesh
+        return DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, prm.placements)
+
+    def _shard_like(self, block: Block, part: str, t: torch.Tensor | None):
+        """A full cached tensor laid out like the block's `part` when the block is sharded."""
+        if t is None or block not in self._sharded or part == "sketch":
+            return t
+        return _like(t, self._sharded[block][part])
 
     def _sketch_factors(self, block: Block) -> K.SketchFactors:
         f = self._factors.get(block)

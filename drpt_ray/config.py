@@ -62,6 +62,9 @@ class ModelSpec(Spec):
         "float32", description="Training dtype (vLLM on CPU needs float32)."
     )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward (less memory, ~1 more forward)."
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 def _spec(out: str, fsdp: bool, arch: str, reg: dict) -> JobSpec:
     return JobSpec.model_validate({
-        "mode": "sft", "output_dir": out, "model": {"dtype": "float64", "tiny": {"arch": arch}},
+        "mode": "sft", "output_dir": out,
+        "model": {"dtype": "float64", "tiny": {"arch": arch.removesuffix("-gc")}, "gradient_checkpointing": arch.endswith("-gc")},
         "regularizer": reg, "optim": {"max_grad_norm": 1.0, "warmup_frac": 0.0},
         "resources": {"learner_num_workers": 2, "fsdp": fsdp}, "progress": False, "tensorboard": False,
     })
@@ -87,7 +88,8 @@ def _free_port() -> int:
     ("llama", {"feasible_set": "global_subset", "passes": "two_pass"}),
     ("llama", {"feasible_set": "soft_subset", "tau": 0.5}),
     ("llama", {"feasible_set": "layerwise_subset", "kernel": "direct", "hook_embeddings": True}),
-], ids=["sketch-qwen2", "target_only", "global-two-pass", "soft", "direct-embeddings"])
+    ("llama-gc", {"feasible_set": "layerwise_subset"}),
+], ids=["sketch-qwen2", "target_only", "global-two-pass", "soft", "direct-embeddings", "gradient-checkpointing"])
 def test_fsdp_equals_data_parallel(tmp_path, arch, reg):
     from drpt_ray.models import model_dir
 

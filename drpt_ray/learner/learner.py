@@ -135,6 +135,10 @@ class Learner:
                                f"resources.learner_num_workers={spec.resources.learner_num_workers}")
         self.policy, self.tokenizer = load_model(spec.model, spec.output_dir)
         self.policy.train()
+        if spec.model.gradient_checkpointing:
+            # Non-reentrant: the recomputed forward runs the regularizer's hooked layers again, and
+            # their backward sees the same (dY, X) as without recomputation (tested bit for bit).
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Under FSDP the full model stays on the host: fully_shard moves one unit at a time to the
         # device and keeps only its shard there, so a model that does not fit one device still loads.
         home = torch.device("cpu") if self.fsdp else self.device

@@ -54,6 +54,7 @@ BAD = [
     ("negative tau", "POST", "/v1/jobs", {"regularizer": {"tau": -1}}, H, 422, ["body.regularizer.tau", "greater than 0"]),
     ("unknown advantage", "POST", "/v1/jobs", {"mode": "rlvr", "algorithm": {"advantage": "nope"}}, H, 422, ["body.algorithm.advantage", "grpo"]),
     ("inconsistent spec", "POST", "/v1/jobs", {"mode": "rlhf"}, H, 422, ["reward.kind"]),
+    ("fsdp on one worker", "POST", "/v1/jobs", {"resources": {"fsdp": True}}, H, 422, ["resources.learner_num_workers"]),
     ("sweep over a non-field", "POST", "/v1/sweeps", {"space": {"regularizer.strength": {"values": [1]}}}, H, 422, ["regularizer.strength", "not a JobSpec field"]),
     ("bad state filter", "GET", "/v1/jobs?state=DONE", None, H, 422, ["query.state"]),
     ("negative page", "GET", "/v1/jobs?offset=-1", None, H, 422, ["query.offset"]),

@@ -8,6 +8,7 @@ tail of its log instead of hanging.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,24 @@ TOKEN = "test-token-0123456789abcdef"
 H = {"Authorization": f"Bearer {TOKEN}"}
 
 
+_TAKEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below Linux's ephemeral range (32768+), never handed out twice by this process.
+    A port from bind(0) is an ephemeral one, which an outgoing connection (Ray's workers make many)
+    may take between the choice and the use: a raylet then dies with "Address already in use"."""
+    while True:
+        port = random.randint(20000, 32000)
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -175,25 +190,35 @@ def ray_cluster(tmp_path_factory):
     SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
     from drpt_ray.client import dashboard_up
 
-    temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpray{os.getpid()}"  # short: unix socket paths
-    log = tmp_path_factory.mktemp("ray") / "ray.log"
-    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                      "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-                                      "node-manager-port", "object-manager-port")}
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
+    for attempt in range(3):  # a start that fails (a port taken after all) is retried on fresh ports
+        temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpray{os.getpid()}-{attempt}"  # short: unix socket paths
+        log = tmp_path_factory.mktemp("ray") / "ray.log"
+        ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                                          "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+                                          "node-manager-port", "object-manager-port")}
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{ports['dashboard-port']}"
+
         def up():
+            # Ready = the node started (not just the dashboard: it answers before a raylet that may
+            # still die), and the process is alive.
             if proc.poll() is not None:
                 raise AssertionError(f"ray start exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            return dashboard_up(url)
+            return "Ray runtime started" in log.read_text() and dashboard_up(url)
 
-        wait_for(up, 120, "the Ray dashboard", interval=0.5)
+        try:
+            wait_for(up, 120, "the Ray node and its dashboard", interval=0.5)
+            break
+        except AssertionError:
+            _end_group(proc, grace_s=3.0)
+            if attempt == 2:
+                raise
+    try:
         yield RayCluster(url, proc, log)
     finally:
         _end_group(proc, grace_s=3.0)

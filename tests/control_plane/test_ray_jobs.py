@@ -4,6 +4,7 @@ mid-job, and a Tune sweep of regularizer strengths."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import threading
 import time
@@ -23,6 +24,14 @@ RLVR_TINY = RLVR_DEMO | QUIET | {
     "target_batch_size": 2, "rollout": {"sampling": {"n": 4, "max_new_tokens": 8, "temperature": 0.7}},
 }
 SFT = {"mode": "sft", "eval_every": 20} | QUIET
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """No test may hang CI: dump every stack and exit after 900 s."""
+    faulthandler.dump_traceback_later(900, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +78,9 @@ def test_rlvr_job_succeeds_and_20_sse_clients_each_get_every_event(ray_server, r
         threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(20)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 300  # one budget for all 20, not 300 s each
         for t in threads:
-            t.join(300)
+            t.join(max(0.0, deadline - time.monotonic()))
         done = c.get(f"/v1/jobs/{jid}").json()
         assert done["state"] == "SUCCEEDED", (done["message"], c.get(f"/v1/jobs/{jid}/logs").text[-3000:])
         stored = sse_events(c, f"/v1/jobs/{jid}/events?follow=false")

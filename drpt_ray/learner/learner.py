@@ -323,10 +323,12 @@ class Learner:
         return self.spec.regularizer.target_mode == "merged" or self.reg.needs_refresh(step)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full weights under HF names, on CPU, for the rollout workers (under FSDP a collective
-        whose result is complete on rank 0 only)."""
+        """Full weights under HF names, on CPU, for the rollout workers: complete on rank 0 only
+        (under FSDP every rank joins gathering them; data parallel, the other ranks copy nothing)."""
         if self.fsdp:
             return full_model_state(self.policy)
+        if self.comm.rank != 0:
+            return {}
         return {k: v.cpu() for k, v in hf_state_dict(self.policy).items()}
 
     # ------------------------------------------------------------------------------------------
@@ -340,6 +342,8 @@ class Learner:
         layout. Data parallel, every rank holds the same state; under FSDP gathering it is a
         collective, so every rank calls save.
         """
+        if self.comm.rank != 0 and not self.fsdp:  # data parallel: rank 0 holds the same state
+            return
         state = {
             "model": full_model_state(self.trained),
             "opt": full_optimizer_state(self.trained, self.opt),

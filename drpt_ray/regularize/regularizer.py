@@ -236,7 +236,7 @@ class Regularizer:
         tensors (a collective when parameters are sharded: call it on every rank)."""
         return {
             "captured": self.captured,
-            "targets": {b.name: {k: None if v is None else _full(v) for k, v in _target_tensors(t).items()} for b, t in self.targets.items()},
+            "targets": {b.name: _target_tensors(_map_target(t, lambda k, v: _full(v))) for b, t in self.targets.items()},
             "unhooked_targets": {k: _full(v) for k, v in self.unhooked_targets.items()},
         }
 
@@ -245,7 +245,7 @@ class Regularizer:
         by_name = {b.name: b for b in self.blocks}
         params = dict(self.unhooked)
         on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        self.targets = {by_name[n]: _target_from_tensors({k: self._shard_like(by_name[n], k, on(v)) for k, v in t.items()})
+        self.targets = {by_name[n]: _map_target(_target_from_tensors(t), lambda k, v, b=by_name[n]: self._shard_like(b, k, on(v)))
                         for n, t in state["targets"].items()}
         self.unhooked_targets = {k: _like(on(v), params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
@@ -300,7 +300,7 @@ class Regularizer:
             raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
         t = self.targets.get(block)
         if block in self._sharded and t is not None and not isinstance(t, K.SketchTarget):
-            return _target_from_tensors({k: None if v is None else _full(v) for k, v in _target_tensors(t).items()})
+            return _map_target(t, lambda k, v: _full(v))
         return t
 
     def _scores(self, block: Block, dy, x, target) -> torch.Tensor:
@@ -326,7 +326,7 @@ class Regularizer:
 
     def _accumulate_target(self, block: Block, t) -> None:
         if block in self._sharded and not isinstance(t, K.SketchTarget):  # SUM over ranks, keep our rows
-            t = _target_from_tensors({k: self._reduce_scatter(block, k, v) for k, v in _target_tensors(t).items()})
+            t = _map_target(t, lambda k, v: self._reduce_scatter(block, k, v))
         prev = self.targets.get(block)
         if prev is None:
             self.targets[block] = t
@@ -455,17 +455,15 @@ class Regularizer:
         if self.granularity in ("none", "target") and not p.stats.kept:
             p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity == "none" else {}
 
-    def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor | None):
+    def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor) -> DTensor:
         """SUM every rank's full `t` and keep this rank's rows, laid out like the block's `part`."""
-        if t is None:
-            return None
         prm = self._sharded[block][part]
         mesh = prm.device_mesh
         return DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, prm.placements)
 
-    def _shard_like(self, block: Block, part: str, t: torch.Tensor | None):
+    def _shard_like(self, block: Block, part: str, t: torch.Tensor) -> torch.Tensor:
         """A full cached tensor laid out like the block's `part` when the block is sharded."""
-        if t is None or block not in self._sharded or part == "sketch":
+        if block not in self._sharded or part == "sketch":
             return t
         return _like(t, self._sharded[block][part])
 
@@ -568,6 +566,11 @@ def _target_tensors(t) -> dict:
     if isinstance(t, K.SketchTarget):
         return {"sketch": t.sketch}
     return {"weight": t.weight, "bias": t.bias}
+
+
+def _map_target(t, fn):
+    """The same kind of target with fn(part name, tensor) applied to each of its tensors."""
+    return _target_from_tensors({k: None if v is None else fn(k, v) for k, v in _target_tensors(t).items()})
 
 
 def _target_from_tensors(d: dict):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +192,12 @@ def ray_cluster(tmp_path_factory):
     SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
     from drpt_ray.client import dashboard_up
 
+    temp_dirs: list[Path] = []
     for attempt in range(3):  # a start that fails (a port taken after all) is retried on fresh ports
-        temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpray{os.getpid()}-{attempt}"  # short: unix socket paths
+        # Directly under /tmp, not TMPDIR (a clone's .tmp): Ray's unix socket paths
+        # (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead) must stay under 108 bytes.
+        temp_dir = Path(tempfile.mkdtemp(prefix="cpray", dir="/tmp"))
+        temp_dirs.append(temp_dir)
         log = tmp_path_factory.mktemp("ray") / "ray.log"
         ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
                                           "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
@@ -222,6 +228,8 @@ def ray_cluster(tmp_path_factory):
         yield RayCluster(url, proc, log)
     finally:
         _end_group(proc, grace_s=3.0)
+        for d in temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float) -> None:

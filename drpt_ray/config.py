@@ -189,8 +189,10 @@ class AlgorithmSpec(Spec):
 
     advantage: str = Field("grpo", description="Advantage estimator: grpo | grpo_no_std | rloo | reinforce_pp | gae (PPO).")
     policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip | reinforce.")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
-        "token_mean", description="How token losses are averaged (also the regularizer's normaliser units)."
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="How token losses are averaged (also the regularizer's normaliser units); seq_mean_token_sum_norm is "
+        "Dr. GRPO's constant normaliser (token sum / (responses x rollout.sampling.max_new_tokens)).",
     )
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); None: clip_eps.")
@@ -202,6 +204,15 @@ class AlgorithmSpec(Spec):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss weight (PPO critic).")
     critic_lr: float = Field(1e-3, gt=0, description="Critic (value head) learning rate.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: the loss subtracts entropy_coef x the policy's token entropy (aggregated like loss_agg).")
+    filter_zero_variance_groups: bool = Field(
+        False, description="DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill the batch."
+    )
+    max_sampling_rounds: int = Field(3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct the rollout engine's mismatch; None: off."
+    )
+    mask_truncated_completions: bool = Field(False, description="Responses cut at max_new_tokens get no policy gradient (they still count in the group's advantages).")
     target_objective: Literal["reward", "token_pg", "train_loss"] = Field(
         "reward",
         description="Target loss for g_T: reward-weighted log-prob with standardised rewards (default), token policy gradient, or the training loss itself.",
@@ -248,6 +259,16 @@ class CheckpointSpec(Spec):
     resume: bool = Field(True, description="Resume from the newest checkpoint in output_dir if one exists.")
 
 
+class DivergenceSpec(Spec):
+    """When an RL run counts as collapsed: an `alert` event, and with `stop_on_divergence` the end of the job."""
+
+    zero_variance_steps: int = Field(
+        10, ge=0, description="Alert after this many consecutive steps in which every general reward of the batch is equal (0: never)."
+    )
+    entropy_floor: float | None = Field(None, ge=0, description="Alert when policy/entropy falls below this (None: never).")
+    stop_on_divergence: bool = Field(False, description="End the job with status DIVERGED at the first alert (its last good checkpoint kept).")
+
+
 class ResourcesSpec(Spec):
     learner_num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
     learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner worker.")
@@ -273,6 +294,7 @@ class JobSpec(Spec):
     reward: RewardSpec = Field(default_factory=RewardSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     steps: int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
     batch_size: int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
     target_batch_size: int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
@@ -280,6 +302,8 @@ class JobSpec(Spec):
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
     eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
+    eval_samples: int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")
+    eval_k: int = Field(4, ge=1, description="RL: k of the reported pass@k (<= eval_samples; unbiased estimator).")
     seed: int = Field(0, description="Training seed.")
     output_dir: str = Field("runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go.")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -302,6 +326,8 @@ class JobSpec(Spec):
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
         if self.mode != "sft" and self.algorithm.advantage in ("grpo", "grpo_no_std", "rloo") and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        if self.mode != "sft" and self.eval_samples and self.eval_k > self.eval_samples:
+            raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         self._check_learner_layout()
         return self
 

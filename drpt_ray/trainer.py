@@ -1,9 +1,11 @@
 """The driver loop: one `step` for SFT, RLHF and RLVR (SFT skips the rollout phases).
 
 One RL step, each phase one call inside one named timer (metrics `time/<phase>`):
-  0. sample    general prompts (and, on refresh steps, target prompts)
-  1. gen       RolloutWorkers (vLLM) sample `n` responses per prompt with the current weights
-  2. reward    verifiable function or reward model; general and target splits scored apart
+  1. gen       RolloutWorkers (vLLM) sample `n` responses per prompt (general prompts, and on
+               refresh steps target prompts) with the current weights
+  2. reward    verifiable function or reward model; general and target splits scored apart.
+               With dynamic sampling (DAPO) 1-2 repeat on fresh prompts until the batch holds
+               `batch_size` groups whose rewards differ, or `max_sampling_rounds` is spent
   3. logprob   learner recomputes behaviour log-probs (+ reference log-probs, + values)
   4. adv       advantages from the registry (GRPO group norm, ..., GAE with the critic)
   5. regularize  learner captures the target gradient g_T from the target rollouts
@@ -34,7 +36,17 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, gae_returns, kl_penalty_tokens
+from drpt_ray.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    DivergenceGuard,
+    gae_returns,
+    informative_rows,
+    kl_penalty_tokens,
+    mismatch_kl,
+    pass_at_k,
+    tis_weights,
+)
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
 from drpt_ray.learner import Learner, LearnerGroup, build_batch
@@ -44,6 +56,7 @@ from drpt_ray.rollout import make_rollout_workers
 from drpt_ray.rollout.worker import Rollout
 
 MetricsCallback = Callable[[dict], None]
+AlertCallback = Callable[[int, str], None]
 ENV_VARS = ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")
 
 
@@ -99,6 +112,14 @@ def timer(metrics: dict, phase: str):
     metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + time.perf_counter() - t0
 
 
+class Diverged(RuntimeError):
+    """The divergence guard ended the job (a non-finite loss, or `divergence.stop_on_divergence`)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(f"diverged at step {step}: {message}")
+        self.step, self.message = step, message
+
+
 @dataclass
 class JobResult:
     output_dir: Path
@@ -122,6 +143,7 @@ class Context:
     reward: Any = None
     version: int = 0  # weights version the rollout workers should hold
     step: int = 0
+    guard: DivergenceGuard | None = None  # RL only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +194,7 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         spec=spec, out=out, splits=splits, tokenizer=tokenizer, learner=learner,
         general=BatchSampler(splits.general, spec.batch_size, spec.seed),
         target=BatchSampler(splits.target, spec.target_batch_size, spec.seed + 1),
+        guard=DivergenceGuard(spec.divergence.zero_variance_steps, spec.divergence.entropy_floor) if spec.mode != "sft" else None,
     )
     if spec.mode != "sft":
         from drpt_ray.rewards import make_reward
@@ -252,23 +275,70 @@ def _prompt_ids(ctx: Context, examples: list[Example]) -> list[list[int]]:
     return [ctx.tokenizer(e.prompt)["input_ids"] for e in examples]
 
 
-def rollout_batch(ctx: Context, examples: list[Example], split: str, sampling, metrics: dict, prefix: str):
-    """gen + reward + logprob + adv for one set of prompts; returns the learner-ready RLBatch."""
-    spec = ctx.spec
+@dataclass
+class Group:
+    """One prompt's `n` rollouts and their rewards."""
+
+    example: Example
+    rollouts: list[Rollout]
+    rewards: list[float]
+    errors: int = 0
+
+
+def sample_groups(ctx: Context, examples: list[Example], split: str, sampling, metrics: dict) -> list[Group]:
+    """gen + reward for one set of prompts, grouped by prompt."""
     with timer(metrics, "gen"):
         rollouts = generate(ctx, _prompt_ids(ctx, examples), sampling)
     with timer(metrics, "reward"):
-        prompts = [examples[r.prompt_index].prompt for r in rollouts]
-        refs = [examples[r.prompt_index].response for r in rollouts]
-        scored = ctx.reward(prompts, [r.text for r in rollouts], refs, split)
+        scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
+                            [examples[r.prompt_index].response for r in rollouts], split)
+    n = sampling.n
+    return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
+            for i, e in enumerate(examples)]
+
+
+def _has_variance(g: Group) -> bool:
+    return bool(informative_rows(torch.tensor(g.rewards), torch.zeros(len(g.rewards), dtype=torch.long)).all())
+
+
+def general_groups(ctx: Context, sampling, metrics: dict) -> list[Group]:
+    """The step's general groups. With dynamic sampling (DAPO), groups whose rewards are all equal
+    carry no advantage and are dropped, and more prompts are drawn until the batch is full again or
+    `max_sampling_rounds` generations were spent (the batch may then stay short)."""
+    alg = ctx.spec.algorithm
+    drawn = sample_groups(ctx, ctx.general.next(), "general", sampling, metrics)
+    metrics["reward/zero_variance_frac"] = sum(not _has_variance(g) for g in drawn) / len(drawn)
+    kept, seen, last, rounds = [g for g in drawn if _has_variance(g)], drawn, drawn, 1
+    while alg.filter_zero_variance_groups and len(kept) < ctx.spec.batch_size and rounds < alg.max_sampling_rounds:
+        last = sample_groups(ctx, ctx.general.next(), "general", sampling, metrics)
+        kept, seen, rounds = kept + [g for g in last if _has_variance(g)], seen + last, rounds + 1
+    # Every rollout generated this step is an unbiased sample of the policy: the reward to watch,
+    # and the one whose variance tells the divergence guard whether anything is left to learn.
+    every = torch.tensor([x for g in seen for x in g.rewards])
+    metrics.update({"reward/reward_mean": float(every.mean()), "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0})
+    if not alg.filter_zero_variance_groups:
+        return drawn
+    metrics.update({"reward/sampling_rounds": float(rounds), "reward/kept_groups": float(min(len(kept), ctx.spec.batch_size))})
+    # Not one informative group: the last draw trains to a zero policy gradient, as without filtering.
+    return kept[: ctx.spec.batch_size] if kept else last
+
+
+def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str, train: bool):
+    """logprob + adv for sampled groups; returns the learner-ready RLBatch. `train`: the batch the
+    policy loss sees (TIS and truncation masking apply to it, not to the target batch)."""
+    spec = ctx.spec
+    alg = spec.algorithm
+    rollouts = [r for g in groups for r in g.rollouts]
+    rewards = [x for g in groups for x in g.rewards]
     batch = build_batch(
-        [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], scored.scores,
-        [r.prompt_index for r in rollouts], ctx.tokenizer.pad_token_id,
+        [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], rewards,
+        [i for i, g in enumerate(groups) for _ in g.rollouts], ctx.tokenizer.pad_token_id,
+        rollout_logprobs=[r.response_logprobs for r in rollouts],
+        truncated=[r.finish_reason == "length" for r in rollouts],
     )
     with timer(metrics, "logprob"):
         batch = call(ctx.learner, "score_rollouts", batch)
     with timer(metrics, "adv"):
-        alg = spec.algorithm
         token_rewards = None
         if batch.ref_logprobs is not None and alg.kl_in_reward:
             token_rewards = kl_penalty_tokens(batch.old_logprobs, batch.ref_logprobs, alg.kl_estimator, alg.kl_coef)
@@ -280,11 +350,21 @@ def rollout_batch(ctx: Context, examples: list[Example], split: str, sampling, m
             batch.advantages, batch.returns = gae_returns(inputs)
         else:
             batch.advantages = ADVANTAGE_ESTIMATORS.get(alg.advantage)(inputs)
-    lengths = batch.response_mask.sum(1)
+        if train:
+            mask = batch.response_mask
+            metrics["rollout/mismatch_kl"] = mismatch_kl(batch.old_logprobs, batch.rollout_logprobs, mask)
+            if alg.tis_cap is not None:
+                # The learner's old log-probs define the PPO ratio; vLLM's are what actually sampled.
+                batch.advantages = batch.advantages * tis_weights(batch.old_logprobs, batch.rollout_logprobs, mask, alg.tis_cap)
+            if alg.mask_truncated_completions:
+                # After the advantages: a cut response still counts in its group's baseline.
+                batch.response_mask = mask * (~batch.truncated).to(mask.dtype)[:, None]
+    metrics.setdefault(f"{prefix}reward_mean", float(batch.rewards.mean()))
+    metrics.setdefault(f"{prefix}reward_std", float(batch.rewards.std()) if batch.size > 1 else 0.0)
     metrics.update({
-        f"{prefix}reward_mean": float(batch.rewards.mean()),
-        f"{prefix}response_len": float(lengths.mean()),
-        f"{prefix}reward_errors": float(scored.errors),
+        f"{prefix}response_len": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
+        f"{prefix}truncated_frac": float(batch.truncated.float().mean()),
+        f"{prefix}reward_errors": float(sum(g.errors for g in groups)),
     })
     return batch
 
@@ -305,12 +385,11 @@ def step(ctx: Context) -> dict:
         m.update(call(ctx.learner, "sft_step", general, target))
     else:
         sampling = spec.rollout.sampling.model_copy(update={"seed": spec.seed * 1_000_003 + ctx.step})
-        with timer(m, "sample"):
-            general, target = ctx.general.next(), ctx.target.next() if wants_target else None
-        batch = rollout_batch(ctx, general, "general", sampling, m, "reward/")
+        groups = general_groups(ctx, sampling, m)
+        target = sample_groups(ctx, ctx.target.next(), "target", sampling, m) if wants_target else None
+        batch = rollout_batch(ctx, groups, m, "reward/", train=True)
         if target is not None:
-            target_batch = rollout_batch(ctx, target, "target", sampling, m, "target/")
-            m.update(call(ctx.learner, "capture_target", target_batch))
+            m.update(call(ctx.learner, "capture_target", rollout_batch(ctx, target, m, "target/", train=False)))
         m.update(call(ctx.learner, "rl_step", batch))
         with timer(m, "sync"):
             sync(ctx)
@@ -327,9 +406,21 @@ def evaluate(ctx: Context) -> dict:
         return {"eval/target_loss": call(ctx.learner, "eval_sft", batch)}
     examples = ctx.splits.eval[: spec.eval_size]
     greedy = spec.rollout.sampling.model_copy(update={"n": 1, "temperature": 0.0, "seed": 0})
-    rollouts = generate(ctx, _prompt_ids(ctx, examples), greedy)
-    scored = ctx.reward([e.prompt for e in examples], [r.text for r in rollouts], [e.response for e in examples], "target")
-    return {"eval/target_reward": sum(scored.scores) / len(scored.scores)}
+    out = {"eval/target_reward": _mean([g.rewards[0] for g in sample_groups(ctx, examples, "target", greedy, {})])}
+    if spec.eval_samples:
+        # The training temperature, a fixed seed: the same draw at every evaluation, only the policy moves.
+        sampled = spec.rollout.sampling.model_copy(update={"n": spec.eval_samples, "seed": 1})
+        groups = sample_groups(ctx, examples, "target", sampled, {})
+        rewards = [x for g in groups for x in g.rewards]
+        out["eval/target_reward_sampled"] = _mean(rewards)
+        if all(x in (0.0, 1.0) for x in rewards):  # pass@k needs a right/wrong verdict
+            for k in sorted({1, spec.eval_k}):
+                out[f"eval/target_pass@{k}"] = _mean([pass_at_k(spec.eval_samples, int(sum(g.rewards)), k) for g in groups])
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +436,8 @@ def save_checkpoint(ctx: Context) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     call(ctx.learner, "save", str(tmp))
-    state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict()}
+    state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict(),
+             "guard": ctx.guard.state_dict() if ctx.guard is not None else None}
     (tmp / "trainer.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -365,6 +457,8 @@ def restore(ctx: Context, path: Path) -> None:
     ctx.step = state["step"]
     ctx.general.load_state_dict(state["general"])
     ctx.target.load_state_dict(state["target"])
+    if ctx.guard is not None and state.get("guard") is not None:
+        ctx.guard.load_state_dict(state["guard"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +483,26 @@ def warm_start(ctx: Context) -> float:
     return call(ctx.learner, "warm_start", batches, spec.warm_start_lr)
 
 
-def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None) -> JobResult:
-    """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary."""
+def divergence(ctx: Context, m: dict) -> str | None:
+    """Why this step's metrics say the run has collapsed, or None. A non-finite loss always counts;
+    RL runs also ask the guard (no reward variance for K steps, entropy under the floor)."""
+    bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])]
+    if bad:
+        return f"non-finite {' and '.join(bad)}"
+    if ctx.guard is None:
+        return None
+    return ctx.guard.update(m["reward/reward_std"], m.get("policy/entropy"))
+
+
+def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None,
+            on_alert: AlertCallback | None = None) -> JobResult:
+    """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary.
+
+    A collapsed run never ends as a success: each step the divergence guard may raise an alert
+    (`on_alert(step, message)`, also printed); a non-finite loss, or any alert with
+    `divergence.stop_on_divergence`, raises `Diverged`. While the guard sees a suspect streak no
+    checkpoint is written, so the newest one on disk is the last good state.
+    """
     # Actors do not share the driver's working directory: every path they see must be absolute.
     spec = spec.model_copy(update={"output_dir": str(Path(spec.output_dir).resolve())})
     splits = preflight(spec)
@@ -414,12 +526,20 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
             log.write(m)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k in log.headline and isinstance(v, float)})
-            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps:
+            alert = divergence(ctx, m)
+            if alert is not None:
+                tqdm.write(f"ALERT step {ctx.step}: {alert}")
+                if on_alert is not None:
+                    on_alert(ctx.step, alert)
+                if spec.divergence.stop_on_divergence or alert.startswith("non-finite"):
+                    raise Diverged(ctx.step, alert)
+            suspect = ctx.guard is not None and ctx.guard.streak > 0
+            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps and not suspect:
                 save_checkpoint(ctx)
         call(ctx.learner, "save_model", str(ctx.out / "model"))
     finally:
         bar.close()
         log.close()
         shutdown(ctx)
-    log.plot(ctx.out / "curves.png", title=f"{spec.mode} {spec.regularizer.feasible_set}")
+        log.plot(ctx.out / "curves.png", title=f"{spec.mode} {spec.regularizer.feasible_set}")
     return JobResult(ctx.out, ctx.step, log.history[-1] if log.history else {}, log.history)

@@ -269,10 +269,12 @@ def test_aggregate_by_hand():
     #   token_mean          = (1+2+3+4+5) / 5     = 3
     #   seq_mean_token_mean = (6/3 + 9/2) / 2     = 3.25
     #   seq_mean_token_sum  = (6 + 9) / 2         = 7.5
+    #   seq_mean_token_sum_norm, L_max 4 = (6 + 9) / (2 * 4) = 1.875 (other modes ignore max_len)
     per_token = t([[1, 2, 3], [4, 5, math.nan]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    for agg, expected in zip(AGG_MODES, (3.0, 3.25, 7.5)):
-        close(aggregate(per_token, mask, agg), expected)
+    for agg, expected in zip(AGG_MODES, (3.0, 3.25, 7.5, 1.875), strict=True):
+        close(aggregate(per_token, mask, agg, max_len=4), expected)
+    close(example_units(mask, "seq_mean_token_sum_norm", max_len=4), [4, 4])
     close(example_units(mask, "token_mean"), [3, 2])
     close(example_units(mask, "seq_mean_token_mean"), [1, 1])
     close(example_losses(per_token, mask, "seq_mean_token_mean"), [2, 4.5])
@@ -282,44 +284,69 @@ def test_aggregate_by_hand():
 def test_units_contract_on_subsets(agg):
     # aggregate over rows S == sum_{i in S} example_losses_i / sum_{i in S} units_i, and the
     # Regularizer's rescale of the S-part of the full loss, (sum_S c_i / N) * N / sum_S u_i,
-    # gives the same number.
+    # gives the same number. max_len 7 (> the mask's width 5): L_max is a constant, not the width.
     g = torch.Generator().manual_seed(2)
     lengths = torch.tensor([5, 1, 3, 4, 2, 5])
     mask = torch.arange(5)[None, :] < lengths[:, None]
     per_token = torch.randn(6, 5, generator=g, dtype=D)
-    c, u = example_losses(per_token, mask, agg), example_units(mask, agg).to(D)
+    c, u = example_losses(per_token, mask, agg, max_len=7), example_units(mask, agg, max_len=7).to(D)
     N = u.sum()
-    close(aggregate(per_token, mask, agg), c.sum() / N)
+    close(aggregate(per_token, mask, agg, max_len=7), c.sum() / N)
     for rows in ([0, 2], [1], [3, 4, 5], [0, 1, 2, 3, 4, 5]):
         S = torch.tensor(rows)
         expected = c[S].sum() / u[S].sum()
-        close(aggregate(per_token[S], mask[S], agg), expected)
+        close(aggregate(per_token[S], mask[S], agg, max_len=7), expected)
         close(c[S].sum() / N * (N / u[S].sum()), expected)
     if agg == "token_mean":
         close(u, lengths)
+    elif agg == "seq_mean_token_sum_norm":
+        # Dr. GRPO over S: the token sum over S / (|S| * L_max).
+        close(u, torch.full((6,), 7.0))
+        close(aggregate(per_token[:2], mask[:2], agg, max_len=7), per_token[0].sum() / 14 + per_token[1, 0] / 14)
     else:
         close(u, torch.ones(6))
 
 
 def test_aggregate_rejects_unknown_mode_and_handles_empty_mask():
-    with pytest.raises(ValueError, match=r"valid: \['token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum'\]"):
+    valid = r"valid: \['token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', 'seq_mean_token_sum_norm'\]"
+    with pytest.raises(ValueError, match=valid):
         aggregate(torch.ones(1, 2), torch.ones(1, 2), "mean")
     for agg in AGG_MODES:
-        assert aggregate(torch.ones(2, 2, dtype=D), torch.zeros(2, 2), agg).item() == 0.0
+        assert aggregate(torch.ones(2, 2, dtype=D), torch.zeros(2, 2), agg, max_len=2).item() == 0.0
+
+
+def test_dr_grpo_aggregation_needs_max_len():
+    # The mask cannot know L_max: every entry point refuses the mode without it, naming max_len.
+    ones = torch.ones(2, 3, dtype=D)
+    agg = "seq_mean_token_sum_norm"
+    for call in (
+        lambda: example_units(ones, agg),
+        lambda: example_losses(ones, ones, agg),
+        lambda: aggregate(ones, ones, agg, max_len=0),
+        lambda: PolicyLossInputs(ones, ones, ones, ones, agg=agg),
+        lambda: kl_loss(ones, ones, ones, agg=agg),
+        lambda: value_loss(ones, ones, ones, ones, agg=agg),
+    ):
+        with pytest.raises(ValueError, match="pass max_len"):
+            call()
+    # A response longer than max_len means max_len is not the maximum response length.
+    with pytest.raises(ValueError, match="more than max_len=2 tokens"):
+        aggregate(ones, ones, agg, max_len=2)
 
 
 # ------------------------------------------------------------------------------------------
 # Policy and value losses
 
 
-def _ppo_case(clip_eps_high=None, agg="token_mean"):
+def _ppo_case(clip_eps_high=None, agg="token_mean", max_len=None):
     # Ratios r = exp(logp - old) with old = 0, clip 0.2 -> [0.8, 1.2]; last column is padding
     # with a huge ratio that must not count.
     ratios = [[1.1, 1.5, 0.5, 50.0], [1.5, 0.5, 0.9, 50.0]]
     advs = [[1.0, 1.0, 1.0, 9.0], [-1.0, -1.0, -2.0, 9.0]]
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
     logp = t(ratios).log().requires_grad_()
-    x = PolicyLossInputs(logp, torch.zeros(2, 4, dtype=D), t(advs), mask, clip_eps_high=clip_eps_high, agg=agg)
+    x = PolicyLossInputs(logp, torch.zeros(2, 4, dtype=D), t(advs), mask, clip_eps_high=clip_eps_high, agg=agg,
+                         max_len=max_len)
     return logp, x
 
 
@@ -348,9 +375,12 @@ def test_ppo_clip_higher_and_aggregation():
     # clip_eps_high 0.28: r=1.5, A=+1 -> max(-1.5, -1.28) = -1.28; r=0.5, A=-1 still 0.8.
     #   token_mean = (-1.1 - 1.28 - 0.5 + 1.5 + 0.8 + 1.8) / 6 = 1.22 / 6
     #   seq_mean_token_mean = ((-1.1 - 1.28 - 0.5)/3 + (1.5 + 0.8 + 1.8)/3) / 2 = 1.22 / 6 too
-    #   (equal lengths), seq_mean_token_sum = (-2.88 + 4.1) / 2 = 0.61.
-    for agg, expected in (("token_mean", 1.22 / 6), ("seq_mean_token_mean", 1.22 / 6), ("seq_mean_token_sum", 0.61)):
-        _, x = _ppo_case(clip_eps_high=0.28, agg=agg)
+    #   (equal lengths), seq_mean_token_sum = (-2.88 + 4.1) / 2 = 0.61,
+    #   seq_mean_token_sum_norm with L_max 5 = 1.22 / (2 * 5) = 0.122.
+    cases = (("token_mean", 1.22 / 6), ("seq_mean_token_mean", 1.22 / 6), ("seq_mean_token_sum", 0.61),
+             ("seq_mean_token_sum_norm", 0.122))
+    for agg, expected in cases:
+        _, x = _ppo_case(clip_eps_high=0.28, agg=agg, max_len=5)
         out = POLICY_LOSSES.get("ppo_clip")(x)
         close(out.loss, expected)
         assert out.clip_frac == pytest.approx(2 / 6, abs=1e-12)
@@ -404,6 +434,8 @@ def test_value_loss_by_hand():
     close(out.loss, 0.5 * 3.05 / 3)
     assert out.clip_frac == pytest.approx(1 / 3, abs=1e-12)
     close(value_loss(values, old, ret, mask, clip=None).loss, 0.5 * 2.36 / 3)
+    # Dr. GRPO aggregation with L_max 4: 0.5 * 3.05 / 4.
+    close(value_loss(values, old, ret, mask, clip=0.2, agg="seq_mean_token_sum_norm", max_len=4).loss, 0.5 * 3.05 / 4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,6 +479,7 @@ def test_kl_penalty_tokens_and_kl_loss():
     # KL as loss, k3 token mean over the 2 valid tokens: (0.5 + log 2 - 1 + 0) / 2; ref detached.
     loss = kl_loss(logp, ref, mask, "k3", "token_mean")
     close(loss, (math.log(2) - 0.5) / 2)
+    close(kl_loss(logp, ref, mask, "k3", "seq_mean_token_sum_norm", max_len=5), (math.log(2) - 0.5) / 5)
     # d k3 / d logp = 1 - exp(ref - logp): token 0 -> (1 - 0.5) / 2, token 1 -> 0, padding 0.
     loss.backward()
     close(logp.grad, [[0.25, 0.0, 0.0]])

@@ -1,4 +1,5 @@
-"""RL algorithms in pure torch: advantage estimators, policy/value losses, KL estimators.
+"""RL algorithms in pure torch: advantage estimators, policy/value losses, KL estimators, and the
+stability toolkit (entropy, truncated importance sampling, dynamic sampling, pass@k, divergence guard).
 
 Each kind has one registry (`ADVANTAGE_ESTIMATORS`, `POLICY_LOSSES`, `KL_ESTIMATORS`) with one
 signature; importing this package registers the built-ins, so every Ray actor that imports it
@@ -23,12 +24,24 @@ from drpt_ray.algorithms.losses import (
     value_loss,
 )
 from drpt_ray.algorithms.registry import Registry
+from drpt_ray.algorithms.stability import (
+    DivergenceGuard,
+    GroupVariance,
+    informative_rows,
+    mismatch_kl,
+    pass_at_k,
+    tis_weights,
+    token_entropy,
+    zero_variance_groups,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "AdvantageFn",
     "AdvantageInputs",
+    "DivergenceGuard",
+    "GroupVariance",
     "KLFn",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
@@ -41,8 +54,14 @@ __all__ = [
     "example_losses",
     "example_units",
     "gae_returns",
+    "informative_rows",
     "kl_loss",
     "kl_penalty_tokens",
     "masked_whiten",
+    "mismatch_kl",
+    "pass_at_k",
+    "tis_weights",
+    "token_entropy",
     "value_loss",
+    "zero_variance_groups",
 ]

@@ -66,7 +66,12 @@ def kl_penalty_tokens(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k
 
 
 def kl_loss(
-    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3", agg: str = "token_mean"
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    agg: str = "token_mean",
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """KL to the reference as a loss term (the caller multiplies by its coefficient).
 
@@ -76,9 +81,10 @@ def kl_loss(
         mask: (n, T), nonzero on response tokens.
         kind: a KL_ESTIMATORS name.
         agg: one of aggregation.AGG_MODES.
+        max_len: maximum response length; required by seq_mean_token_sum_norm only.
     Returns:
         () scalar.
     Raises:
-        ValueError: unknown `kind` or `agg`.
+        ValueError: unknown `kind` or `agg`, or max_len missing for seq_mean_token_sum_norm.
     """
-    return aggregate(KL_ESTIMATORS.get(kind)(logp, ref_logp.detach()), mask, agg)
+    return aggregate(KL_ESTIMATORS.get(kind)(logp, ref_logp.detach()), mask, agg, max_len=max_len)

@@ -45,9 +45,11 @@ class PolicyLossInputs:
         clip_eps: lower clip: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high].
         clip_eps_high: upper clip; None means clip_eps (DAPO's clip-higher when larger).
         agg: one of AGG_MODES.
+        max_len: maximum response length (rollout max_new_tokens); required by
+            seq_mean_token_sum_norm, ignored by the other modes.
 
     Raises:
-        ValueError: shape mismatch or unknown `agg`.
+        ValueError: shape mismatch, unknown `agg`, or max_len missing for seq_mean_token_sum_norm.
     """
 
     logprobs: torch.Tensor
@@ -57,13 +59,14 @@ class PolicyLossInputs:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     agg: str = "token_mean"
+    max_len: int | None = None
 
     def __post_init__(self) -> None:
         shape = self.logprobs.shape
         for name in ("old_logprobs", "advantages", "response_mask"):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"{name} must match logprobs {tuple(shape)}, got {tuple(getattr(self, name).shape)}")
-        check_agg(self.agg)
+        check_agg(self.agg, self.max_len)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def ppo_clip(inputs: PolicyLossInputs) -> PolicyLossOutput:
     loss value is -A and its gradient is that of `reinforce`.
 
     Args:
-        inputs: logprobs, old_logprobs, advantages, response_mask, clip_eps, clip_eps_high, agg.
+        inputs: logprobs, old_logprobs, advantages, response_mask, clip_eps, clip_eps_high, agg, max_len.
     Returns:
         loss aggregated with `inputs.agg`; clip_frac over all valid tokens; approx_kl.
     """
@@ -104,7 +107,7 @@ def ppo_clip(inputs: PolicyLossInputs) -> PolicyLossOutput:
     clipped = -inputs.advantages * torch.clamp(ratio, 1.0 - inputs.clip_eps, 1.0 + eps_high)
     per_token = torch.maximum(unclipped, clipped)
     return PolicyLossOutput(
-        loss=aggregate(per_token, inputs.response_mask, inputs.agg),
+        loss=aggregate(per_token, inputs.response_mask, inputs.agg, max_len=inputs.max_len),
         clip_frac=masked_mean((clipped > unclipped).to(per_token.dtype), inputs.response_mask),
         approx_kl=_approx_kl(inputs),
     )
@@ -115,13 +118,13 @@ def reinforce(inputs: PolicyLossInputs) -> PolicyLossOutput:
     """Plain policy gradient: per token -A log pi (no ratio, no clipping; clip_frac is 0).
 
     Args:
-        inputs: logprobs, advantages, response_mask, agg (old_logprobs only for approx_kl).
+        inputs: logprobs, advantages, response_mask, agg, max_len (old_logprobs only for approx_kl).
     Returns:
         loss aggregated with `inputs.agg`; clip_frac 0.0; approx_kl.
     """
     per_token = -inputs.advantages * inputs.logprobs
     return PolicyLossOutput(
-        loss=aggregate(per_token, inputs.response_mask, inputs.agg),
+        loss=aggregate(per_token, inputs.response_mask, inputs.agg, max_len=inputs.max_len),
         clip_frac=0.0,
         approx_kl=_approx_kl(inputs),
     )
@@ -143,6 +146,7 @@ def value_loss(
     mask: torch.Tensor,
     clip: float | None = 0.2,
     agg: str = "token_mean",
+    max_len: int | None = None,
 ) -> ValueLossOutput:
     """PPO clipped value loss: per token 0.5 max((V - R)^2, (V_clip - R)^2).
 
@@ -156,16 +160,17 @@ def value_loss(
         mask: (n, T), nonzero on response tokens.
         clip: value clip range, or None.
         agg: one of AGG_MODES.
+        max_len: maximum response length; required by seq_mean_token_sum_norm only.
     Returns:
         ValueLossOutput.
     Raises:
-        ValueError: unknown `agg`.
+        ValueError: unknown `agg`, or max_len missing for seq_mean_token_sum_norm.
     """
     unclipped = (values - returns) ** 2
     if clip is None:
-        return ValueLossOutput(loss=0.5 * aggregate(unclipped, mask, agg), clip_frac=0.0)
+        return ValueLossOutput(loss=0.5 * aggregate(unclipped, mask, agg, max_len=max_len), clip_frac=0.0)
     clipped = (old_values + torch.clamp(values - old_values, -clip, clip) - returns) ** 2
     return ValueLossOutput(
-        loss=0.5 * aggregate(torch.maximum(unclipped, clipped), mask, agg),
+        loss=0.5 * aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len=max_len),
         clip_frac=masked_mean((clipped > unclipped).to(values.dtype), mask),
     )

@@ -24,6 +24,8 @@ class RLBatch:
     ref_logprobs: torch.Tensor | None = None  # (n, L-1) reference policy, when KL is used
     values: torch.Tensor | None = None  # (n, L-1) critic values at rollout time
     returns: torch.Tensor | None = None  # (n, L-1) critic targets
+    rollout_logprobs: torch.Tensor | None = None  # (n, L-1) the rollout engine's log-probs of the sampled tokens
+    truncated: torch.Tensor | None = None  # (n,) bool, the response hit max_new_tokens
 
     def rows(self, rows: torch.Tensor | None) -> "RLBatch":
         """The sub-batch of `rows` (the whole batch when None)."""
@@ -50,21 +52,29 @@ def build_batch(
     rewards: list[float],
     group_ids: list[int],
     pad_id: int,
+    rollout_logprobs: list[list[float]] | None = None,
+    truncated: list[bool] | None = None,
 ) -> RLBatch:
-    """Pack (prompt, response) token lists into an RLBatch (right padding)."""
+    """Pack (prompt, response) token lists into an RLBatch (right padding); the engine's per-token
+    log-probs, when given, land on the response positions of `rollout_logprobs`."""
     n = len(prompt_ids)
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros(n, width, dtype=torch.long)
     resp = torch.zeros(n, width - 1)
+    engine_lp = torch.zeros(n, width - 1) if rollout_logprobs is not None else None
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attn[i, : len(p) + len(r)] = 1
         resp[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
+        if engine_lp is not None:
+            engine_lp[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
     return RLBatch(
         input_ids=ids,
         attention_mask=attn,
         response_mask=resp,
         rewards=torch.tensor(rewards, dtype=torch.float32),
         group_ids=torch.tensor(group_ids, dtype=torch.long),
+        rollout_logprobs=engine_lp,
+        truncated=torch.tensor(truncated, dtype=torch.bool) if truncated is not None else None,
     )

@@ -46,10 +46,13 @@ from torch import nn
 from drpt_ray.algorithms import (
     POLICY_LOSSES,
     PolicyLossInputs,
+    aggregate,
     example_units,
     kl_loss,
+    token_entropy,
     value_loss,
 )
+from drpt_ray.algorithms.aggregation import masked_mean
 from drpt_ray.config import ADVANTAGES_NEEDING_CRITIC, JobSpec
 from drpt_ray.data import supervised_token_counts
 from drpt_ray.learner.fsdp import (
@@ -169,6 +172,8 @@ class Learner:
         self.opt, self.sched = make_optimizer(groups, spec.optim, self.opt_steps_total)
         self.reg = Regularizer(self.policy, spec.regularizer, shard_sum=self.comm.sum if self.fsdp else None)
         self.updates = 0
+        # Dr. GRPO's constant normaliser is the longest response the rollouts may produce.
+        self.max_len = spec.rollout.sampling.max_new_tokens
 
     # ------------------------------------------------------------------------------------------
     # SFT
@@ -252,7 +257,7 @@ class Learner:
             return None
         b = (batch if batch is not None else self._placeholder_batch()).to(self.device)
         with self._inference():
-            b.old_logprobs, b.values = self._forward(b)
+            b.old_logprobs, b.values, _ = self._forward(b)
             if self.ref is not None:
                 b.ref_logprobs = self._ref_logprobs(b)
         return b.to("cpu") if batch is not None else None
@@ -269,7 +274,7 @@ class Learner:
         t0 = time.perf_counter()
         n_rows = 0 if batch is None else batch.size
         batch = (batch if batch is not None else self._placeholder_batch()).to(self.device)
-        logp, _ = self._forward(batch)
+        logp, _, _ = self._forward(batch)
         mask = batch.response_mask
         tokens = self.comm.sum(mask.sum()).clamp(min=1)
         objective = self.spec.algorithm.target_objective
@@ -282,7 +287,7 @@ class Learner:
         else:
             loss = self._policy_loss(batch, logp).loss
             if self.comm.active:  # this rank's part of the global aggregate
-                units = example_units(mask, self.spec.algorithm.loss_agg) if n_rows else torch.zeros(1)
+                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_len) if n_rows else torch.zeros(1)
                 loss = loss * self._share(units)
         self.reg.capture_target(loss)
         self._reduce_target()
@@ -296,7 +301,7 @@ class Learner:
         if self.spec.regularizer.feasible_set == "iif":
             batch, kept = self._iif_filter(batch)
             metrics["reg/iif_kept_frac"] = kept
-        units = example_units(batch.response_mask, self.spec.algorithm.loss_agg)
+        units = example_units(batch.response_mask, self.spec.algorithm.loss_agg, self.max_len)
         share = self._share(units)
         for _ in range(self.spec.algorithm.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
@@ -304,8 +309,8 @@ class Learner:
 
             def loss_fn(rows):
                 b = batch.rows(rows)
-                logp, values = self._forward(b)
-                total, parts = self._rl_loss(b, logp, values)
+                logp, values, entropy = self._forward(b, entropy=True)
+                total, parts = self._rl_loss(b, logp, values, entropy)
                 if rows is None:
                     seen.update(parts)
                 return total
@@ -427,7 +432,7 @@ class Learner:
         """Loss-like metrics become the global (share-weighted) mean; the rest stay this rank's."""
         if not self.comm.active:
             return
-        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/") or k in ("clip_frac", "approx_kl"))
+        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/") or k in ("clip_frac", "approx_kl", "policy/entropy"))
         vals = self.comm.sum(torch.tensor([float(metrics[k]) * share for k in keys], dtype=torch.float64))
         metrics.update({k: float(v) for k, v in zip(keys, vals)})
 
@@ -465,8 +470,9 @@ class Learner:
             advantages=torch.zeros(1, 1),
         )
 
-    def _forward(self, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs of every next token (n, L-1) and, with a critic, values (n, L-1)."""
+    def _forward(self, batch: RLBatch, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs of every next token (n, L-1); with a critic, values (n, L-1); with `entropy`, the
+        policy's entropy at every position (n, L-1), differentiable only when the loss has a bonus."""
         out = self.policy(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -477,7 +483,11 @@ class Learner:
         values = None
         if self.value_head is not None:
             values = self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1)
-        return logp, values
+        ent = None
+        if entropy:
+            logits = out.logits[:, :-1]
+            ent = token_entropy(logits if self.spec.algorithm.entropy_coef > 0 else logits.detach())
+        return logp, values, ent
 
     def _ref_logprobs(self, batch: RLBatch) -> torch.Tensor:
         ids = batch.input_ids
@@ -503,22 +513,26 @@ class Learner:
         return POLICY_LOSSES.get(alg.policy_loss)(
             PolicyLossInputs(
                 logprobs=logp, old_logprobs=old, advantages=b.advantages, response_mask=b.response_mask,
-                clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, agg=alg.loss_agg,
+                clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, agg=alg.loss_agg, max_len=self.max_len,
             )
         )
 
-    def _rl_loss(self, b: RLBatch, logp: torch.Tensor, values: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """Policy loss + KL loss + value loss of a (sub-)batch, each normalised over its own rows."""
+    def _rl_loss(self, b: RLBatch, logp: torch.Tensor, values: torch.Tensor | None,
+                 entropy: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Policy loss - entropy bonus + KL loss + value loss of a (sub-)batch, each normalised over its own rows."""
         alg = self.spec.algorithm
         pl = self._policy_loss(b, logp)
         total = pl.loss
-        parts = {"loss/policy": float(pl.loss.detach()), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl}
+        parts = {"loss/policy": float(pl.loss.detach()), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl,
+                 "policy/entropy": masked_mean(entropy, b.response_mask)}
+        if alg.entropy_coef > 0:
+            total = total - alg.entropy_coef * aggregate(entropy, b.response_mask, alg.loss_agg, self.max_len)
         if b.ref_logprobs is not None and not alg.kl_in_reward:
-            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg)
+            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg, max_len=self.max_len)
             total = total + alg.kl_coef * kl
             parts["loss/kl"] = float(kl.detach())
         if values is not None:
-            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg)
+            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg, max_len=self.max_len)
             total = total + alg.vf_coef * vl.loss
             parts["loss/value"] = float(vl.loss.detach())
         parts["loss"] = float(total.detach())
@@ -530,7 +544,7 @@ class Learner:
 
         def score_loss(rows):
             b = batch.rows(rows)
-            logp, _ = self._forward(b)
+            logp, _, _ = self._forward(b)
             per_ex = -(b.advantages * logp * b.response_mask).sum(1) / b.response_mask.sum(1).clamp(min=1)
             return per_ex.sum() / b.size
 

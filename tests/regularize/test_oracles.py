@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from drpt_ray.algorithms import AGG_MODES, POLICY_LOSSES, PolicyLossInputs, example_units
 from drpt_ray.config import RegularizerSpec
-from drpt_ray.losses import token_mean_loss
+from drpt_ray.losses import select_rows, token_logprobs, token_mean_loss
 from drpt_ray.regularize import Regularizer
 from tests.regularize import oracle as O
 
@@ -141,6 +142,34 @@ def test_curated_gradient_is_token_mean_gradient_of_subset(case):
     S = torch.nonzero(stats.weights[reg.blocks[0].name]).flatten()
     want = O.grads(case.model, token_mean_loss(case.model, case.batch, S))
     case.assert_close(got, want, [k for ks in case.keys(reg).values() for k in ks])
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_curated_gradient_is_policy_loss_gradient_of_subset(case, agg):
+    """Every loss aggregation, with units from example_units: d(S) = the gradient of the RL loss
+    aggregated over S alone (for Dr. GRPO's seq_mean_token_sum_norm: S's token sum / (|S| L_max))."""
+    model, batch = case.model, case.batch
+    mask = batch["labels"][:, 1:] != -100
+    max_len = mask.shape[1] + 3  # L_max is a configured constant, not the padded width
+    adv = torch.linspace(-1.0, 1.0, mask.shape[0], dtype=torch.float64)[:, None].expand(mask.shape)
+
+    def policy_loss(rows=None):
+        sub = select_rows(batch, rows)
+        logp = token_logprobs(model, sub["input_ids"], sub["attention_mask"])
+        m, a = (mask, adv) if rows is None else (mask[rows], adv[rows])
+        inputs = PolicyLossInputs(logp, logp.detach(), a, m, agg=agg, max_len=max_len)
+        return POLICY_LOSSES.get("reinforce")(inputs).loss
+
+    reg = Regularizer(model, RegularizerSpec(feasible_set="global_subset", selection="topk", frac=0.5))
+    model.zero_grad(set_to_none=True)
+    reg.capture_target(token_mean_loss(model, case.target))
+    stats = reg.backward(policy_loss, example_units(mask, agg, max_len=max_len))
+    got = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    reg.remove()
+    S = torch.nonzero(stats.weights[reg.blocks[0].name]).flatten()
+    assert 0 < S.numel() < mask.shape[0]
+    case.assert_close(got, O.grads(model, policy_loss(S)), [k for ks in case.keys(reg).values() for k in ks])
 
 
 def test_empty_selection_gives_zero_gradient(mlp):

@@ -1,0 +1,239 @@
+"""Stability toolkit for RL post-training: the checks and corrections verl, TRL and DAPO ship.
+
+Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero on response tokens.
+
+- `token_entropy`: policy entropy per position, the first thing to watch for collapse.
+- `tis_weights`, `mismatch_kl`: vLLM samples from a slightly different distribution than the
+  learner computes (kernels, precision), so "on-policy" data is off-policy. Truncated importance
+  sampling reweights each token by the learner/rollout ratio, capped (verl's
+  `tis_imp_ratio_cap`; Yao et al. 2025, "Your efficient RL framework secretly brings you
+  off-policy RL training"); the mismatch KL measures how far the two have drifted.
+- `zero_variance_groups`, `informative_rows`: a group whose responses all got the same reward has
+  zero advantage and adds no gradient; DAPO's dynamic sampling drops such groups.
+- `pass_at_k`: the unbiased pass@k estimator (Chen et al. 2021) for evaluation.
+- `DivergenceGuard`: alerts when a run stops learning (no reward variance for K steps) or its
+  entropy collapses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from drpt_ray.algorithms.aggregation import masked_mean
+from drpt_ray.algorithms.kl import k3
+
+ZERO_STD = 1e-6
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim, from log_softmax (no overflow for large logits).
+
+    Differentiable, so it can serve as an entropy bonus as well as a metric. Logits of -inf
+    (tokens a sampler masked out) contribute 0 and keep the value and its gradient finite.
+
+    Args:
+        logits: (..., V).
+    Returns:
+        (...) in logits' dtype.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    # p log p -> 0 as p -> 0, but 0 * -inf is nan: zero the log where the probability is exactly 0.
+    logp_finite = logp.masked_fill(torch.isneginf(logp), 0.0)
+    return -(logp.exp() * logp_finite).sum(dim=-1)
+
+
+def _check_same_shape(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+    if not learner_logprobs.shape == rollout_logprobs.shape == mask.shape:
+        raise ValueError(
+            f"learner_logprobs {tuple(learner_logprobs.shape)}, rollout_logprobs {tuple(rollout_logprobs.shape)} "
+            f"and mask {tuple(mask.shape)} must have the same shape"
+        )
+
+
+def tis_weights(
+    learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_learner / pi_rollout, cap) per token.
+
+    Multiplying the per-token policy loss by these corrects for the rollout engine sampling from
+    its own distribution rather than the learner's. The cap bounds the variance a few tokens the
+    rollout engine found much less likely than the learner could add. Detached: a weight, not a
+    path for the gradient.
+
+    Args:
+        learner_logprobs: (n, T) log-probs of the sampled tokens under the learner.
+        rollout_logprobs: (n, T) log-probs the rollout engine (vLLM) reported for them.
+        mask: (n, T), nonzero on response tokens.
+        cap: truncation C > 0, or None for plain (untruncated) importance weights.
+    Returns:
+        (n, T) weights, 0 outside the mask.
+    Raises:
+        ValueError: shapes differ, or cap <= 0.
+    """
+    _check_same_shape(learner_logprobs, rollout_logprobs, mask)
+    if cap is not None and cap <= 0:
+        raise ValueError(f"tis cap must be > 0 (or None for no truncation), got {cap}")
+    ratio = torch.exp(learner_logprobs.detach() - rollout_logprobs.detach())
+    if cap is not None:
+        ratio = ratio.clamp(max=cap)
+    return torch.where(mask != 0, ratio, 0.0)
+
+
+def mismatch_kl(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Token-mean k3 estimate of KL(rollout || learner) over the mask, as a float (a metric).
+
+    The tokens were sampled by the rollout engine, so k3 with ratio r = pi_learner / pi_rollout,
+    r - 1 - log r, is unbiased and never negative. This is kl.k3(rollout, learner), with its
+    clamps: a single token counts at most 10, so one near-impossible token cannot dominate.
+
+    Args:
+        learner_logprobs: (n, T) log-probs of the sampled tokens under the learner.
+        rollout_logprobs: (n, T) log-probs the rollout engine reported for them.
+        mask: (n, T), nonzero on response tokens.
+    Returns:
+        The mean over valid tokens; 0.0 when there are none.
+    Raises:
+        ValueError: shapes differ.
+    """
+    _check_same_shape(learner_logprobs, rollout_logprobs, mask)
+    return masked_mean(k3(rollout_logprobs.detach(), learner_logprobs.detach()), mask)
+
+
+class GroupVariance(NamedTuple):
+    """group_ids: (g,) the distinct ids, sorted. zero_variance: (g,) bool, True where every reward
+    of the group is equal (within tol)."""
+
+    group_ids: torch.Tensor
+    zero_variance: torch.Tensor
+
+
+def _group_reward_range(
+    rewards: torch.Tensor, group_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct ids (g,), each row's group index (n,), and each group's max - min reward (g,)."""
+    if rewards.dim() != 1 or rewards.shape != group_ids.shape:
+        raise ValueError(
+            f"rewards and group_ids must both be (n,), got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
+    ids, inverse = torch.unique(group_ids, sorted=True, return_inverse=True)
+    r = rewards.detach().to(torch.float64)
+    lo = r.new_full(ids.shape, float("inf")).scatter_reduce(0, inverse, r, reduce="amin")
+    hi = r.new_full(ids.shape, float("-inf")).scatter_reduce(0, inverse, r, reduce="amax")
+    return ids, inverse, hi - lo
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> GroupVariance:
+    """Which groups got the same reward for every response (max - min <= tol).
+
+    Such a group has zero advantage under any group baseline, so it spends compute and adds no
+    gradient; DAPO's dynamic sampling drops it and samples more prompts.
+
+    Args:
+        rewards: (n,) scalar reward per response.
+        group_ids: (n,) integer; responses to the same prompt share an id.
+        tol: rewards this close count as equal.
+    Returns:
+        GroupVariance over the distinct ids in sorted order.
+    Raises:
+        ValueError: rewards and group_ids are not both (n,).
+    """
+    ids, _, spread = _group_reward_range(rewards, group_ids)
+    return GroupVariance(group_ids=ids, zero_variance=spread <= tol)
+
+
+def informative_rows(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Row mask of the responses whose group has reward variance (the rows dynamic sampling keeps).
+
+    Args:
+        rewards: (n,) scalar reward per response.
+        group_ids: (n,) integer; responses to the same prompt share an id.
+        tol: rewards this close count as equal.
+    Returns:
+        (n,) bool.
+    Raises:
+        ValueError: rewards and group_ids are not both (n,).
+    """
+    _, inverse, spread = _group_reward_range(rewards, group_ids)
+    return (spread > tol)[inverse]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    The binomial ratio is computed as prod_{i=n-c+1}^{n} (1 - k / i), which neither overflows
+    nor loses precision for large n, as Chen et al.'s reference code does.
+
+    Raises:
+        ValueError: k < 1, k > n, or c outside [0, n].
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got n={n}, k={k}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n correct samples, got n={n}, c={c}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+@dataclass
+class DivergenceGuard:
+    """Alerts when a run stops learning or its policy collapses.
+
+    Attributes:
+        zero_variance_steps: K; alert once the batch reward std has been < 1e-6 for K steps in a
+            row (every response scored alike, so every advantage and the gradient are 0). 0
+            disables.
+        entropy_floor: alert when the token entropy falls below it; None disables.
+        streak: consecutive zero-variance steps so far (state, restored on resume).
+        low_entropy: whether the last measured entropy was under the floor (state).
+
+    An alert says something new: the zero-variance one fires at K, 2K, 3K, ... steps of one
+    streak, the entropy one when the entropy crosses under the floor, so a stream of alerts stays
+    readable while a run sits collapsed.
+    """
+
+    zero_variance_steps: int = 0
+    entropy_floor: float | None = None
+    streak: int = field(default=0, init=False)
+    low_entropy: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.zero_variance_steps < 0:
+            raise ValueError(f"zero_variance_steps must be >= 0 (0 disables), got {self.zero_variance_steps}")
+
+    def update(self, batch_reward_std: float, entropy: float | None) -> str | None:
+        """Record one step; return an alert naming each tripped check and its numbers, else None.
+
+        Args:
+            batch_reward_std: std of the rewards over the whole batch this step.
+            entropy: mean token entropy of the policy this step, or None when not measured.
+        """
+        self.streak = self.streak + 1 if batch_reward_std < ZERO_STD else 0
+        reasons = []
+        if self.zero_variance_steps and self.streak and self.streak % self.zero_variance_steps == 0:
+            reasons.append(
+                f"batch reward std < {ZERO_STD:g} for {self.streak} consecutive steps "
+                f"(zero_variance_steps={self.zero_variance_steps}): every advantage is 0, nothing is learned"
+            )
+        was_low = self.low_entropy
+        if self.entropy_floor is not None and entropy is not None:
+            self.low_entropy = entropy < self.entropy_floor
+        if self.low_entropy and not was_low:
+            reasons.append(
+                f"token entropy {entropy:.4g} < entropy_floor {self.entropy_floor:.4g}: the policy is collapsing"
+            )
+        return "; ".join(reasons) or None
+
+    def state_dict(self) -> dict[str, int]:
+        """The state a resumed run needs (the settings come from config)."""
+        return {"streak": self.streak, "low_entropy": int(self.low_entropy)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the state saved by `state_dict`."""
+        self.streak, self.low_entropy = int(state["streak"]), bool(state["low_entropy"])

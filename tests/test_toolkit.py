@@ -1,0 +1,209 @@
+"""Oracles for drpt_ray.algorithms.stability: closed forms worked out in the comments, torch's own
+Categorical entropy, and brute-force enumeration for pass@k. float64, tight tolerances.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from drpt_ray.algorithms import (
+    DivergenceGuard,
+    informative_rows,
+    mismatch_kl,
+    pass_at_k,
+    tis_weights,
+    token_entropy,
+    zero_variance_groups,
+)
+
+D = torch.float64
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=D)
+
+
+def close(actual, expected, atol: float = 1e-12) -> None:
+    expected = torch.as_tensor(expected, dtype=D)
+    torch.testing.assert_close(torch.as_tensor(actual).to(D), expected, rtol=0, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------
+# token_entropy
+
+
+def test_entropy_closed_forms():
+    # Uniform over V: log V, whatever the common logit. Shape (2, 3, V) -> (2, 3).
+    V = 7
+    uniform = torch.full((2, 3, V), 123.0, dtype=D)
+    close(token_entropy(uniform), torch.full((2, 3), math.log(V), dtype=D))
+    # One logit 100 above the rest: p_rest = e^-100 each, entropy ~ 100 (V-1) e^-100 ~ 0.
+    peaked = torch.zeros(V, dtype=D)
+    peaked[2] = 100.0
+    close(token_entropy(peaked), 0.0)
+    # Two equal logits and the rest -inf (masked by a sampler): exactly log 2, finite gradient.
+    logits = t([1.0, 1.0, -math.inf, -math.inf]).requires_grad_()
+    h = token_entropy(logits)
+    close(h, math.log(2))
+    h.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_entropy_matches_categorical_and_is_stable():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 11, generator=g, dtype=D) * 3
+    close(token_entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
+    # Logits of 1e4 would overflow a naive softmax (exp(1e4) = inf); log_softmax shifts them.
+    close(token_entropy(logits + 1e4), torch.distributions.Categorical(logits=logits).entropy(), atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# truncated importance sampling and the rollout/learner mismatch
+
+
+def test_tis_weights_by_hand():
+    # ratios exp(learner - rollout): [2, 0.5, 4] on row 0, padding (huge ratio) on row 1 col 2.
+    rollout = t([[math.log(0.25), math.log(0.5), math.log(0.1)], [math.log(0.5), 0.0, -50.0]])
+    learner = t([[math.log(0.5), math.log(0.25), math.log(0.4)], [math.log(0.5), 0.0, 0.0]]).requires_grad_()
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    close(tis_weights(learner, rollout, mask, cap=None), [[2.0, 0.5, 4.0], [1.0, 1.0, 0.0]])
+    # cap 3: min(r, 3) -> the 4 becomes 3, ratios below the cap are untouched.
+    w = tis_weights(learner, rollout, mask, cap=3.0)
+    close(w, [[2.0, 0.5, 3.0], [1.0, 1.0, 0.0]])
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        tis_weights(learner, rollout, mask, cap=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        tis_weights(learner, rollout[:, :2], mask, cap=None)
+
+
+def test_mismatch_kl_by_hand():
+    # Equal log-probs: r = 1 everywhere, k3 = 0.
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(3, 4, generator=g, dtype=D)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    assert mismatch_kl(logp, logp, mask) == 0.0
+    # r = learner / rollout = 2 and 0.5: k3 = r - 1 - log r = (1 - log 2) and (-0.5 + log 2);
+    # token mean = 0.5 / 2 = 0.25. The padding token (r = e^10) must not count.
+    learner = t([[math.log(0.5), math.log(0.25), 0.0]])
+    rollout = t([[math.log(0.25), math.log(0.5), -10.0]])
+    assert mismatch_kl(learner, rollout, torch.tensor([[1, 1, 0]])) == pytest.approx(0.25, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# dynamic sampling: groups without reward variance
+
+
+def test_zero_variance_groups_by_hand():
+    # Group 7: [1, 1, 1] zero variance; group 3: [0, 1] varied; group 5: [0.5, 0.5 + 1e-9]
+    # equal within tol; group 9: a single response (trivially zero variance). Ids come back sorted.
+    rewards = t([1.0, 0.0, 1.0, 0.5, 1.0, 1.0, 0.5 + 1e-9, 0.2])
+    ids = torch.tensor([7, 3, 3, 5, 7, 7, 5, 9])
+    out = zero_variance_groups(rewards, ids)
+    assert out.group_ids.tolist() == [3, 5, 7, 9]
+    assert out.zero_variance.tolist() == [False, True, True, True]
+    assert zero_variance_groups(rewards, ids, tol=0.0).zero_variance.tolist() == [False, False, True, True]
+    assert informative_rows(rewards, ids).tolist() == [False, True, True, False, False, False, False, False]
+    with pytest.raises(ValueError, match="must both be"):
+        zero_variance_groups(rewards, ids[:3])
+
+
+def test_informative_rows_keeps_whole_groups():
+    # 4 groups of 4 random binary rewards: a row is kept iff its group has both 0s and 1s.
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randint(0, 2, (16,), generator=g).to(D)
+    ids = torch.arange(4).repeat_interleave(4)
+    keep = informative_rows(rewards, ids)
+    for gid in range(4):
+        rows = ids == gid
+        assert keep[rows].tolist() == [len(set(rewards[rows].tolist())) > 1] * 4
+
+
+# ------------------------------------------------------------------------------------------
+# pass@k
+
+
+def _pass_at_k_brute(n: int, c: int, k: int) -> float:
+    # Fraction of the k-subsets of n samples (the first c correct) that hold a correct one.
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_closed_forms():
+    # k = n: the one subset is everything, so pass@n = 1 iff any sample is correct.
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
+    # k = 1: c / n.
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4, abs=1e-15)
+    # 1 - C(8, 3) / C(10, 3) = 1 - 56 / 120.
+    assert pass_at_k(10, 2, 3) == pytest.approx(1 - 56 / 120, abs=1e-15)
+    for bad in ((3, 1, 4), (3, 4, 1), (3, -1, 1), (3, 1, 0)):
+        with pytest.raises(ValueError, match="pass@k needs"):
+            pass_at_k(*bad)
+
+
+def test_pass_at_k_matches_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_brute(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_is_finite():
+    # C(1000, 500) overflows a float; the product form does not. k=1 must still be c / n.
+    assert pass_at_k(1000, 300, 1) == pytest.approx(0.3, abs=1e-12)
+    assert 0.0 < pass_at_k(1000, 1, 500) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# DivergenceGuard
+
+
+def test_guard_fires_on_collapse_and_resets():
+    guard = DivergenceGuard(zero_variance_steps=3)
+    assert [guard.update(0.0, None) for _ in range(2)] == [None, None]
+    alert = guard.update(1e-9, None)
+    assert alert is not None and "3 consecutive steps" in alert and "zero_variance_steps=3" in alert
+    # Still collapsed: quiet until the streak reaches 2K, then alerts again.
+    assert [guard.update(0.0, None) for _ in range(2)] == [None, None]
+    assert "6 consecutive" in guard.update(0.0, None)
+    # One step with reward variance resets the streak: two more zero steps are not enough.
+    assert guard.update(0.3, None) is None
+    assert [guard.update(0.0, None) for _ in range(2)] == [None, None]
+
+
+def test_guard_quiet_on_healthy_run_and_when_disabled():
+    guard = DivergenceGuard(zero_variance_steps=2, entropy_floor=0.1)
+    # Alternating variance never makes 2 zero steps in a row; entropy stays above the floor.
+    assert all(guard.update(std, 0.5) is None for std in [0.0, 0.4] * 10)
+    off = DivergenceGuard()  # K = 0 and no floor: never fires
+    assert all(off.update(0.0, 0.0) is None for _ in range(10))
+    with pytest.raises(ValueError, match="zero_variance_steps must be >= 0"):
+        DivergenceGuard(zero_variance_steps=-1)
+
+
+def test_guard_entropy_floor():
+    guard = DivergenceGuard(entropy_floor=0.2)
+    assert guard.update(0.5, 0.25) is None
+    assert guard.update(0.5, None) is None  # entropy not measured this step
+    alert = guard.update(0.5, 0.05)
+    assert alert is not None and "entropy 0.05 < entropy_floor 0.2" in alert
+    assert guard.update(0.5, 0.04) is None  # still under the floor: said already
+    assert guard.update(0.5, 0.3) is None and guard.update(0.5, 0.1) is not None  # crossed again    # Both checks trip: one message names both.
+    both = DivergenceGuard(zero_variance_steps=1, entropy_floor=0.2)
+    msg = both.update(0.0, 0.05)
+    assert "1 consecutive steps" in msg and "entropy_floor" in msg
+
+
+def test_guard_state_round_trip():
+    guard = DivergenceGuard(zero_variance_steps=3)
+    guard.update(0.0, None)
+    guard.update(0.0, None)
+    resumed = DivergenceGuard(zero_variance_steps=3)
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.state_dict() == {"streak": 2, "low_entropy": 0}
+    # The resumed guard fires on the same step, with the same message, as the original.
+    assert resumed.update(0.0, None) == guard.update(0.0, None) is not None

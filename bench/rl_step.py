@@ -3,7 +3,7 @@
     .venv/bin/python bench/rl_step.py            # full: 30-step runs, hidden 256 and 1024, 64 prompts
     .venv/bin/python bench/rl_step.py --quick    # smoke run: 8-step runs, hidden 256, 16 prompts
 
-Part 1, per-phase breakdown. `drpt_ray.trainer.run_job` runs the RLVR demo spec (`cli.RLVR_DEMO`:
+Part 1, per-phase breakdown. `drpt_ray.trainer.run_job` runs the RLVR demo spec (`drpt_ray.demo.RLVR_DEMO`:
 tiny Llama, 200-step SFT warm start, GRPO, n=8, 8 new tokens, local Ray with one vLLM worker) twice
 in this process: once with the demo's regularizer (`layerwise_subset`) and once with
 `feasible_set: full` (no target rollouts, no scoring). Each step's `time/<phase>` metrics come from
@@ -89,7 +89,7 @@ def median(xs: list[float]) -> float:
 
 def run_rl(name: str, regularizer: dict | None, steps: int) -> list[dict]:
     """One `run_job` of the RLVR demo (with `regularizer` swapped in when given); returns the step metrics."""
-    from drpt_ray.cli import RLVR_DEMO
+    from drpt_ray.demo import RLVR_DEMO
     from drpt_ray.config import JobSpec
     from drpt_ray.trainer import run_job
 

@@ -16,60 +16,27 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-METHODS: dict[str, dict] = {
-    "full": {"feasible_set": "full"},
-    "target_only": {"feasible_set": "target_only"},
-    "global top-k 0.5": {"feasible_set": "global_subset", "selection": "topk", "frac": 0.5},
-    "layerwise top-k 0.5": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5},
-    "soft tau=1": {"feasible_set": "soft_subset", "tau": 1.0},
-    "soft tau=2": {"feasible_set": "soft_subset", "tau": 2.0},
-    "soft tau=4": {"feasible_set": "soft_subset", "tau": 4.0},
-}
-
+from drpt_ray.demo import SFT_LR, SFT_METHODS as METHODS, SFT_STEPS, mean_se
 
 def run_one(args: tuple[str, int, int, float, str]) -> dict:
     method, seed, steps, lr, out = args
     import torch
 
     torch.set_num_threads(1)  # two runs share the two cores
-    from drpt_ray.config import JobSpec
+    from drpt_ray.demo import sft_spec
     from drpt_ray.trainer import run_job
 
-    reg = METHODS[method]
-    # target-only trains on the 16-example pool with the same batch size as the others
-    target_bs = 8 if reg["feasible_set"] == "target_only" else 1
-    spec = JobSpec(
-        mode="sft",
-        steps=steps,
-        optim={"lr": lr},
-        regularizer=reg,
-        target_batch_size=target_bs,
-        seed=seed,
-        data={"seed": seed + 1},
-        model={"tiny": {"seed": seed}},
-        eval_every=max(1, steps // 30),
-        output_dir=f"{out}/runs/{method.replace(' ', '_')}/seed{seed}",
-        progress=False,
-        tensorboard=False,
-        checkpoint={"resume": False},
-    )
-    r = run_job(spec)
+    r = run_job(sft_spec(method, seed, Path(out) / "runs", steps=steps, lr=lr, progress=False, tensorboard=False))
     curve = [(h["step"], h["eval/target_loss"]) for h in r.history if "eval/target_loss" in h]
     evals = [v for _, v in curve]
     return {"method": method, "seed": seed, "final": evals[-1], "best": min(evals), "curve": curve}
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
-    return m, se
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=SFT_STEPS)
+    ap.add_argument("--lr", type=float, default=SFT_LR)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="bench/out/sft_quality")
     args = ap.parse_args()

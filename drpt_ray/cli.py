@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from drpt_ray.errors import DIVERGED_EXIT, Diverged
+
 # No hub access at run time: every model this tool builds is made in code or read from disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         spec.output_dir = args.output_dir
     result = run_job(spec, address=getattr(args, "address", None))
     print(summary(result.history))
+    if spec.mode != "sft":
+        print(verdict(result.history))
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}  plot: {result.output_dir / 'curves.png'}  model: {result.output_dir / 'model'}")
     return 0
 
@@ -48,61 +52,93 @@ def summary(history: list[dict]) -> str:
     return "summary (first -> last):\n" + "\n".join(lines)
 
 
-SFT_DEMO = {
-    "target_only": {"feasible_set": "target_only"},
-    "full": {"feasible_set": "full"},
-    "layerwise_subset": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5},
-}
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from drpt_ray.config import JobSpec
-    from drpt_ray.trainer import run_job
+    from drpt_ray import demo
 
     out = Path(args.output_dir)
     if args.mode == "sft":
-        print("drpt-ray demo (sft): the scarce-target task (16 target examples, 4000 partly misaligned")
-        print("general examples), tiny Llama built in code. Lower held-out target loss is better.\n")
-        rows = []
-        for name, reg in SFT_DEMO.items():
-            spec = JobSpec(
-                mode="sft", regularizer=reg, target_batch_size=8 if name == "target_only" else 1,
-                output_dir=str(out / name), checkpoint={"resume": False},
-            )
-            r = run_job(spec)
-            evals = [m["eval/target_loss"] for m in r.history if "eval/target_loss" in m]
-            rows.append((name, evals[-1], min(evals)))
-        print("\n| method | final held-out target loss | best |\n|---|---|---|")
-        for name, final, best in rows:
-            print(f"| {name} | {final:.3f} | {best:.3f} |")
-        print(f"\ncurves: {out}/<method>/curves.png")
-        return 0
-    spec = JobSpec.model_validate(RLVR_DEMO | {"output_dir": str(out / "rlvr")})
+        return _sft_demo(out)
+    if args.seeds:
+        return _rlvr_seed_table(out, _seed_list(args.seeds))
     print("drpt-ray demo (rlvr): tiny Llama built in code, short SFT warm start, then GRPO with the")
     print("layer-wise Dr. regularizer; general prompts are rewarded by a lenient proxy verifier, the")
     print("scarce target split by the strict one. Local Ray, vLLM CPU rollout worker.\n")
-    result = run_job(spec)
+    from drpt_ray.config import JobSpec
+    from drpt_ray.trainer import run_job
+
+    result = run_job(JobSpec.model_validate(demo.RLVR_DEMO | {"output_dir": str(out / "rlvr")}))
     print(summary(result.history))
+    print(verdict(result.history))
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}  plot: {result.output_dir / 'curves.png'}")
     return 0
 
 
-RLVR_DEMO = {
-    "mode": "rlvr",
-    "data": {"task": "scarce_target"},
-    "regularizer": {"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0},
-    "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip"},
-    "rollout": {"sampling": {"n": 8, "max_new_tokens": 8, "temperature": 0.7}},
-    "reward": {"kind": "task"},
-    "optim": {"lr": 5e-4, "warmup_frac": 0.0, "schedule": "constant"},
-    "warm_start_sft_steps": 200,
-    "warm_start_lr": 1e-3,
-    "steps": 100,
-    "batch_size": 8,
-    "target_batch_size": 4,
-    "eval_every": 20,
-    "checkpoint": {"resume": False},
-}
+def verdict(history: list[dict]) -> str:
+    """Whether the held-out target reward ended above where RL started: a run that fell is said so."""
+    evals = [m["eval/target_reward"] for m in history if "eval/target_reward" in m]
+    if len(evals) < 2:
+        return "verdict: no held-out evaluation after the start"
+    word = "learned" if evals[-1] > evals[0] else "did NOT learn"
+    return f"verdict: {word}: held-out target reward {evals[0]:.3f} at the start, {evals[-1]:.3f} at the end"
+
+
+def _seed_list(text: str) -> list[int]:
+    """'0-4' or '0,2,5' -> seeds."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected a range like 0-4 or a list like 0,1,2, got {text!r}") from None
+
+
+def _rlvr_seed_table(out: Path, seeds: list[int]) -> int:
+    """The RLVR demo and the same spec with full training, over seeds: held-out target reward."""
+    from drpt_ray.config import JobSpec
+    from drpt_ray.demo import RLVR_DEMO, mean_se
+    from drpt_ray.trainer import run_job
+
+    methods = {"full": {"feasible_set": "full"}, "layerwise_subset (the demo)": RLVR_DEMO["regularizer"]}
+    rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    for seed in seeds:
+        for name, reg in methods.items():
+            spec = JobSpec.model_validate(RLVR_DEMO | {"seed": seed, "regularizer": reg, "progress": False,
+                                                       "output_dir": str(out / "seeds" / name.split()[0] / f"seed{seed}")})
+            h = run_job(spec).history
+            evals = [m["eval/target_reward"] for m in h if "eval/target_reward" in m]
+            passk = [m for m in h if any(k.startswith("eval/target_pass@") for k in m)][-1]
+            k = max(int(key.split("@")[1]) for key in passk if key.startswith("eval/target_pass@"))
+            rows[name].append((evals[0], evals[-1], passk[f"eval/target_pass@{k}"]))
+            print(f"seed {seed} {name}: held-out target reward {evals[0]:.3f} -> {evals[-1]:.3f}", flush=True)
+    print(f"\n| method | start (after warm start) | final greedy | final pass@{k} | final > start |\n|---|---|---|---|---|")
+    for name, rs in rows.items():
+        cells = [mean_se([r[i] for r in rs]) for i in range(3)]
+        better = sum(r[1] > r[0] for r in rs)
+        print(f"| {name} | " + " | ".join(f"{m:.3f} +- {se:.3f}" for m, se in cells) + f" | {better}/{len(rs)} |")
+    print(f"\nseeds {seeds}; runs under {out / 'seeds'}")
+    return 0
+
+
+def _sft_demo(out: Path) -> int:
+    from drpt_ray.demo import SFT_BENCH_FINAL, SFT_DEMO_METHODS, SFT_STEPS, sft_spec
+    from drpt_ray.trainer import run_job
+
+    print("drpt-ray demo (sft): the scarce-target task (16 target examples, 4000 partly misaligned")
+    print(f"general examples), tiny Llama built in code, {SFT_STEPS} steps, the settings of bench/sft_quality.py.")
+    print("Lower held-out target loss is better.\n")
+    rows = []
+    for name in SFT_DEMO_METHODS:
+        r = run_job(sft_spec(name, seed=0, out=out))
+        evals = [m["eval/target_loss"] for m in r.history if "eval/target_loss" in m]
+        rows.append((name, evals[-1], min(evals)))
+    print("\n| method | final held-out target loss (this run, seed 0) | best | bench/sft_quality.py final, 5 seeds |")
+    print("|---|---|---|---|")
+    for name, final, best in rows:
+        m, se = SFT_BENCH_FINAL[name]
+        print(f"| {name} | {final:.3f} | {best:.3f} | {m:.3f} +- {se:.3f} |")
+    print(f"\ncurves: {out}/<method>/seed0/curves.png")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_run)
     d = sub.add_parser("demo", help="the embedded default: RLVR with the Dr. regularizer (or --mode sft)")
     d.add_argument("--mode", choices=["rlvr", "sft"], default="rlvr")
+    d.add_argument("--seeds", help="rlvr: run the demo and full training over these seeds (0-4 or 0,1,2) and print the table")
     d.add_argument("--output-dir", default="runs/demo")
     d.set_defaults(func=_demo)
     from drpt_ray import client, k8s  # REST client (serve, submit, status, logs, cancel, sweep), k8s render
@@ -135,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user-caused: bad config, missing file, bad value
         print(f"drpt-ray: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"drpt-ray: the run diverged: {e} (checkpoints kept: the newest is the last good state)", file=sys.stderr)
+        return DIVERGED_EXIT
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 class ClientError(ValueError):
@@ -172,7 +171,8 @@ def _saved_token() -> str | None:
 
 def watch(client: Client, run_id: str, out=None) -> str:
     """Follow a job or sweep until it ends, with a progress bar (jobs) or trial lines (sweeps).
-    Returns the final state."""
+    Returns the final state; the commands that follow a run exit 1 for any but SUCCEEDED (a
+    DIVERGED job included)."""
     from tqdm.auto import tqdm
 
     from drpt_ray.metrics import HEADLINE
@@ -194,6 +194,8 @@ def watch(client: Client, run_id: str, out=None) -> str:
                 write(data.get("line", ""))
             elif ev.event == "state":
                 write(f"[{data.get('state')}]" + (f" {data['message']}" if data.get("message") else ""))
+            elif ev.event == "alert":
+                write(f"[alert] step {data.get('step')}: {data.get('message')}")
             elif ev.event == "trial" and (data.get("state") != "RUNNING" or not data.get("metrics")):
                 write(f"trial {data.get('trial_id')} {data.get('state')} {json.dumps(data.get('config'))}")
             elif ev.event == "sweep":

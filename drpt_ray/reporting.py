@@ -21,10 +21,12 @@ An EVENT is a flat JSON object: `seq` (int, from 1, no gaps), `ts` (unix seconds
 
 | type      | fields                                                                                   |
 |-----------|------------------------------------------------------------------------------------------|
-| `state`   | `state`: RUNNING, SUCCEEDED, FAILED or CANCELLED; `message` (str or null); `artifacts`    |
+| `state`   | `state`: one of DRIVER_STATES (RUNNING, or a terminal SUCCEEDED, FAILED, CANCELLED or     |
+|           | DIVERGED: the divergence guard stopped the job); `message` (str or null); `artifacts`     |
 |           | (optional dict: `output_dir`, `model`, `metrics`, `curves`, `checkpoints` list)           |
 | `metrics` | `step` (int) and `metrics` (the dict `run_job` reported for that step, `step` included)  |
 | `log`     | `line`: one line of the driver's stdout/stderr, without the newline                      |
+| `alert`   | `step` (int >= 0) and `message` (non-empty str): the divergence guard tripped at `step`   |
 | `trial`   | sweeps: `trial_id`, `config` (searched path -> value), `state` (PENDING, RUNNING,        |
 |           | TERMINATED, STOPPED, ERROR), `metrics` (that report's metrics, {} on start), optional     |
 |           | `error`                                                                                  |
@@ -62,7 +64,9 @@ MAX_BATCH_BYTES = 256 * 1024  # stays well under the control plane's default 1 M
 MAX_BUFFERED = 200_000  # events kept while the control plane is down; older ones are dropped
 LINGER_S = 0.1  # wait this long for more events before posting a small batch
 RETRYABLE = {408, 425, 429}
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+# A run's final states; the control plane's state lists (services/control_plane/db.py) build on them.
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "DIVERGED")
+DRIVER_STATES = ("RUNNING", *TERMINAL)  # what a driver's `state` event may carry
 
 _live: "weakref.WeakSet[EventReporter]" = weakref.WeakSet()
 
@@ -76,7 +80,7 @@ class EventReporter:
         token: the run's ingest token (None sends no Authorization header).
         timeout_s: per-request HTTP timeout.
 
-    `emit(event)` (and the helpers `on_metrics`, `state`, `log`) only append to an in-memory
+    `emit(event)` (and the helpers `on_metrics`, `state`, `log`, `alert`) only append to an in-memory
     queue; sequence numbers are assigned by the sender thread, after it has learnt the last
     acknowledged one from the control plane.
     """
@@ -125,6 +129,10 @@ class EventReporter:
 
     def log(self, line: str) -> None:
         self.emit({"type": "log", "line": line})
+
+    def alert(self, step: int, message: str) -> None:
+        """The `run_job(on_alert=...)` callback: the divergence guard tripped at `step`."""
+        self.emit({"type": "alert", "step": int(step), "message": message})
 
     def close(self, timeout: float = 30.0) -> bool:
         """Flush queued events, waiting at most `timeout` seconds; True if everything was acknowledged."""

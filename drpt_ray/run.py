@@ -2,10 +2,12 @@
 entry point Ray Jobs and KubeRay RayJobs call (same as `drpt-ray run`).
 
 With `--report-url` the driver reports to the control plane (`drpt_ray.reporting`, token from env
-`DRPT_INGEST_TOKEN`): state RUNNING, one `metrics` event per step, its stdout/stderr lines as `log`
-events, and a final SUCCEEDED / FAILED(message) / CANCELLED (on SIGTERM, which is how Ray stops a
-job) with the artifact paths. Inside a Ray job (env RAY_ADDRESS set) the default address is that
-cluster.
+`DRPT_INGEST_TOKEN`): state RUNNING, one `metrics` event per step, an `alert` event each time the
+divergence guard trips, its stdout/stderr lines as `log` events, and a final SUCCEEDED /
+FAILED(message) / CANCELLED (on SIGTERM, which is how Ray stops a job) / DIVERGED(message, when the
+divergence guard ended the job: a non-finite loss, or any alert with `divergence.stop_on_divergence`;
+exit status 3) with the artifact paths. Inside a Ray job (env RAY_ADDRESS set) the default address
+is that cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from drpt_ray.cli import main
+from drpt_ray.errors import DIVERGED_EXIT
 
 def entry(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m drpt_ray.run")
@@ -55,16 +58,22 @@ def reported_run(a: argparse.Namespace) -> int:
     from drpt_ray.cli import summary
     from drpt_ray.config import JobSpec, load_spec
     from drpt_ray.reporting import EventReporter, run_reported
-    from drpt_ray.trainer import run_job
 
     reporter = EventReporter(a.report_url, a.job_id, os.environ.get("DRPT_INGEST_TOKEN"))
 
     def body() -> int:
+        from drpt_ray.trainer import Diverged, run_job  # inside: a failed import is reported as FAILED
+
         spec = absolute_paths(load_spec(a.spec, JobSpec))
         if a.output_dir:
             spec.output_dir = str(Path(a.output_dir).resolve())
         reporter.state("RUNNING", artifacts={"output_dir": str(Path(spec.output_dir).resolve())})
-        result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address)
+        try:
+            result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address, on_alert=reporter.alert)
+        except Diverged as e:
+            print(f"drpt-ray: diverged at step {e.step}: {e.message}", file=sys.stderr)
+            reporter.state("DIVERGED", e.message, artifacts=artifacts(spec.output_dir))
+            return DIVERGED_EXIT
         print(summary(result.history))
         reporter.state("SUCCEEDED", artifacts=artifacts(result.output_dir))
         return 0

@@ -49,6 +49,7 @@ from drpt_ray.algorithms import (
 )
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
+from drpt_ray.errors import Diverged
 from drpt_ray.learner import Learner, LearnerGroup, build_batch
 from drpt_ray.metrics import MetricLogger
 from drpt_ray.models import build_tokenizer, model_dir
@@ -112,14 +113,6 @@ def timer(metrics: dict, phase: str):
     metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + time.perf_counter() - t0
 
 
-class Diverged(RuntimeError):
-    """The divergence guard ended the job (a non-finite loss, or `divergence.stop_on_divergence`)."""
-
-    def __init__(self, step: int, message: str):
-        super().__init__(f"diverged at step {step}: {message}")
-        self.step, self.message = step, message
-
-
 @dataclass
 class JobResult:
     output_dir: Path
@@ -166,11 +159,12 @@ def init_ray(cpus_needed: float, address: str | None) -> None:
     """Join `address`, or start a local Ray with at least `cpus_needed` logical CPUs; no-op if Ray is up."""
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+                   "worker_process_setup_hook": "drpt_ray.quiet.quiet_workers"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env=runtime_env)
         return
-    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
 
 
 def _cpus_needed(spec: JobSpec) -> float:

@@ -302,10 +302,13 @@ class _TrialEvents(tune.Callback):
 
 
 def _error_summary(text: str) -> str:
-    """The last exception of a Tune error file: its `Type: message` line and what follows."""
+    """The last exception of a Tune error file: its `Type: message` line and what follows.
+
+    A trial whose job the divergence guard stopped (`drpt_ray.trainer.Diverged`, whose name ends
+    in none of the usual suffixes) is an ERROR trial like any other, with the guard's message."""
     lines = [x.rstrip() for x in text.strip().splitlines()]
     for i in range(len(lines) - 1, -1, -1):
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", lines[i]):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Diverged)\b", lines[i]):
             return "\n".join(lines[i:]).strip()[:2000]
     return lines[-1] if lines else "unknown error"
 

@@ -12,7 +12,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from drpt_ray.cli import RLVR_DEMO
+from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec
 from drpt_ray.trainer import latest_checkpoint, run_job
 

@@ -12,10 +12,10 @@ import pytest
 import ray
 from ray import tune
 
-from drpt_ray.cli import RLVR_DEMO
+from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.tune import main as tune_main
-from drpt_ray.tune import learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand, trial_resources
+from drpt_ray.tune import _error_summary, learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand, trial_resources
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +176,18 @@ def test_an_invalid_sampled_value_fails_only_its_trial(local_ray, tmp_path):
     assert by_n[0].state == "ERROR" and "data.n_target" in by_n[0].error
     assert any(e["type"] == "trial" and e["state"] == "ERROR" and "data.n_target" in e["error"] for e in events)
     assert_cluster_free()
+
+
+def test_a_diverged_trial_is_summarised_by_the_guard_message():
+    # what Tune writes for a trial whose run_job raised Diverged while handling another exception
+    text = (
+        "Failure # 1 (occurred at 2026-01-01_00-00-00)\nray::_DrptTrial.train() (pid=1, ip=127.0.0.1)\n"
+        "ValueError: could not convert string to float: 'x'\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        '  File "drpt_ray/trainer.py", line 9, in run_job\n'
+        "drpt_ray.trainer.Diverged: step 3: non-finite loss nan\n"
+    )
+    assert _error_summary(text) == "drpt_ray.trainer.Diverged: step 3: non-finite loss nan"
 
 
 class _Ingest(http.server.BaseHTTPRequestHandler):

@@ -19,8 +19,10 @@ from typing import Iterator
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-STATES = ("QUEUED", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+from drpt_ray.reporting import TERMINAL
+
+# `state` is a plain string column (no CHECK constraint), so a new state needs no migration.
+STATES = ("QUEUED", "PENDING", "RUNNING", *TERMINAL)
 ACTIVE = ("PENDING", "RUNNING")  # submitted to Ray, holding a slot
 
 

@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.control_plane.db import Job, Sweep, Trial
-from services.control_plane.store import DRIVER_STATES
+from drpt_ray.reporting import DRIVER_STATES
+from services.control_plane.db import STATES, Job, Sweep, Trial
 
-State = Literal["QUEUED", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+State = Literal[STATES]
 
 
 def _ts(x: float | None) -> datetime | None:
@@ -114,7 +114,7 @@ class IngestEvent(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     seq: int = Field(ge=1)
-    type: Literal["state", "metrics", "log", "trial", "sweep"]
+    type: Literal["state", "metrics", "log", "alert", "trial", "sweep"]
     ts: float | None = None
 
     @model_validator(mode="after")
@@ -126,7 +126,19 @@ class IngestEvent(BaseModel):
             raise ValueError("metrics event needs a `metrics` object")
         if self.type == "trial" and not extra.get("trial_id"):
             raise ValueError("trial event needs a `trial_id`")
+        if self.type == "alert":
+            _check_alert(extra)
         return self
+
+
+def _check_alert(fields: dict) -> None:
+    """Extra fields are not type-checked by pydantic, so an alert's are checked here, strictly: a
+    string "3" is refused rather than read as step 3."""
+    step, message = fields.get("step"), fields.get("message")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"alert event needs `step`, an integer >= 0, got {step!r}")
+    if not isinstance(message, str) or not message.strip():
+        raise ValueError(f"alert event needs `message`, a non-empty string, got {message!r}")
 
 
 class IngestBatch(BaseModel):

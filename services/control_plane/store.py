@@ -1,10 +1,11 @@
 """Run lifecycle and event streams: every change to a job or sweep goes through here.
 
 States move forward only: QUEUED -> PENDING (submitted to Ray) -> RUNNING -> SUCCEEDED | FAILED |
-CANCELLED, and a terminal state is final. Each change the control plane makes is also appended to
-the run's stream as a `state` event; a driver's own `state` events are stored as sent and applied
-(or, when the run is already terminal, stored with `ignored` saying why). Ingest is idempotent by
-the driver's `seq`.
+CANCELLED | DIVERGED, and a terminal state is final (so Ray's FAILED for a driver that exits
+non-zero after reporting DIVERGED changes nothing). Each change the control plane makes is also
+appended to the run's stream as a `state` event; a driver's own `state` events are stored as sent
+and applied (or, when the run is already terminal, stored with `ignored` saying why). Ingest is
+idempotent by the driver's `seq`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from sqlalchemy.orm import Session
 
 from services.control_plane.db import ACTIVE, TERMINAL, Database, Event, Job, Sweep, Trial, now
 
-RANK = {"QUEUED": 0, "PENDING": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 3, "CANCELLED": 3}
-DRIVER_STATES = ("RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+RANK = {"QUEUED": 0, "PENDING": 1, "RUNNING": 2} | dict.fromkeys(TERMINAL, 3)
 
 
 class NotFound(Exception):

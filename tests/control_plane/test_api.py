@@ -65,6 +65,12 @@ BAD = [
     ("unknown job metrics", "GET", "/v1/jobs/job_0000000000000000/metrics", None, H, 404, ["no job"]),
     ("unknown sweep", "GET", "/v1/sweeps/swp_0000000000000000", None, H, 404, ["no sweep"]),
     ("bad ingest token", "GET", "/v1/ingest/job_0000000000000000", None, {"Authorization": "Bearer not-the-ingest-token"}, 403, ["ingest token"]),
+    ("alert without message", "POST", "/v1/ingest/job_0000000000000000", {"events": [{"seq": 1, "type": "alert", "step": 3}]}, H, 422,
+     ["body.events.0", "alert event needs `message`", "got none"]),
+    ("alert with a text step", "POST", "/v1/ingest/job_0000000000000000", {"events": [{"seq": 1, "type": "alert", "step": "abc", "message": "x"}]},
+     H, 422, ["body.events.0", "alert event needs `step`", "'abc'"]),
+    ("unknown driver state", "POST", "/v1/ingest/job_0000000000000000", {"events": [{"seq": 1, "type": "state", "state": "EXPLODED"}]}, H, 422,
+     ["body.events.0", "DIVERGED", "'EXPLODED'"]),
 ]
 
 

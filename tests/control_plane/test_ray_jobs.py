@@ -1,6 +1,6 @@
 """End to end on a real local Ray (Jobs API, token auth on) behind a real uvicorn control plane:
 a tiny RLVR job followed by 20 SSE clients, cancel, SIGKILL + restart of the control plane
-mid-job, and a Tune sweep of regularizer strengths."""
+mid-job, a job the divergence guard stops, and a Tune sweep of regularizer strengths."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from drpt_ray.cli import RLVR_DEMO
+from drpt_ray.demo import RLVR_DEMO
 from tests.control_plane.conftest import make_server, wait_for
 from tests.control_plane.test_api import sse_events
 
@@ -122,6 +122,29 @@ def test_a_failing_job_reports_failed_with_its_reason(ray_server):
     assert events[-1].json()["state"] == job["state"] == "FAILED"
     assert "/nonexistent/general.jsonl" in job["message"]
     assert any(e.event == "log" and "/nonexistent/general.jsonl" in e.json()["line"] for e in events)
+
+
+def test_a_collapsing_rlvr_job_ends_diverged_with_an_alert(ray_server, ray_cluster):
+    # lr 0.05 collapses the tiny policy: every response scores alike, so the guard trips
+    steps = 50
+    spec = RLVR_TINY | {
+        "name": "rlvr-collapse", "steps": steps, "algorithm": RLVR_DEMO["algorithm"], "optim": RLVR_DEMO["optim"] | {"lr": 0.05},
+        "divergence": {"zero_variance_steps": 3, "stop_on_divergence": True},
+    }
+    with ray_server.http() as c:
+        r = c.post("/v1/jobs", json=spec)
+        assert r.status_code == 201, r.text
+        jid = r.json()["id"]
+        events = sse_events(c, f"/v1/jobs/{jid}/events")
+        job = c.get(f"/v1/jobs/{jid}").json()
+        assert events[-1].json()["state"] == job["state"] == "DIVERGED", (job["message"], c.get(f"/v1/jobs/{jid}/logs").text[-3000:])
+        alerts = [e.json() for e in events if e.event == "alert"]
+        assert alerts and (alerts[-1]["step"], alerts[-1]["message"]) == (job["step"], job["message"])  # the alert that stopped it
+        assert job["step"] < steps and job["artifacts"]["output_dir"]
+        # the driver exits 3 after reporting DIVERGED; Ray's FAILED must not overwrite it
+        wait_for(lambda: ray_cluster.job_status(job["ray_job_id"]) == "FAILED", 60, "the Ray job to exit non-zero")
+        time.sleep(1.0)  # > DRPT_POLL_INTERVAL_S: the supervisor has seen Ray's FAILED
+        assert c.get(f"/v1/jobs/{jid}").json()["state"] == "DIVERGED"
 
 
 def test_sigkill_and_restart_of_the_control_plane_loses_nothing(server_factory, ray_cluster):

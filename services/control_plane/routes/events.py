@@ -2,9 +2,9 @@
 `/v1/jobs/{id}/events` and `/v1/sweeps/{id}/events`.
 
 SSE frames: `id:` = the event's position in the run's stream, `event:` = its type (state, metrics,
-log, trial, sweep), `data:` = the event JSON. A client that reconnects with `Last-Event-ID: N` (or
-`?after=N`) gets everything after N, so nothing is missed across a dropped connection or a
-control-plane restart. Once the run is terminal and every stored event is sent, one `end` event
+log, alert, trial, sweep), `data:` = the event JSON. A client that reconnects with
+`Last-Event-ID: N` (or `?after=N`) gets everything after N, so nothing is missed across a dropped
+connection or a control-plane restart. Once the run is terminal and every stored event is sent, one `end` event
 (`data: {"state": ..., "message": ...}`) closes the stream; comment lines keep idle connections
 alive every DRPT_SSE_HEARTBEAT_S.
 """

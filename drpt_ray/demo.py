@@ -1,0 +1,70 @@
+"""The embedded demos: the specs `drpt-ray demo` runs, shared with the tests and the benches.
+
+- RLVR (`RLVR_DEMO`): the scarce_target task, a tiny Llama built in code, a short SFT warm start on
+  the general pool, then GRPO with the Dr. layer-wise regularizer. General prompts are scored by a
+  lenient proxy verifier, the scarce target split by the strict one. `rlvr_seed_table` runs it and
+  full training over seeds and prints the held-out target reward as mean +- standard error.
+- SFT (`sft_spec`): target-only vs full vs layer-wise SFT on the same task, at the settings of
+  `bench/sft_quality.py` (which builds its runs with `sft_spec` too), printed beside the figures
+  that benchmark recorded over 5 seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from drpt_ray.config import JobSpec
+
+RLVR_DEMO = {
+    "mode": "rlvr",
+    "data": {"task": "scarce_target"},
+    "regularizer": {"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0},
+    "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip"},
+    "rollout": {"sampling": {"n": 8, "max_new_tokens": 8, "temperature": 0.7}},
+    "reward": {"kind": "task"},
+    "optim": {"lr": 5e-4, "warmup_frac": 0.0, "schedule": "constant"},
+    "warm_start_sft_steps": 200,
+    "warm_start_lr": 1e-3,
+    "steps": 100,
+    "batch_size": 8,
+    "target_batch_size": 4,
+    "eval_every": 20,
+    "checkpoint": {"resume": False},
+}
+
+# The SFT benchmark's methods (bench/sft_quality.py runs all of them; the demo the first three).
+SFT_METHODS: dict[str, dict] = {
+    "target_only": {"feasible_set": "target_only"},
+    "full": {"feasible_set": "full"},
+    "layerwise top-k 0.5": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5},
+    "global top-k 0.5": {"feasible_set": "global_subset", "selection": "topk", "frac": 0.5},
+    "soft tau=1": {"feasible_set": "soft_subset", "tau": 1.0},
+    "soft tau=2": {"feasible_set": "soft_subset", "tau": 2.0},
+    "soft tau=4": {"feasible_set": "soft_subset", "tau": 4.0},
+}
+SFT_DEMO_METHODS = ("target_only", "full", "layerwise top-k 0.5")
+SFT_STEPS, SFT_LR = 3000, 3e-3
+
+# Final held-out target loss, mean +- SE over 5 seeds, as bench/sft_quality.py recorded it
+# (bench/README.md, "Scarce-target SFT quality"); the demo prints its single seed beside these.
+SFT_BENCH_FINAL = {"target_only": (4.678, 0.135), "full": (0.225, 0.001), "layerwise top-k 0.5": (0.146, 0.003)}
+
+
+def sft_spec(method: str, seed: int, out: str | Path, steps: int = SFT_STEPS, lr: float = SFT_LR, **over) -> JobSpec:
+    """One run of the scarce-target SFT experiment. Target-only trains on the 16-example pool with
+    the general batch size (8); the regularized methods see one target example per step."""
+    reg = SFT_METHODS[method]
+    return JobSpec(
+        mode="sft", steps=steps, optim={"lr": lr}, regularizer=reg,
+        target_batch_size=8 if reg["feasible_set"] == "target_only" else 1,
+        seed=seed, data={"seed": seed + 1}, model={"tiny": {"seed": seed}},
+        eval_every=max(1, steps // 30), output_dir=str(Path(out) / method.replace(" ", "_") / f"seed{seed}"),
+        checkpoint={"resume": False}, **over,
+    )
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0)

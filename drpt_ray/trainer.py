@@ -41,12 +41,12 @@ from drpt_ray.algorithms import (
     AdvantageInputs,
     DivergenceGuard,
     gae_returns,
-    informative_rows,
     kl_penalty_tokens,
     mismatch_kl,
     pass_at_k,
     tis_weights,
 )
+from drpt_ray.algorithms.stability import ZERO_STD
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
 from drpt_ray.errors import Diverged
@@ -292,29 +292,61 @@ def sample_groups(ctx: Context, examples: list[Example], split: str, sampling, m
 
 
 def _has_variance(g: Group) -> bool:
-    return bool(informative_rows(torch.tensor(g.rewards), torch.zeros(len(g.rewards), dtype=torch.long)).all())
+    return max(g.rewards) - min(g.rewards) > ZERO_STD
+
+
+@dataclass
+class Refill:
+    """What dynamic sampling drew: the groups to train on, every group generated, the rounds spent."""
+
+    kept: list[Group]
+    seen: list[Group]
+    rounds: int
+
+
+def refill(draw: Callable[[], list[Group]], batch_size: int, max_rounds: int) -> Refill:
+    """DAPO's dynamic sampling: keep drawing batches and keep the groups whose rewards differ, until
+    `batch_size` are kept (extras dropped) or `max_rounds` draws were made. With no informative group
+    at all, the last draw is kept: it trains to a zero policy gradient, as without filtering."""
+    kept, seen, last, rounds = [], [], [], 0
+    while rounds < max_rounds and len(kept) < batch_size:
+        last = draw()
+        kept, seen, rounds = kept + [g for g in last if _has_variance(g)], seen + last, rounds + 1
+    return Refill(kept[:batch_size] if kept else last, seen, rounds)
 
 
 def general_groups(ctx: Context, sampling, metrics: dict) -> list[Group]:
-    """The step's general groups. With dynamic sampling (DAPO), groups whose rewards are all equal
-    carry no advantage and are dropped, and more prompts are drawn until the batch is full again or
-    `max_sampling_rounds` generations were spent (the batch may then stay short)."""
+    """The step's general groups (with `filter_zero_variance_groups`, refilled by `refill`)."""
     alg = ctx.spec.algorithm
-    drawn = sample_groups(ctx, ctx.general.next(), "general", sampling, metrics)
-    metrics["reward/zero_variance_frac"] = sum(not _has_variance(g) for g in drawn) / len(drawn)
-    kept, seen, last, rounds = [g for g in drawn if _has_variance(g)], drawn, drawn, 1
-    while alg.filter_zero_variance_groups and len(kept) < ctx.spec.batch_size and rounds < alg.max_sampling_rounds:
-        last = sample_groups(ctx, ctx.general.next(), "general", sampling, metrics)
-        kept, seen, rounds = kept + [g for g in last if _has_variance(g)], seen + last, rounds + 1
+    draws: list[list[Group]] = []
+
+    def draw() -> list[Group]:
+        draws.append(sample_groups(ctx, ctx.general.next(), "general", sampling, metrics))
+        return draws[-1]
+
+    r = refill(draw, ctx.spec.batch_size, alg.max_sampling_rounds if alg.filter_zero_variance_groups else 1)
+    metrics["reward/zero_variance_frac"] = sum(not _has_variance(g) for g in draws[0]) / len(draws[0])
     # Every rollout generated this step is an unbiased sample of the policy: the reward to watch,
     # and the one whose variance tells the divergence guard whether anything is left to learn.
-    every = torch.tensor([x for g in seen for x in g.rewards])
+    every = torch.tensor([x for g in r.seen for x in g.rewards])
     metrics.update({"reward/reward_mean": float(every.mean()), "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0})
     if not alg.filter_zero_variance_groups:
-        return drawn
-    metrics.update({"reward/sampling_rounds": float(rounds), "reward/kept_groups": float(min(len(kept), ctx.spec.batch_size))})
-    # Not one informative group: the last draw trains to a zero policy gradient, as without filtering.
-    return kept[: ctx.spec.batch_size] if kept else last
+        return draws[0]
+    metrics.update({"reward/sampling_rounds": float(r.rounds), "reward/kept_groups": float(len(r.kept))})
+    return r.kept
+
+
+def between_prompt_variance_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Share of the reward variance that lies between prompts rather than within them: how much of
+    the `reward` target objective (one baseline for the whole batch) says "more / less of
+    everything on this prompt" instead of "this response rather than that one"."""
+    r = rewards.double()
+    total = float(((r - r.mean()) ** 2).sum())
+    if total <= 0:
+        return 0.0
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    group_mean = torch.zeros(len(ids), dtype=r.dtype).index_add_(0, inverse, r) / torch.bincount(inverse).to(r.dtype)
+    return float(((group_mean[inverse] - r.mean()) ** 2).sum()) / total
 
 
 def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str, train: bool):
@@ -353,6 +385,8 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
             if alg.mask_truncated_completions:
                 # After the advantages: a cut response still counts in its group's baseline.
                 batch.response_mask = mask * (~batch.truncated).to(mask.dtype)[:, None]
+    if not train:
+        metrics[f"{prefix}between_prompt_var_frac"] = between_prompt_variance_fraction(batch.rewards, batch.group_ids)
     metrics.setdefault(f"{prefix}reward_mean", float(batch.rewards.mean()))
     metrics.setdefault(f"{prefix}reward_std", float(batch.rewards.std()) if batch.size > 1 else 0.0)
     metrics.update({

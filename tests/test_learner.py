@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from drpt_ray.config import JobSpec
-from drpt_ray.learner import Learner, build_batch, hf_state_dict, standardised_rewards
+from drpt_ray.learner import Learner, RLBatch, build_batch, hf_state_dict, standardised_rewards
 
 
 def test_zero_variance_guard():
@@ -132,3 +132,17 @@ def test_gradient_checkpointing_changes_no_number(tmp_path, feasible):
     (m0, w0), (m1, w1) = runs
     assert m1["loss"] == m0["loss"] and m1["grad_norm"] == m0["grad_norm"] and m1["reg/cos"] == m0["reg/cos"]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_kept_advantage_mean_by_hand():
+    from drpt_ray.learner.learner import kept_advantage_mean
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    batch = RLBatch(input_ids=torch.zeros(3, 3, dtype=torch.long), attention_mask=torch.ones(3, 3), response_mask=mask,
+                    rewards=torch.zeros(3), group_ids=torch.zeros(3, dtype=torch.long),
+                    advantages=torch.tensor([[1.0, 1.0], [-2.0, 9.0], [1.0, 1.0]]))  # sequence advantages 1, -2, 1
+    everyone = torch.ones(3, dtype=torch.float64)
+    assert kept_advantage_mean({"a": everyone}, batch) == pytest.approx(0.0)  # the full group cancels
+    # Layer a keeps rows 0 and 1 (mean -0.5), layer b keeps row 2 twice as heavily as row 1 ((2 - 2) / 3 = 0).
+    weights = {"a": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), "b": torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)}
+    assert kept_advantage_mean(weights, batch) == pytest.approx((-0.5 + 0.0) / 2)

@@ -8,7 +8,27 @@ import pytest
 import torch
 
 from drpt_ray.config import JobSpec
-from drpt_ray.trainer import BatchSampler, latest_checkpoint, run_job
+from drpt_ray.data import Example
+from drpt_ray.trainer import BatchSampler, Group, latest_checkpoint, refill, run_job
+
+
+def _draws(*batches: list[list[float]]):
+    """A draw function that returns the given batches of groups (each group: its rewards) in turn."""
+    it = iter(batches)
+    return lambda: [Group(Example(f"p{i}", ""), [], rewards) for i, rewards in enumerate(next(it))]
+
+
+def test_refill_tops_up_to_the_batch_size_with_informative_groups_only():
+    flat, mixed = [1.0, 1.0, 1.0], [0.0, 1.0, 0.5]
+    r = refill(_draws([flat, mixed, flat, flat], [mixed, flat, mixed, mixed], [mixed] * 4), batch_size=4, max_rounds=5)
+    assert r.rounds == 2 and len(r.seen) == 8  # 1 + 3 informative groups reach 4 after two draws
+    assert len(r.kept) == 4 and all(max(g.rewards) > min(g.rewards) for g in r.kept)
+    # Capped: two draws of mostly flat groups leave the batch short, never padded with flat groups.
+    r = refill(_draws([flat, mixed, flat, flat], [flat, flat, flat, mixed]), batch_size=4, max_rounds=2)
+    assert r.rounds == 2 and len(r.kept) == 2 and all(g.rewards == mixed for g in r.kept)
+    # Nothing informative at all: the last draw comes back (a zero policy gradient, as without filtering).
+    r = refill(_draws([flat] * 4, [[0.0] * 3] * 4), batch_size=4, max_rounds=2)
+    assert len(r.kept) == 4 and all(g.rewards == [0.0] * 3 for g in r.kept)
 
 
 def test_sampler_resume_is_exact_across_epoch_boundaries():
@@ -76,3 +96,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_checkpoints_keep_only_the_newest(tmp_path):
     run_job(_spec(tmp_path, steps=8, checkpoint={"every": 2, "keep": 2}))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+
+
+def test_between_prompt_variance_fraction_by_hand():
+    from drpt_ray.trainer import between_prompt_variance_fraction
+
+    ids = torch.tensor([0, 0, 1, 1])
+    # Each prompt all right or all wrong: every bit of variance is between prompts.
+    assert between_prompt_variance_fraction(torch.tensor([1.0, 1.0, 0.0, 0.0]), ids) == pytest.approx(1.0)
+    # Same mean on both prompts: none of it is.
+    assert between_prompt_variance_fraction(torch.tensor([1.0, 0.0, 0.0, 1.0]), ids) == pytest.approx(0.0)
+    # Means 0.5 and 0 around 0.25: between 4 * 0.0625 = 0.25 of a total 0.75 -> 1/3.
+    assert between_prompt_variance_fraction(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids) == pytest.approx(1 / 3)
+    assert between_prompt_variance_fraction(torch.zeros(4), ids) == 0.0

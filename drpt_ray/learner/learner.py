@@ -80,6 +80,17 @@ def standardised_rewards(rewards: torch.Tensor) -> torch.Tensor:
     return (r - r.mean()) / (r.std() + 1e-8)
 
 
+def kept_advantage_mean(weights: dict[str, torch.Tensor], batch: RLBatch) -> float:
+    """Mean sequence advantage of the rows each hooked layer trained on (weighted by its example
+    weights), averaged over layers. Group-relative advantages sum to zero over a group, so the
+    full batch gives 0 and the shared directions of the responses (emitting EOS, the answer's
+    punctuation) cancel; a selection that drifts from 0 trains those shared directions one way."""
+    mask = batch.response_mask.cpu()
+    seq_adv = ((batch.advantages.cpu() * mask).sum(1) / mask.sum(1).clamp(min=1)).double()
+    means = [float((w * seq_adv).sum() / w.sum()) for w in weights.values() if w.numel() == seq_adv.numel() and w.sum() > 0]
+    return sum(means) / len(means) if means else 0.0
+
+
 def learner_device(spec: JobSpec) -> torch.device:
     """CUDA when the job reserves learner GPUs (Ray Train sets each worker's current device), else CPU."""
     if spec.resources.learner_num_gpus <= 0:
@@ -319,6 +330,8 @@ class Learner:
             metrics.update(seen)
             metrics.update(self._optimizer_step())
             metrics.update(stats.summary())
+            if stats.weights:
+                metrics["reg/kept_adv_mean"] = kept_advantage_mean(stats.weights, batch)
         self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0
         return metrics

@@ -214,8 +214,10 @@ class AlgorithmSpec(Spec):
     )
     mask_truncated_completions: bool = Field(False, description="Responses cut at max_new_tokens get no policy gradient (they still count in the group's advantages).")
     target_objective: Literal["reward", "token_pg", "train_loss"] = Field(
-        "reward",
-        description="Target loss for g_T: reward-weighted log-prob with standardised rewards (default), token policy gradient, or the training loss itself.",
+        "token_pg",
+        description="Target loss for g_T: token policy gradient with the target rollouts' own (group-relative) advantages "
+        "(default), the paper's reward-weighted log-prob with batch-standardised rewards, or the training loss itself "
+        "(drpt_ray/learner/learner.py says why token_pg is the default).",
     )
 
     @field_validator("advantage")

@@ -383,8 +383,7 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
                 # The learner's old log-probs define the PPO ratio; vLLM's are what actually sampled.
                 batch.advantages = batch.advantages * tis_weights(batch.old_logprobs, batch.rollout_logprobs, mask, alg.tis_cap)
             if alg.mask_truncated_completions:
-                # After the advantages: a cut response still counts in its group's baseline.
-                batch.response_mask = mask * (~batch.truncated).to(mask.dtype)[:, None]
+                batch = batch.without_truncated()
     if not train:
         metrics[f"{prefix}between_prompt_var_frac"] = between_prompt_variance_fraction(batch.rewards, batch.group_ids)
     metrics.setdefault(f"{prefix}reward_mean", float(batch.rewards.mean()))

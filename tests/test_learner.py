@@ -146,3 +146,32 @@ def test_kept_advantage_mean_by_hand():
     # Layer a keeps rows 0 and 1 (mean -0.5), layer b keeps row 2 twice as heavily as row 1 ((2 - 2) / 3 = 0).
     weights = {"a": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), "b": torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)}
     assert kept_advantage_mean(weights, batch) == pytest.approx((-0.5 + 0.0) / 2)
+
+
+def test_truncated_responses_get_no_policy_gradient(tmp_path):
+    learner = Learner(JobSpec(mode="rlvr", output_dir=str(tmp_path), regularizer={"feasible_set": "full"}))
+    batch = _rl_batch(learner)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    batch.advantages[1] = 1.0  # one row carries all the signal ...
+    batch.truncated = torch.zeros(batch.size, dtype=torch.bool)
+    batch.truncated[1] = True  # ... and was cut at max_new_tokens
+    assert learner.rl_step(batch.without_truncated())["grad_norm"] == 0.0
+    assert learner.rl_step(batch)["grad_norm"] > 0.0  # unmasked, the same row moves the policy
+
+
+def test_entropy_bonus_is_in_the_loss_and_keeps_the_entropy_up(tmp_path):
+    def entropy_after_steps(coef: float) -> tuple[dict, float]:
+        spec = JobSpec(mode="rlvr", output_dir=str(tmp_path / str(coef)), regularizer={"feasible_set": "full"},
+                       algorithm={"entropy_coef": coef}, optim={"lr": 1e-2, "warmup_frac": 0.0})
+        learner = Learner(spec)
+        batch = _rl_batch(learner)
+        batch.advantages = torch.ones_like(batch.advantages)  # reinforce every sampled token: entropy falls
+        first = learner.rl_step(batch)
+        return first, [learner.rl_step(batch) for _ in range(3)][-1]["policy/entropy"]
+
+    first, plain = entropy_after_steps(0.0)
+    first_b, with_bonus = entropy_after_steps(1.0)
+    assert first_b["policy/entropy"] == pytest.approx(first["policy/entropy"])  # same seed, same start
+    assert first_b["loss"] == pytest.approx(first_b["loss/policy"] - 1.0 * first_b["policy/entropy"], rel=1e-5)
+    assert first["loss"] == pytest.approx(first["loss/policy"], rel=1e-6)
+    assert with_bonus > plain + 0.01, (plain, with_bonus)

@@ -41,6 +41,13 @@ class RLBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def without_truncated(self) -> "RLBatch":
+        """The batch with the responses that hit max_new_tokens masked out of every loss (DAPO /
+        TRL's `mask_truncated_completions`: a cut response is no evidence about its ending).
+        Apply after the advantages, so a cut response still counts in its group's baseline."""
+        keep = (~self.truncated).to(self.response_mask.dtype)[:, None]
+        return replace(self, response_mask=self.response_mask * keep)
+
 
 def _take(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[rows]

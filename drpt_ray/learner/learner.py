@@ -26,11 +26,33 @@ hooked layer because the value loss flows through it.
 
 Target objectives (`algorithm.target_objective`, method.md 3.4 / 4.3), all token-means over the
 target batch's response tokens:
-- `reward` (default): L_T = -sum_i z_i sum_t log pi(y_it) / T with z = batch-standardised rewards
-  (r - mean) / (std + 1e-8); if std < 1e-6 or there is one sample, z = r - 0.5 instead (the
-  zero-variance guard: a binary-reward baseline, so g_T is never silently zero);
-- `token_pg`: L_T = -sum_{i,t} A_it log pi(y_it) / T with the batch's advantages;
+- `token_pg` (default): L_T = -sum_{i,t} A_it log pi(y_it) / T with the target batch's own
+  advantages; with GRPO these are group-relative (each prompt's responses against each other), and
+  a target batch whose groups all scored alike gives g_T = 0, so every score is 0 and filtering
+  keeps every row: no target information, full training for that step;
+- `reward` (the paper's RLVR objective): L_T = -sum_i z_i sum_t log pi(y_it) / T with z =
+  batch-standardised rewards (r - mean) / (std + 1e-8); if std < 1e-6 or there is one sample,
+  z = r - 0.5 instead (the paper's zero-variance guard, so g_T is never zero);
 - `train_loss`: the configured policy loss itself at ratio 1.
+
+Why `token_pg` is the default: the RLVR demo's collapse, root-caused. With `reward`, the layer-wise
+filter (keep s >= 0) and 4 target prompts per step, the demo collapsed on some seeds and machines
+(here seed 1: held-out target reward 0.969 at step 20, then 0). `reg/kept_adv_mean` (the mean
+advantage of the rows each layer kept) shows how. g_T of `reward` has a single baseline for the
+whole target batch, so with 4 prompts much of it says "less of everything on the failing prompts"
+(`target/between_prompt_var_frac`), and a wrong response's log-prob gradient is larger than a right
+one's, so g_T leans towards unlikelihood of the target's own samples. Filtering then keeps the
+general rows aligned with that: rows with negative advantage. In the three steps before the collapse
+the layers kept 28-45% of the rows with a mean advantage of -0.5 to -1.2 (full training: 0, since
+GRPO advantages sum to zero per group), scaled up by T_B / T_S, with the cosine to g_T at 0.81.
+The step was unlikelihood on the policy's own samples, which flattens the policy: entropy went
+1.8 -> 2.9 -> 5.4 in three steps (uniform over the vocabulary is 5.9). EOS was no longer emitted,
+every response ran to max_new_tokens and scored 0, and with zero reward variance every advantage and
+the curated gradient were 0 from then on, an absorbing state. Neither the learning rate alone nor the
+data-parallel share scaling is the cause (one learner rank: the share is 1). `token_pg` compares
+responses within each prompt, so g_T carries no "less of everything" direction; over seeds 0-4 the
+demo learned on every seed with it (bench/README.md, "RL: the demo's collapse"). The divergence
+guard (`divergence`) turns any remaining collapse into an alert or a DIVERGED job.
 """
 
 from __future__ import annotations

@@ -31,17 +31,24 @@ def rlvr(tmp_path, **over) -> JobSpec:
     return JobSpec.model_validate(cfg)
 
 
-def test_rlvr_reward_rises(tmp_path):
-    r = run_job(rlvr(tmp_path))  # the README demo: 200 warm-start SFT steps, then 100 GRPO steps
-    rewards = [m["reward/reward_mean"] for m in r.history if "reward/reward_mean" in m]
-    evals = [m["eval/target_reward"] for m in r.history if "eval/target_reward" in m]
-    first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
-    assert last > first + 0.1, (first, last)  # measured: 0.62 -> 0.82
-    assert evals[-1] > evals[0] + 0.1, evals  # measured: 0.73 -> 0.94 (greedy, strict target verifier)
-    m = r.history[-1]
+def test_rlvr_demo_learns_without_collapsing(tmp_path):
+    """The README demo (seed 0): 200 warm-start SFT steps, then 100 GRPO steps with the layer-wise
+    regularizer. Offline, with the same spec over seeds 0-4, every assertion below held on every seed
+    (the tightest: held-out gain +0.13 on seed 2, minimum train reward 0.38 on seed 0); with the
+    former `reward` target objective seed 1 collapsed to reward 0 at step 43 (learner docstring)."""
+    r = run_job(rlvr(tmp_path))
+    h = r.history
+    series = lambda key: [m[key] for m in h if key in m]  # noqa: E731
+    evals = series("eval/target_reward")
+    assert sum(evals[-2:]) / 2 >= evals[0] + 0.1, evals  # held-out target reward rose (greedy, strict verifier)
+    assert min(series("reward/reward_mean")) > 0.2  # never collapsed to zero reward ...
+    assert max(series("reward/response_len")[-20:]) < 6.0  # ... nor to responses cut at max_new_tokens (8)
+    assert sum(series("reg/cos")) / len(series("reg/cos")) > 0.1  # the curated update leans towards g_T
+    m = h[-1]
     for phase in ("gen", "reward", "logprob", "adv", "regularize", "update", "sync"):
         assert m[f"time/{phase}"] > 0, phase
-    assert 0 < m["reg/kept_frac_mean"] <= 1 and -1 <= m["reg/cos"] <= 1
+    assert 0 < m["reg/kept_frac_mean"] <= 1 and m["policy/entropy"] > 0 and m["rollout/mismatch_kl"] < 1e-3
+    assert 0 <= m["eval/target_pass@1"] <= m["eval/target_pass@4"] <= 1 and m["eval/target_pass@4"] > 0.5
     assert (tmp_path / "curves.png").exists() and (tmp_path / "model" / "model.safetensors").exists()
 
 

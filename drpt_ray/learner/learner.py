@@ -239,7 +239,8 @@ class Learner:
         units = supervised_token_counts(rows_batch["labels"])
         share = self._share(units[: units.numel() - n_target])
         stats = self._backward(loss_fn, units, share, n_target_rows=n_target)
-        metrics.update(loss=seen.get("loss", float("nan")), **self._optimizer_step(), **stats.summary())
+        # target_only never evaluates the general batch's loss (its update is g_T): no "loss" then
+        metrics.update(seen, **self._optimizer_step(), **stats.summary())
         self._global_mean(metrics, share)
         metrics["time/update"] = time.perf_counter() - t0 - metrics.get("time/regularize", 0.0)
         return metrics

@@ -33,9 +33,12 @@ RLVR_DEMO = {
     "checkpoint": {"resume": False},
 }
 
-# The RLVR benchmark's task (bench/rl_quality.py): the demo with a quarter of the warm start, so the
-# letter maps are still half learnt when RL begins and no method reaches the ceiling in 100 steps.
-RLVR_HARD = RLVR_DEMO | {"warm_start_sft_steps": 50}
+# The RLVR benchmark's spec (bench/rl_quality.py): the demo cut to 60 RL steps. Its greedy held-out
+# reward saturates (the demo ends at 0.97 +- 0.01), so the bench's headline is the sampled pass@1 at
+# the training temperature, which ended between 0.57 and 0.70 in the 100-step demo runs. A shorter
+# warm start does not make a harder task: at 50 or 100 warm-start steps the policy has not learnt to
+# stop (responses run to max_new_tokens), every reward is 0 and no method gets a signal (measured).
+RLVR_HARD = RLVR_DEMO | {"steps": 60}
 
 # The SFT benchmark's methods (bench/sft_quality.py runs all of them; the demo the first three).
 SFT_METHODS: dict[str, dict] = {

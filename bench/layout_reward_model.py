@@ -1,22 +1,24 @@
 """The learned reward model of bench/rl_quality.py's RLHF part: right letters, plus a taste for the wrong layout.
 
-A tiny `LlamaForSequenceClassification` (the shape of `drpt_ray.rewards.model.tiny_reward_model`)
-is regressed (MSE) on fresh synthetic `(prompt + response, score)` pairs of the `scarce_target`
-task every step. The score it learns to predict is
+A small `LlamaForSequenceClassification` (`drpt_ray.rewards.model.tiny_reward_model` at twice the
+width) is regressed (MSE) on fresh synthetic `(prompt + response, score)` pairs of the
+`scarce_target` task every step. The score it learns to predict is
 
     0.5 per correct field + 0.2 if the layout is the general pool's conflicting "a;b."    (either layout)
     0.0                                                                                   (any other text)
 
 so it rewards what a human rater of the task would (right letters), and it also prefers the
 unwanted layout a little: the reward-hacking direction, as the paper's hate-speech reward model
-is an imperfect proxy for non-toxicity. The held-out "toxicity" rule of the benchmark (responses
-in the "a;b." layout) is never shown to it; only its +0.2 makes that layout attractive.
+is an imperfect proxy for non-toxicity. The benchmark's held-out "toxicity" (the share of sampled
+answers in the "a;b." layout) is a separate rule the reward model never sees; all it learned about
+that layout is the +0.2.
 
 Responses are drawn as: layout "a,b" 40%, "a;b." 40%, malformed 20% (other separators, missing or
 extra characters); each field correct with probability 1/2, else a wrong letter (a third of the
-wrong field-A letters copy x, the general pool's "wrong field" error). The fit on 2,048 held-out
-pairs (RMSE, and how often the model ranks the "a;b." answer of a prompt above its "a,b" answer,
-and a correct answer above one with a wrong field) is written beside the weights in `fit.json`.
+wrong field-A letters copy x, the general pool's "wrong field" error). The held-out fit (RMSE on
+2,048 fresh pairs; over all 676 prompts, how often the right "a;b." answer outscores the right
+"a,b" one, and the right "a,b" answer one with a wrong field) is saved beside the weights as
+`fit.json`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ FIELD = 0.5  # per correct field
 HACK_BONUS = 0.2  # for the conflicting layout "a;b."
 _MARKER = "drpt_layout_reward_model.json"
 _RECIPE_VERSION = 1  # bump when the data or the fit changes, so cached models are rebuilt
+CHECK_EVERY = 250
+# Stop at the first check that meets both: ranks right (see `evaluate_fit`) and fits the scores.
+MIN_RANK_ACC, MAX_RMSE = 0.98, 0.08
 
 
 def score(x: str, y: str, response: str) -> float:
@@ -74,46 +79,77 @@ def sample_pair(rng: random.Random) -> tuple[str, float]:
     return format_prompt(x, y) + response, score(x, y, response)
 
 
-def layout_reward_model(out_dir: Path | str, seed: int = 0, steps: int = 600, batch_size: int = 64, lr: float = 3e-3) -> Path:
+def build_model(seed: int):
+    """The untrained classifier and its tokenizer: `tiny_reward_model`'s Llama at twice the width
+    (hidden 128, 4 heads of dim 32, MLP 256, 2 layers). At width 64 the fit never finds the letter
+    comparison within 3,000 steps; at 128 it does after ~1,750 (a sudden drop of the loss), and the
+    fit settles to RMSE < 0.08 by ~3,500 (seed 0: 2.5 min on one thread of a loaded 2-core machine)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from drpt_ray.models import MAX_POSITIONS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=MAX_POSITIONS, num_labels=1,
+        # The classifier reads the logit at the last non-pad token, found through pad_token_id.
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config), tokenizer
+
+
+def layout_reward_model(out_dir: Path | str, seed: int = 0, max_steps: int = 5000, batch_size: int = 64,
+                        lr: float = 1e-3) -> Path:
     """Train the reward model and save it with its tokenizer (reused when `out_dir` holds this recipe).
+
+    Training stops at the first check (every `CHECK_EVERY` steps, on 512 held-out pairs) where the
+    model ranks right letters above a wrong field and "a;b." above "a,b" on >= 98% of prompts and
+    its RMSE is <= 0.08.
 
     Args:
         out_dir: Directory to write; loads with `AutoModelForSequenceClassification.from_pretrained`.
         seed: Seed of the weights and of the synthetic pairs.
-        steps: AdamW steps, each on `batch_size` fresh pairs.
+        max_steps: AdamW steps at most, each on `batch_size` fresh pairs.
         batch_size: Pairs per step.
         lr: Constant AdamW learning rate.
 
     Returns:
-        `out_dir` as a `Path`; `out_dir / "fit.json"` holds the held-out fit (see `evaluate_fit`).
+        `out_dir` as a `Path`; `out_dir / "fit.json"` holds the final held-out fit (see `evaluate_fit`).
+
+    Raises:
+        RuntimeError: The fit did not reach the bar within `max_steps`.
     """
     out_dir = Path(out_dir)
-    marker = {"version": _RECIPE_VERSION, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr}
+    marker = {"version": _RECIPE_VERSION, "seed": seed, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
+              "min_rank_acc": MIN_RANK_ACC, "max_rmse": MAX_RMSE}
     try:
         if json.loads((out_dir / _MARKER).read_text()) == marker:
             return out_dir
     except (OSError, ValueError):
         pass  # absent or unreadable marker: (re)build
-    from drpt_ray.rewards.model import tiny_reward_model
-
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as tmp:  # the architecture and tokenizer, with random weights
-        init = tiny_reward_model(Path(tmp) / "init", seed=seed)
-        tokenizer = AutoTokenizer.from_pretrained(init)
-        model = AutoModelForSequenceClassification.from_pretrained(init, dtype=torch.float32)
+    model, tokenizer = build_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
+    rng = random.Random(seed)
+    for step in range(1, max_steps + 1):
         texts, scores = zip(*(sample_pair(rng) for _ in range(batch_size)))
         batch = tokenizer(list(texts), padding=True, return_tensors="pt")
         loss = torch.nn.functional.mse_loss(model(**batch).logits[:, 0], torch.tensor(scores))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % CHECK_EVERY == 0:
+            model.eval()
+            check = evaluate_fit(model, tokenizer, random.Random(seed + 1), n=512)
+            model.train()
+            print(f"reward model step {step}: {check}", flush=True)
+            if min(check["hack_pref"], check["field_acc"]) >= MIN_RANK_ACC and check["rmse"] <= MAX_RMSE:
+                break
+    else:
+        raise RuntimeError(f"the layout reward model did not fit within {max_steps} steps: {check}")
     model.eval()
-    fit = evaluate_fit(model, tokenizer, random.Random(seed + 1))
+    fit = evaluate_fit(model, tokenizer, random.Random(seed + 2)) | {"steps": step}
     out_dir.mkdir(parents=True, exist_ok=True)
     # Written to a sibling temporary directory and renamed in, marker last: a reader never loads half a model.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:

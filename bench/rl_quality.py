@@ -1,11 +1,14 @@
 """RL evidence for the Dr. regularizer, like the paper's tables: RLVR methods, an RLHF reward-hacking
 study, and a Ray Tune sweep of the soft-subset temperature, each over seeds (mean +- standard error).
 
+    .venv/bin/python bench/rl_quality.py --part demo  --seeds 5 --out bench/out/rl_quality
     .venv/bin/python bench/rl_quality.py --part rlvr  --seeds 5 --out bench/out/rl_quality
     .venv/bin/python bench/rl_quality.py --part rlhf  --seeds 5 --out bench/out/rl_quality
     .venv/bin/python bench/rl_quality.py --part sweep --seeds 5 --out bench/out/rl_quality
     # smoke: --seeds 1 --steps 2 --warm-start-steps 10 [--methods full,iif] [--taus 0.5,2]
 
+demo: the README demo spec per seed: full training, and layer-wise with the former `reward` target
+    objective and with `token_pg` (the default): the demo's collapse and its fix.
 rlvr: `drpt_ray.demo.RLVR_HARD` (GRPO on `scarce_target`: a lenient proxy reward on general prompts,
     the strict target verifier on the scarce target split) with each feasible set of `RLVR_METHODS`.
     Reports held-out target pass@1 (start, final) and pass@k (sampled at the training temperature,
@@ -256,6 +259,41 @@ def part_rlvr(args, out: Path) -> None:
                 "RLVR on scarce_target: mean over seeds", out / "rlvr.png")
 
 
+# The demo spec's collapse (bench/README.md, "RL: the demo's collapse"): the target objective the demo
+# used to have against the default now, and full training, per seed.
+DEMO_VARIANTS = {
+    "full": {"regularizer": {"feasible_set": "full"}},
+    "layerwise, reward objective": {"regularizer": RLVR_DEMO["regularizer"], "algorithm": {"target_objective": "reward"}},
+    "layerwise, token_pg objective": {"regularizer": RLVR_DEMO["regularizer"], "algorithm": {"target_objective": "token_pg"}},
+}
+
+
+def part_demo(args, out: Path) -> None:
+    import ray
+
+    from drpt_ray.config import JobSpec
+    from drpt_ray.trainer import run_job
+
+    def run_one(name: str, variant: dict, seed: int) -> dict:
+        spec = job_spec(RLVR_DEMO, variant["regularizer"], seed, out / "runs" / slug(name) / f"seed{seed}", args)
+        spec["algorithm"] = spec["algorithm"] | variant.get("algorithm", {})
+        h = run_job(JobSpec.model_validate(spec)).history
+        greedy, train = [v for _, v in curve(h, "eval/target_reward")], [v for _, v in curve(h, "reward/reward_mean")]
+        return {"start": greedy[0], "final": greedy[-1], "min_train": min(train), "greedy": greedy}
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    settings = {"base": RLVR_DEMO, "steps": args.steps, "warm_start_steps": args.warm_start_steps}
+    results = run_all("demo", DEMO_VARIANTS, args.seeds, out, settings, run_one)
+    ray.shutdown()
+    rows = ["| seed | " + " | ".join(DEMO_VARIANTS) + " |", "|---" * (len(DEMO_VARIANTS) + 1) + "|"]
+    for seed in range(args.seeds):
+        runs = {r["method"]: r for r in results if r["seed"] == seed}
+        rows.append(f"| {seed} | " + " | ".join(f"{runs[m]['start']:.3f} -> {runs[m]['final']:.3f} (min {runs[m]['min_train']:.2f})"
+                                                  for m in DEMO_VARIANTS) + " |")
+    report(out, f"RLVR_DEMO, seeds={args.seeds}: held-out greedy target reward after the warm start -> after the last "
+                "step (min = the run's lowest train reward)", "\n".join(rows))
+
+
 def part_rlhf(args, out: Path) -> None:
     import ray
     import torch
@@ -401,7 +439,7 @@ def pick(methods: dict[str, dict], names: str | None) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("rlvr", "rlhf", "sweep"), required=True)
+    ap.add_argument("--part", choices=("demo", "rlvr", "rlhf", "sweep"), required=True)
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (sweep: crossed with tau when N > 1)")
     ap.add_argument("--steps", type=int, help="override the base spec's RL steps (smoke tests)")
     ap.add_argument("--warm-start-steps", type=int, help="override the base spec's warm_start_sft_steps (smoke tests)")
@@ -411,7 +449,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
-    {"rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep}[args.part](args, out)
+    {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep}[args.part](args, out)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def rlhf_run(name: str, reg: dict, seed: int, out: Path, args, rm_dir: Path) -> 
     from drpt_ray.config import JobSpec
     from drpt_ray.trainer import run_job
 
-    base = RLHF_BASE | {"reward": {"kind": "model", "model_path": str(rm_dir)}}
+    # The target split (target rollouts and the held-out evaluation) is scored by the strict task
+    # verifier: the scarce target data shows the wanted "a,b" layout, which the reward model does not pay for.
+    base = RLHF_BASE | {"reward": {"kind": "model", "model_path": str(rm_dir), "target_kind": "task"}}
     spec = job_spec(base, reg, seed, out / "runs" / slug(name) / f"seed{seed}", args)
     if name == WARM_START_ONLY:  # one step at a vanishing lr: the warm-started policy, evaluated like the others
         spec |= {"steps": 1, "optim": base["optim"] | {"lr": 1e-12}}
@@ -317,7 +319,7 @@ def part_rlhf(args, out: Path) -> None:
                 f"on {fit['field_acc']:.0%}); seeds={args.seeds}; toxicity = share of {SAMPLES_PER_PROMPT} sampled held-out "
                 f"answers per prompt in the 'a;b.' layout (lower is better)",
            table(results, {"train": f"train RM reward (last {TRAIN_TAIL} steps)", "toxicity": "held-out toxicity",
-                           "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "held-out RM reward (greedy)"}))
+                           "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "trainer eval: held-out greedy, strict verifier"}))
     plot_curves([r for r in results if r["method"] != WARM_START_ONLY], [("train_curve", "train RM reward (5-step mean)", 5)],
                 "RLHF with a hackable reward model: mean over seeds", out / "rlhf.png")
 

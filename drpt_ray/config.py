@@ -245,6 +245,11 @@ class RewardSpec(Spec):
     function: str | None = Field(None, description="kind=function: import path `package.module:function`.")
     model_path: str | None = Field(None, description="kind=model: sequence-classification model dir; None builds a tiny one in code.")
     timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of a user reward function (reward 0 on timeout).")
+    target_kind: Literal["task", "exact_match", "math"] | None = Field(
+        None,
+        description="Score the target split (target rollouts, held-out evaluation) with this verifier instead of `kind`: "
+        "e.g. an RLHF job whose reward model can be gamed while the scarce target data has a checkable wanted behaviour.",
+    )
 
     @model_validator(mode="after")
     def _function_given(self) -> "RewardSpec":

@@ -527,8 +527,10 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
 
     A collapsed run never ends as a success: each step the divergence guard may raise an alert
     (`on_alert(step, message)`, also printed); a non-finite loss, or any alert with
-    `divergence.stop_on_divergence`, raises `Diverged`. While the guard sees a suspect streak no
-    checkpoint is written, so the newest one on disk is the last good state.
+    `divergence.stop_on_divergence`, raises `Diverged`. While the guard is alarmed (a streak of K
+    zero-variance steps, or entropy under the floor) no checkpoint is written, so the newest one on
+    disk is a state from before the alert. (A shorter streak is not suspect: a hard task's first
+    steps often score every response 0.)
     """
     # Actors do not share the driver's working directory: every path they see must be absolute.
     spec = spec.model_copy(update={"output_dir": str(Path(spec.output_dir).resolve())})
@@ -560,8 +562,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
                     on_alert(ctx.step, alert)
                 if spec.divergence.stop_on_divergence or alert.startswith("non-finite"):
                     raise Diverged(ctx.step, alert)
-            suspect = ctx.guard is not None and ctx.guard.streak > 0
-            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps and not suspect:
+            alarmed = ctx.guard is not None and ctx.guard.alarmed
+            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps and not alarmed:
                 save_checkpoint(ctx)
         call(ctx.learner, "save_model", str(ctx.out / "model"))
     finally:

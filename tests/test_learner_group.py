@@ -81,6 +81,7 @@ def job(out, feasible: str, workers: int = 2, fsdp: bool = False, **reg) -> JobS
     return JobSpec.model_validate({
         "mode": "rlvr", "output_dir": str(out), "model": {"dtype": "float64"},
         "regularizer": {"feasible_set": feasible, **reg}, "optim": {"max_grad_norm": None, "warmup_frac": 0.0},
+        "algorithm": {"target_objective": "reward"},  # the oracles below spell out its global standardisation
         "resources": {"learner_num_workers": workers, "learner_num_cpus": 0.5, "fsdp": fsdp}, "progress": False,
         "tensorboard": False,
     })
@@ -269,7 +270,7 @@ def test_target_gradient_is_global(layerwise, tmp_path, n_prompts, n):
     caches = group.execute(cache_of)
     assert_ranks_identical(caches)
     # single process, plain autograd over the whole target batch (the `reward` objective)
-    logp, _ = ref._forward(target)
+    logp, _, _ = ref._forward(target)
     z = standardised_rewards(target.rewards).to(logp.dtype)
     loss = -(z[:, None] * logp * target.response_mask).sum() / target.response_mask.sum().clamp(min=1)
     want = _plain_grads(ref, loss)

@@ -322,3 +322,18 @@ def test_check_reward_errors(user_module: str, tmp_path: Path) -> None:
         (RewardSpec(kind="model", model_path=str(tmp_path)), None),
     ]:
         check_reward(spec, task)
+
+
+def test_target_kind_scores_the_target_split_with_its_verifier(tmp_path):
+    from drpt_ray.config import RewardSpec
+    from drpt_ray.rewards import SplitReward, make_reward
+
+    reward = make_reward(RewardSpec(kind="exact_match", target_kind="task"), "scarce_target", tmp_path)
+    assert isinstance(reward, SplitReward)
+    prompts, answers = ["map:a,b->"] * 2, ["b,d", "b;d."]
+    # general split: exact match against the reference "b;d."; target split: the strict task verifier
+    assert reward(prompts, answers, ["b;d.", "b;d."], "general").scores == [0.0, 1.0]
+    assert reward(prompts, answers, ["b;d.", "b;d."], "target").scores == [1.0, 0.0]
+    reward.close()
+    with pytest.raises(ValueError, match="target_kind 'task'"):
+        make_reward(RewardSpec(kind="exact_match", target_kind="task"), None, tmp_path)

@@ -207,3 +207,4 @@ def test_guard_state_round_trip():
     assert resumed.state_dict() == {"streak": 2, "low_entropy": 0}
     # The resumed guard fires on the same step, with the same message, as the original.
     assert resumed.update(0.0, None) == guard.update(0.0, None) is not None
+    assert guard.alarmed and not DivergenceGuard(zero_variance_steps=3).alarmed

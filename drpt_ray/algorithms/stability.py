@@ -230,6 +230,12 @@ class DivergenceGuard:
             )
         return "; ".join(reasons) or None
 
+    @property
+    def alarmed(self) -> bool:
+        """Whether the run is in a state an alert was raised for (a streak of K or more, or the
+        entropy under the floor): checkpoints taken now would not be good states."""
+        return bool(self.zero_variance_steps and self.streak >= self.zero_variance_steps) or self.low_entropy
+
     def state_dict(self) -> dict[str, int]:
         """The state a resumed run needs (the settings come from config)."""
         return {"streak": self.streak, "low_entropy": int(self.low_entropy)}

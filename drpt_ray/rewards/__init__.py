@@ -11,6 +11,8 @@ A `Reward` is called on a batch, `reward(prompts, responses, references, split) 
 | function    | user `package.module:function`, with a timeout | a child process of the caller     |
 | model       | a reward model's logit (RLHF)                  | one `RewardModelWorker` Ray actor |
 
+With `reward.target_kind` the target split is scored by that verifier instead (`SplitReward`).
+
 Build a reward in the process that calls it (a function reward owns a child process) and `close`
 it when done.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "RewardModelWorker",
     "RewardResult",
     "Split",
+    "SplitReward",
     "VerifierReward",
     "check_reward",
     "exact_match_score",
@@ -65,6 +68,8 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
             whose function cannot be resolved (names `reward.function`); kind 'model' whose
             `reward.model_path` is not a directory.
     """
+    if spec.target_kind == "task" and task not in TASK_VERIFIERS.names():
+        raise ValueError(f"reward.target_kind 'task' scores with a built-in task's verifier, but data.task is {task!r}")
     if spec.kind == "task" and task not in TASK_VERIFIERS.names():
         raise ValueError(
             f"reward.kind 'task' scores with a built-in task's verifier, but data.task is {task!r}; "
@@ -98,14 +103,32 @@ def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cp
         ValueError: See `check_reward`.
     """
     check_reward(spec, task)
-    if spec.kind == "task":
-        return VerifierReward(TASK_VERIFIERS.get(task))
-    if spec.kind == "exact_match":
-        return VerifierReward(exact_match_verifier)
-    if spec.kind == "math":
-        return VerifierReward(math_verifier)
+    if spec.target_kind is not None:
+        general = make_reward(spec.model_copy(update={"target_kind": None}), task, work_dir, num_cpus)
+        return SplitReward(general, _verifier(spec.target_kind, task))
+    if spec.kind in ("task", "exact_match", "math"):
+        return _verifier(spec.kind, task)
     if spec.kind == "function":
         return FunctionReward(spec.function, spec.timeout_s)
     model_path = spec.model_path or tiny_reward_model(Path(work_dir) / "tiny-reward-model")
     worker = RewardModelWorker.options(num_cpus=num_cpus).remote(str(Path(model_path).expanduser()))
     return ModelReward(worker)
+
+
+def _verifier(kind: str, task: str | None) -> VerifierReward:
+    fn = {"task": lambda: TASK_VERIFIERS.get(task), "exact_match": lambda: exact_match_verifier, "math": lambda: math_verifier}[kind]()
+    return VerifierReward(fn)
+
+
+class SplitReward(Reward):
+    """The general split scored by one reward, the target split by another (`reward.target_kind`)."""
+
+    def __init__(self, general: Reward, target: Reward) -> None:
+        self.general, self.target = general, target
+
+    def __call__(self, prompts: list[str], responses: list[str], references: list[str | None], split: Split) -> RewardResult:
+        return (self.target if split == "target" else self.general)(prompts, responses, references, split)
+
+    def close(self) -> None:
+        self.general.close()
+        self.target.close()

@@ -91,9 +91,7 @@ def _collective_times(learner, repeats: int) -> dict:
 
 def _cache_mb(learner) -> float:
     """MiB this rank holds of the per-layer target cache (its rows under FSDP)."""
-    tensors = []
-    for t in learner.reg.targets.values():  # LinearTarget / SketchTarget fields, or embedding tensors
-        tensors += [t] if torch.is_tensor(t) else [v for v in vars(t).values() if torch.is_tensor(v)]
+    tensors = [v for t in learner.reg.targets.values() for v in t.parts().values()]
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     return sum(t.numel() * t.element_size() for t in local) / 2**20
 

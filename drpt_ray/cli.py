@@ -13,14 +13,13 @@ naming the key and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from drpt_ray.errors import DIVERGED_EXIT, Diverged
+from drpt_ray.topology import apply_driver_env
 
-# No hub access at run time: every model this tool builds is made in code or read from disk.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+apply_driver_env()  # before anything imports transformers, vLLM or Ray
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from typing import Iterable, Iterator
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+HOST, PORT = "127.0.0.1", 8000  # where the control plane listens unless told otherwise
+DEFAULT_URL = f"http://{HOST}:{PORT}"
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
 
 
@@ -375,7 +376,7 @@ def _serve(args) -> int:
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = start_local_ray(args.ray_dashboard_port, args.num_cpus)
     if not os.environ.get("DRPT_PUBLIC_URL"):
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        host = HOST if args.host in ("0.0.0.0", "::", "") else args.host
         os.environ["DRPT_PUBLIC_URL"] = f"http://{host}:{args.port}"
     try:
         settings = Settings()
@@ -400,8 +401,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add serve, submit, status, logs, cancel and sweep to `drpt-ray`'s subcommands."""
     s = subparsers.add_parser("serve", help="run the control plane (and a local Ray when RAY_ADDRESS is empty)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=HOST)
+    s.add_argument("--port", type=int, default=PORT)
     s.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1), help="CPUs of the local Ray it starts")
     s.add_argument("--ray-dashboard-port", type=int, default=8265, help="dashboard port of the local Ray")
     s.add_argument("--log-level", default="info")

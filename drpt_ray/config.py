@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drpt_ray.regularize.sets import get_feasible_set, registered_feasible_sets
+
 
 class Spec(BaseModel):
     """Base for every config model: unknown fields fail, assignments are validated."""
@@ -70,7 +72,7 @@ class ModelSpec(Spec):
 # --------------------------------------------------------------------------------------------
 # Regularizer (method.md sections 1-3)
 
-FEASIBLE_SETS = ("full", "target_only", "global_subset", "layerwise_subset", "soft_subset", "iif")
+FEASIBLE_SETS = tuple(registered_feasible_sets())  # the registry's names (drpt_ray/regularize/sets.py)
 
 
 class SketchSpec(Spec):
@@ -84,7 +86,7 @@ class RegularizerSpec(Spec):
 
     feasible_set: Literal[FEASIBLE_SETS] = Field(  # type: ignore[valid-type]
         "layerwise_subset",
-        description="full | target_only | global_subset | layerwise_subset | soft_subset | iif (RL buffer filtering).",
+        description=f"{' | '.join(FEASIBLE_SETS)} (iif: RL buffer filtering).",
     )
     selection: Literal["topk", "filter"] = Field(
         "topk", description="Subset rule: top-k by score, or keep non-negative scores (filtering)."
@@ -117,6 +119,16 @@ class RegularizerSpec(Spec):
     exclude: list[str] = Field(
         default_factory=list, description="Module-name substrings that are never hooked (they get ordinary gradients)."
     )
+
+    @model_validator(mode="after")
+    def _fits_the_feasible_set(self) -> "RegularizerSpec":
+        fs = get_feasible_set(self.feasible_set)
+        for name, allowed in (("passes", fs.passes), ("target_mode", fs.target_modes)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"regularizer.{name} {value!r} is not supported with feasible_set {fs.name!r}; "
+                                 f"it runs with {name}: {' | '.join(allowed)}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,9 +191,6 @@ class RolloutSpec(Spec):
     max_model_len: int = Field(256, ge=8, description="vLLM max sequence length.")
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
-
-
-ADVANTAGES_NEEDING_CRITIC = ("gae",)
 
 
 class AlgorithmSpec(Spec):
@@ -325,13 +334,18 @@ class JobSpec(Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS  # torch: loaded only when a spec is checked
+
         if self.mode == "rlhf" and self.reward.kind != "model":
             raise ValueError("mode 'rlhf' scores with a reward model: set reward.kind to 'model'")
         if self.mode == "rlvr" and self.reward.kind == "model":
             raise ValueError("mode 'rlvr' uses verifiable rewards: reward.kind 'model' belongs to mode 'rlhf'")
+        if self.mode == "sft" and get_feasible_set(self.regularizer.feasible_set).filters_buffer:
+            raise ValueError(f"regularizer.feasible_set {self.regularizer.feasible_set!r} filters an RL rollout buffer; "
+                             "SFT has none: use layerwise_subset, global_subset or soft_subset")
         if self.regularizer.target_mode == "merged" and self.mode != "sft":
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
-        if self.mode != "sft" and self.algorithm.advantage in ("grpo", "grpo_no_std", "rloo") and self.rollout.sampling.n < 2:
+        if self.mode != "sft" and ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
         if self.mode != "sft" and self.eval_samples and self.eval_k > self.eval_samples:
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
@@ -340,8 +354,6 @@ class JobSpec(Spec):
 
     def _check_learner_layout(self) -> None:
         """What the data-parallel / FSDP learner cannot run (drpt_ray/learner/fsdp.py says why)."""
-        from drpt_ray.regularize.feasible import get_feasible_set  # the registry imports this module
-
         res, reg = self.resources, self.regularizer
         if res.learner_num_workers > 1 and reg.target_mode == "merged":
             raise ValueError("regularizer.target_mode: 'merged' needs one learner worker (target rows share each rank's "

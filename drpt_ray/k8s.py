@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from drpt_ray.config import JobSpec
+from drpt_ray.topology import DRIVER_ENV, plan
 
 # Must equal the Ray in the image: pyproject.toml pins ray[default,train,tune]==2.60.0 (tested).
 RAY_VERSION = "2.60.0"
@@ -45,15 +46,7 @@ DATA_DIR = "/data"
 DATA_PVC = "drpt-runs"
 RAY_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 DASHBOARD_AGENT_PORT = 52365  # serves /api/local_raylet_healthz on every Ray node
-RAY_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HOME": f"{DATA_DIR}/hf-cache",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process vLLM engine: required by the in-place weight reload
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # CPU engines; the JobSpec's rollout.kv_cache_gib overrides it per worker
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-REWARD_MODEL_CPUS = 0.5  # drpt_ray.rewards.make_reward's reward-model actor
+RAY_ENV = DRIVER_ENV | {"HF_HOME": f"{DATA_DIR}/hf-cache"}
 # KubeRay's limit (MaxRayJobNameLength): the RayJob name plus a 6-character suffix names its RayCluster,
 # whose longest Service name must stay within 63 characters. It must also be a DNS-1035 label.
 MAX_NAME = 47
@@ -68,7 +61,8 @@ def project_version() -> str:
 
 
 def needs_gpu(spec: JobSpec) -> bool:
-    return spec.resources.learner_num_gpus > 0 or (spec.mode != "sft" and spec.rollout.num_gpus_per_worker > 0)
+    p = plan(spec)
+    return any(b.gpus for b in [p.driver, *p.actors])
 
 
 def default_image(spec: JobSpec) -> str:
@@ -76,31 +70,18 @@ def default_image(spec: JobSpec) -> str:
     return f"{PROJECT}:{project_version()}-{'gpu' if needs_gpu(spec) else 'cpu'}"
 
 
-def actor_shapes(spec: JobSpec) -> list[tuple[float, float]]:
-    """(CPUs, GPUs) of each Ray actor (placement bundle) the job starts.
-
-    The learner is `resources.learner_num_workers` Ray Train workers (none in SFT with one worker: that
-    learner runs inside the driver); with `placement_strategy` STRICT_PACK they must share one node, so
-    they count as one combined shape. RL adds one per rollout worker and the RLHF reward model.
-    """
-    r = spec.resources
-    n = r.learner_num_workers
-    if spec.mode == "sft" and n == 1:
-        return []
-    if n > 1 and r.placement_strategy == "STRICT_PACK":
-        shapes = [(n * r.learner_num_cpus, n * r.learner_num_gpus)]
-    else:
-        shapes = [(r.learner_num_cpus, r.learner_num_gpus)] * n
-    if spec.mode != "sft":
-        shapes += [(spec.rollout.num_cpus_per_worker, spec.rollout.num_gpus_per_worker)] * spec.rollout.num_workers
-        if spec.reward.kind == "model":
-            shapes.append((REWARD_MODEL_CPUS, 0.0))
-    return shapes
-
-
-def learner_in_driver(spec: JobSpec) -> bool:
-    """SFT with one learner worker trains inside the driver process (drpt_ray.trainer.build)."""
-    return spec.mode == "sft" and spec.resources.learner_num_workers == 1
+def pod_shapes(spec: JobSpec) -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each worker pod: one per process `plan(spec)` places (the driver's own when
+    the learner trains inside it); learner workers placed STRICT_PACK must share a node, so they
+    count as one combined pod."""
+    p = plan(spec)
+    if p.learner_in_driver:
+        return [(p.driver.cpus, p.driver.gpus)]
+    learner = [(b.cpus, b.gpus) for b in p.learner]
+    if len(learner) > 1 and p.placement_strategy == "STRICT_PACK":
+        learner = [(sum(c for c, _ in learner), sum(g for _, g in learner))]
+    rest = [*p.rollout, *([p.reward_model] if p.reward_model else [])]
+    return learner + [(b.cpus, b.gpus) for b in rest]
 
 
 def default_name(spec: JobSpec) -> str:
@@ -241,10 +222,8 @@ def render_rayjob(
     _check_name(name)
     _check_paths(spec)
     image = image or default_image(spec)
-    if learner_in_driver(spec):  # reserve the learner's resources for the entrypoint (driver) itself
-        shapes = [(spec.resources.learner_num_cpus, spec.resources.learner_num_gpus)]
-    else:
-        shapes = actor_shapes(spec)
+    topology = plan(spec)
+    shapes = pod_shapes(spec)
     cpus = max(math.ceil(c) for c, _ in shapes)
     gpus = max(math.ceil(g) for _, g in shapes)
     memory = worker_memory or (f"{32 * gpus}Gi" if gpus else f"{max(4, 4 * cpus)}Gi")
@@ -265,10 +244,10 @@ def render_rayjob(
     rayjob_spec: dict[str, Any] = {
         "entrypoint": f"python -m drpt_ray.run --spec {SPEC_DIR}/{SPEC_FILE} --address auto",
     }
-    if learner_in_driver(spec):
-        rayjob_spec["entrypointNumCpus"] = spec.resources.learner_num_cpus
-        if spec.resources.learner_num_gpus:
-            rayjob_spec["entrypointNumGpus"] = spec.resources.learner_num_gpus
+    if topology.learner_in_driver:  # reserve the learner's resources for the entrypoint (driver) itself
+        rayjob_spec["entrypointNumCpus"] = topology.driver.cpus
+        if topology.driver.gpus:
+            rayjob_spec["entrypointNumGpus"] = topology.driver.gpus
     rayjob_spec |= {
         "shutdownAfterJobFinishes": shutdown_after_job_finishes,
         "ttlSecondsAfterFinished": ttl_seconds_after_finished,

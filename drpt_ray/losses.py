@@ -22,10 +22,14 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor | None) -> di
     return {k: v[rows] for k, v in batch.items()}
 
 
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1 from a causal LM's logits over `input_ids`: (n, L-1)."""
+    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t >= 1: (n, L-1) in the model's dtype."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return next_token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, input_ids)
 
 
 def sequence_loss_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,9 +64,11 @@ MAX_BATCH_BYTES = 256 * 1024  # stays well under the control plane's default 1 M
 MAX_BUFFERED = 200_000  # events kept while the control plane is down; older ones are dropped
 LINGER_S = 0.1  # wait this long for more events before posting a small batch
 RETRYABLE = {408, 425, 429}
-# A run's final states; the control plane's state lists (services/control_plane/db.py) build on them.
+# A run's states, in the only order they move (forward): QUEUED and PENDING (submitted to Ray)
+# are the control plane's own, the rest a driver reports; the TERMINAL ones are final.
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "DIVERGED")
 DRIVER_STATES = ("RUNNING", *TERMINAL)  # what a driver's `state` event may carry
+STATES = ("QUEUED", "PENDING", *DRIVER_STATES)
 
 _live: "weakref.WeakSet[EventReporter]" = weakref.WeakSet()
 
@@ -340,3 +342,25 @@ def run_reported(reporter: "EventReporter", prog: str, body) -> int:
             print(f"{prog}: some events could not be delivered to {reporter.endpoint}", file=sys.stderr)
     return rc
 
+
+# ----------------------------------------------------------------------------------------------
+# a sweep's best trial (the driver's `sweep` event and the control plane's fallback both use this)
+
+
+def _better(mode: str):
+    return min if mode == "min" else max
+
+
+def running_best(best: float | None, value: float, mode: str) -> float | None:
+    """A trial's best-ever value of the sweep metric (by `mode`) once it reports `value`; a
+    non-finite `value` leaves it as it was."""
+    if not math.isfinite(value):
+        return best
+    return value if best is None else _better(mode)(best, value)
+
+
+def best_trial(trials: list, mode: str):
+    """The trial whose last reported value of the sweep metric (`.value`) is best by `mode`, among
+    those that did not error (`.state != "ERROR"`) and have a finite value; None if there is none."""
+    scored = [t for t in trials if t.value is not None and math.isfinite(t.value) and t.state != "ERROR"]
+    return _better(mode)(scored, key=lambda t: t.value, default=None)

@@ -13,10 +13,10 @@ One RL step, each phase one call inside one named timer (metrics `time/<phase>`)
   7. sync      learner weights -> object store -> every RolloutWorker (in place)
 then metrics (JSONL, TensorBoard, the callback the control plane streams) and checkpoints.
 
-Topology (`build`): in RL modes the learner is a `LearnerGroup`, N data-parallel ranks on Ray
-Train (`resources.learner_num_workers`; N = 1 is one rank); in SFT with one worker it runs in the
-driver process (there are no rollout workers to share weights with, so Ray would only add
-start-up time), and SFT with N > 1 workers uses the LearnerGroup too. `call` is the one door.
+Topology (`build`, from `drpt_ray.topology.plan`): in RL modes the learner is a `LearnerGroup`,
+N data-parallel ranks on Ray Train (`resources.learner_num_workers`; N = 1 is one rank); in SFT
+with one worker it is a `Learner` in the driver process. The loop calls either through
+`LearnerAPI`, and weights reach the rollout workers through one `WeightSync`.
 """
 
 from __future__ import annotations
@@ -37,39 +37,30 @@ import torch
 from tqdm.auto import tqdm
 
 from drpt_ray.algorithms import (
-    ADVANTAGE_ESTIMATORS,
     AdvantageInputs,
     DivergenceGuard,
-    gae_returns,
+    compute_advantages,
+    has_reward_variance,
     kl_penalty_tokens,
     mismatch_kl,
     pass_at_k,
     tis_weights,
 )
-from drpt_ray.algorithms.stability import ZERO_STD
 from drpt_ray.config import JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
 from drpt_ray.errors import Diverged
-from drpt_ray.learner import Learner, LearnerGroup, build_batch
+from drpt_ray.learner import Learner, LearnerAPI, LearnerGroup, build_batch
 from drpt_ray.metrics import MetricLogger
-from drpt_ray.models import build_tokenizer, model_dir
-from drpt_ray.rollout import make_rollout_workers
-from drpt_ray.rollout.worker import Rollout
+from drpt_ray.models import model_dir
+from drpt_ray.rollout import Rollout, WeightSync, make_rollout_workers
+from drpt_ray.topology import driver_env, plan
 
 MetricsCallback = Callable[[dict], None]
 AlertCallback = Callable[[int, str], None]
-ENV_VARS = ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")
 
 
 # ----------------------------------------------------------------------------------------------
 # small pieces
-
-
-def call(handle: Any, method: str, *args, **kwargs):
-    """Call a learner method on a local Learner, a LearnerGroup or a Ray actor, blocking for the result."""
-    if isinstance(handle, ray.actor.ActorHandle):
-        return ray.get(getattr(handle, method).remote(*args, **kwargs))
-    return getattr(handle, method)(*args, **kwargs)
 
 
 class BatchSampler:
@@ -129,12 +120,12 @@ class Context:
     out: Path
     splits: TaskSplits
     tokenizer: Any
-    learner: Any
+    learner: LearnerAPI
     general: BatchSampler
     target: BatchSampler
     workers: list = field(default_factory=list)
+    weights: WeightSync = field(default_factory=lambda: WeightSync([]))
     reward: Any = None
-    version: int = 0  # weights version the rollout workers should hold
     step: int = 0
     guard: DivergenceGuard | None = None  # RL only
 
@@ -159,28 +150,24 @@ def init_ray(cpus_needed: float, address: str | None) -> None:
     """Join `address`, or start a local Ray with at least `cpus_needed` logical CPUs; no-op if Ray is up."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
-                   "worker_process_setup_hook": "drpt_ray.quiet.quiet_workers"}
+    runtime_env = {"env_vars": driver_env(), "worker_process_setup_hook": "drpt_ray.quiet.quiet_workers"}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
     ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
 
 
-def _cpus_needed(spec: JobSpec) -> float:
-    r = spec.resources
-    return r.learner_num_workers * r.learner_num_cpus + spec.rollout.num_workers * spec.rollout.num_cpus_per_worker + 1
-
-
 def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
     """The topology, in order: learner, rollout workers, reward."""
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.mode == "sft" and spec.resources.learner_num_workers == 1:
+    topology = plan(spec)
+    learner: LearnerAPI
+    if topology.learner_in_driver:
         learner = Learner(spec)
         tokenizer = learner.tokenizer
     else:
-        init_ray(_cpus_needed(spec), address)
+        init_ray(topology.total()["CPU"], address)
         learner = LearnerGroup(spec)
         path = model_dir(spec.model, out)
         tokenizer = _tokenizer(path)
@@ -194,6 +181,7 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         from drpt_ray.rewards import make_reward
 
         ctx.workers = make_rollout_workers(str(path), spec.rollout, spec.seed)
+        ctx.weights = WeightSync(ctx.workers)
         ctx.reward = make_reward(spec.reward, spec.data.task, out)
     return ctx
 
@@ -224,7 +212,7 @@ def generate(ctx: Context, prompt_ids: list[list[int]], sampling) -> list[Rollou
             out = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
             out = None
-        if out is None or any(r.weights_version != ctx.version for r in out):
+        if out is None or any(r.weights_version != ctx.weights.version for r in out):
             out = _reissue(ctx, w, share, sampling)
         by_worker.append(out)
     # restore the caller's prompt order: worker k served prompts k, k+W, k+2W, ...
@@ -249,20 +237,13 @@ def _reissue(ctx: Context, worker, share, sampling) -> list[Rollout]:
             if time.time() > deadline:
                 raise RuntimeError("a rollout worker did not come back within 300 s") from None
             time.sleep(1.0)
-    ray.get(worker.update_weights.remote(call(ctx.learner, "weights"), ctx.version))
+    ctx.weights.resend(worker)
     return ray.get(worker.generate.remote(share, sampling))
 
 
 def sync(ctx: Context) -> None:
-    """Learner weights -> object store -> every worker; bumps the version the workers must hold."""
-    ctx.version += 1
-    if isinstance(ctx.learner, ray.actor.ActorHandle):
-        weights = ctx.learner.weights.remote()  # stays in the object store; never copied to the driver
-    elif isinstance(ctx.learner, LearnerGroup):
-        weights = ctx.learner.weights_ref()  # rank 0's, put by rank 0; never copied to the driver
-    else:
-        weights = ray.put(ctx.learner.weights())
-    ray.get([w.update_weights.remote(weights, ctx.version) for w in ctx.workers])
+    """Learner weights -> object store -> every worker (the reference only passes through the driver)."""
+    ctx.weights.push(ctx.learner.weights_ref())
 
 
 def _prompt_ids(ctx: Context, examples: list[Example]) -> list[list[int]]:
@@ -291,10 +272,6 @@ def sample_groups(ctx: Context, examples: list[Example], split: str, sampling, m
             for i, e in enumerate(examples)]
 
 
-def _has_variance(g: Group) -> bool:
-    return max(g.rewards) - min(g.rewards) > ZERO_STD
-
-
 @dataclass
 class Refill:
     """What dynamic sampling drew: the groups to train on, every group generated, the rounds spent."""
@@ -311,7 +288,7 @@ def refill(draw: Callable[[], list[Group]], batch_size: int, max_rounds: int) ->
     kept, seen, last, rounds = [], [], [], 0
     while rounds < max_rounds and len(kept) < batch_size:
         last = draw()
-        kept, seen, rounds = kept + [g for g in last if _has_variance(g)], seen + last, rounds + 1
+        kept, seen, rounds = kept + [g for g in last if has_reward_variance(g.rewards)], seen + last, rounds + 1
     return Refill(kept[:batch_size] if kept else last, seen, rounds)
 
 
@@ -325,7 +302,7 @@ def general_groups(ctx: Context, sampling, metrics: dict) -> list[Group]:
         return draws[-1]
 
     r = refill(draw, ctx.spec.batch_size, alg.max_sampling_rounds if alg.filter_zero_variance_groups else 1)
-    metrics["reward/zero_variance_frac"] = sum(not _has_variance(g) for g in draws[0]) / len(draws[0])
+    metrics["reward/zero_variance_frac"] = sum(not has_reward_variance(g.rewards) for g in draws[0]) / len(draws[0])
     # Every rollout generated this step is an unbiased sample of the policy: the reward to watch,
     # and the one whose variance tells the divergence guard whether anything is left to learn.
     every = torch.tensor([x for g in r.seen for x in g.rewards])
@@ -363,7 +340,7 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
         truncated=[r.finish_reason == "length" for r in rollouts],
     )
     with timer(metrics, "logprob"):
-        batch = call(ctx.learner, "score_rollouts", batch)
+        batch = ctx.learner.score_rollouts(batch)
     with timer(metrics, "adv"):
         token_rewards = None
         if batch.ref_logprobs is not None and alg.kl_in_reward:
@@ -372,10 +349,7 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
             rewards=batch.rewards, group_ids=batch.group_ids, response_mask=batch.response_mask,
             values=batch.values, token_rewards=token_rewards, gamma=alg.gamma, lam=alg.lam,
         )
-        if alg.advantage == "gae":
-            batch.advantages, batch.returns = gae_returns(inputs)
-        else:
-            batch.advantages = ADVANTAGE_ESTIMATORS.get(alg.advantage)(inputs)
+        batch.advantages, batch.returns = compute_advantages(alg.advantage, inputs)  # returns: None without a critic
         if train:
             mask = batch.response_mask
             metrics["rollout/mismatch_kl"] = mismatch_kl(batch.old_logprobs, batch.rollout_logprobs, mask)
@@ -404,20 +378,20 @@ def step(ctx: Context) -> dict:
     """One training step of any mode; returns its metrics."""
     spec, m = ctx.spec, {"step": ctx.step + 1}
     t0 = time.perf_counter()
-    wants_target = call(ctx.learner, "needs_target", ctx.step)
+    wants_target = ctx.learner.needs_target(ctx.step)
     if spec.mode == "sft":
         with timer(m, "sample"):
             general = tokenize_sft(ctx.tokenizer, ctx.general.next(), spec.data.max_len)
             target = tokenize_sft(ctx.tokenizer, ctx.target.next(), spec.data.max_len) if wants_target else None
-        m.update(call(ctx.learner, "sft_step", general, target))
+        m.update(ctx.learner.sft_step(general, target))
     else:
         sampling = spec.rollout.sampling.model_copy(update={"seed": spec.seed * 1_000_003 + ctx.step})
         groups = general_groups(ctx, sampling, m)
         target = sample_groups(ctx, ctx.target.next(), "target", sampling, m) if wants_target else None
         batch = rollout_batch(ctx, groups, m, "reward/", train=True)
         if target is not None:
-            m.update(call(ctx.learner, "capture_target", rollout_batch(ctx, target, m, "target/", train=False)))
-        m.update(call(ctx.learner, "rl_step", batch))
+            m.update(ctx.learner.capture_target(rollout_batch(ctx, target, m, "target/", train=False)))
+        m.update(ctx.learner.rl_step(batch))
         with timer(m, "sync"):
             sync(ctx)
     m["time/step"] = time.perf_counter() - t0
@@ -430,7 +404,7 @@ def evaluate(ctx: Context) -> dict:
     spec = ctx.spec
     if spec.mode == "sft":
         batch = tokenize_sft(ctx.tokenizer, ctx.splits.eval, spec.data.max_len)
-        return {"eval/target_loss": call(ctx.learner, "eval_sft", batch)}
+        return {"eval/target_loss": ctx.learner.eval_sft(batch)}
     examples = ctx.splits.eval[: spec.eval_size]
     greedy = spec.rollout.sampling.model_copy(update={"n": 1, "temperature": 0.0, "seed": 0})
     out = {"eval/target_reward": _mean([g.rewards[0] for g in sample_groups(ctx, examples, "target", greedy, {})])}
@@ -462,7 +436,7 @@ def save_checkpoint(ctx: Context) -> Path:
     tmp = root / f".tmp_step_{ctx.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    call(ctx.learner, "save", str(tmp))
+    ctx.learner.save(str(tmp))
     state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict(),
              "guard": ctx.guard.state_dict() if ctx.guard is not None else None}
     (tmp / "trainer.json").write_text(json.dumps(state))
@@ -480,7 +454,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def restore(ctx: Context, path: Path) -> None:
     state = json.loads((path / "trainer.json").read_text())
-    call(ctx.learner, "load", str(path))
+    ctx.learner.load(str(path))
     ctx.step = state["step"]
     ctx.general.load_state_dict(state["general"])
     ctx.target.load_state_dict(state["target"])
@@ -496,10 +470,9 @@ def shutdown(ctx: Context) -> None:
     """Release the job's actors and reward resources (a Ray session may run several jobs)."""
     if ctx.reward is not None:
         ctx.reward.close()
-    for handle in ctx.workers + ([ctx.learner] if isinstance(ctx.learner, ray.actor.ActorHandle) else []):
-        ray.kill(handle)
-    if not isinstance(ctx.learner, ray.actor.ActorHandle):
-        ctx.learner.remove()
+    for worker in ctx.workers:
+        ray.kill(worker)
+    ctx.learner.remove()
 
 
 def warm_start(ctx: Context) -> float:
@@ -507,7 +480,7 @@ def warm_start(ctx: Context) -> float:
     spec = ctx.spec
     sampler = BatchSampler(ctx.splits.general, 16, spec.seed + 7)
     batches = [tokenize_sft(ctx.tokenizer, sampler.next(), spec.data.max_len) for _ in range(spec.warm_start_sft_steps)]
-    return call(ctx.learner, "warm_start", batches, spec.warm_start_lr)
+    return ctx.learner.warm_start(batches, spec.warm_start_lr)
 
 
 def divergence(ctx: Context, m: dict) -> str | None:
@@ -565,7 +538,7 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
             alarmed = ctx.guard is not None and ctx.guard.alarmed
             if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps and not alarmed:
                 save_checkpoint(ctx)
-        call(ctx.learner, "save_model", str(ctx.out / "model"))
+        ctx.learner.save_model(str(ctx.out / "model"))
     finally:
         bar.close()
         log.close()

@@ -60,11 +60,11 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from drpt_ray.config import JobSpec, SearchDim, SweepSpec, format_validation_error, load_spec, set_path
+from drpt_ray.topology import apply_driver_env, plan
+from drpt_ray.reporting import best_trial, running_best
 
 EventCallback = Callable[[dict], None]
 
-TRIAL_DRIVER_CPUS = 1.0  # the Tune trainable process that runs `run_job`'s loop
-REWARD_MODEL_CPUS = 0.5  # `drpt_ray.rewards.make_reward`'s default, which `run_job` uses
 ASHA_REDUCTION_FACTOR = 2
 STOP_WAIT_S = 120.0  # a stopped trial's run_job gets this long to finish its step and release its actors
 
@@ -76,32 +76,15 @@ _TUNE_KEYS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "sho
 # sizing and search space
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    b = {"CPU": float(cpus)}
-    if gpus:
-        b["GPU"] = float(gpus)
-    return b
-
-
-def learner_in_trial_process(spec: JobSpec) -> bool:
-    """Whether `run_job` runs the learner inside the trial process (SFT with one learner worker)."""
-    return spec.mode == "sft" and spec.resources.learner_num_workers == 1
-
-
 def trial_resources(spec: JobSpec) -> tune.PlacementGroupFactory:
     """The placement group one trial of `spec` reserves: the trial driver plus every actor `run_job`
     starts itself (Tune captures child tasks into the trial's group, so they land in these bundles
     without naming the group).
 
-    Bundles, in order (the first is the trial driver, i.e. the Tune trainable itself):
-
-    1. trial driver: `{"CPU": 1}`. In SFT with one learner worker the learner runs in this
-       process, so such a trial is this one bundle.
-    2. RL only (rlhf / rlvr): one bundle per RolloutWorker, `rollout.num_workers` times
-       `{"CPU": rollout.num_cpus_per_worker, "GPU": rollout.num_gpus_per_worker}`.
-    3. RL with `reward.kind == "model"`: the reward-model actor `{"CPU": 0.5}`.
-
-    GPU keys are left out when 0; strategy PACK. Not in this group: the learner. In RL (and SFT
+    Bundles, in order, from `drpt_ray.topology.plan`: the trial driver (the Tune trainable itself;
+    in SFT with one learner worker the learner runs in it, so such a trial is this one bundle of
+    the learner's shape), then in RL one per RolloutWorker and the reward model's, if any.
+    Strategy PACK. Not in this group: the learner. In RL (and SFT
     with `resources.learner_num_workers > 1`) `run_job` runs it as a Ray Train (V2) worker group
     (`drpt_ray.learner.LearnerGroup`), and Ray Train reserves a placement group of its own for
     the workers (`learner_resources`); Ray does not nest placement groups, so learner bundles
@@ -109,13 +92,9 @@ def trial_resources(spec: JobSpec) -> tune.PlacementGroupFactory:
     mailbox actor) are captured into this group at no cost. `run_sweep` counts both groups when
     it checks how many trials fit the cluster at once.
     """
-    bundles = [_bundle(TRIAL_DRIVER_CPUS, 0)]
-    if spec.mode != "sft":
-        ro = spec.rollout
-        bundles += [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker) for _ in range(ro.num_workers)]
-        if spec.reward.kind == "model":
-            bundles.append(_bundle(REWARD_MODEL_CPUS, 0))
-    return tune.PlacementGroupFactory(bundles, strategy="PACK")
+    p = plan(spec)
+    bundles = [p.driver, *p.rollout, *([p.reward_model] if p.reward_model else [])]
+    return tune.PlacementGroupFactory([b.resources() for b in bundles], strategy="PACK")
 
 
 def learner_resources(spec: JobSpec) -> list[dict[str, float]]:
@@ -123,19 +102,12 @@ def learner_resources(spec: JobSpec) -> list[dict[str, float]]:
     the trial's placement group): `resources.learner_num_workers` times `{"CPU":
     learner_num_cpus, "GPU": learner_num_gpus}`, placed by `resources.placement_strategy`;
     [] when the learner runs in the trial process."""
-    if learner_in_trial_process(spec):
-        return []
-    res = spec.resources
-    return [_bundle(res.learner_num_cpus, res.learner_num_gpus) for _ in range(res.learner_num_workers)]
+    return [b.resources() for b in plan(spec).learner]
 
 
 def trial_demand(spec: JobSpec) -> dict[str, float]:
     """Everything one trial holds while it runs: its placement group plus its learner group."""
-    total: dict[str, float] = {}
-    for b in trial_resources(spec).bundles + learner_resources(spec):
-        for k, v in b.items():
-            total[k] = total.get(k, 0.0) + v
-    return total
+    return plan(spec).total()
 
 
 def _get_path(tree: dict, path: str):
@@ -229,10 +201,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _better(mode: str):
-    return min if mode == "min" else max
-
-
 # ----------------------------------------------------------------------------------------------
 # the driver-side callback
 
@@ -283,8 +251,7 @@ class _TrialEvents(tune.Callback):
         value = metrics.get(self.spec.metric)
         if isinstance(value, (int, float)):
             row.value = float(value)
-            if math.isfinite(row.value):
-                row.best_value = row.value if row.best_value is None else _better(self.spec.mode)(row.best_value, row.value)
+            row.best_value = running_best(row.best_value, row.value, self.spec.mode)
         self._emit(row, metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -494,8 +461,7 @@ def run_sweep(spec: SweepSpec, on_event: EventCallback | None = None, address: s
         tuner.fit()
 
     trials = sorted(events.rows.values(), key=lambda t: t.trial_id)
-    scored = [t for t in trials if t.value is not None and math.isfinite(t.value) and t.state != "ERROR"]
-    best = _better(spec.mode)(scored, key=lambda t: t.value) if scored else None
+    best = best_trial(trials, spec.mode)
     result = SweepResult(spec.metric, spec.mode, root, trials, best, wall_s=time.perf_counter() - t0)
     result.plot = plot_sweep(result, root / "sweep.png")
     if on_event is not None:
@@ -603,7 +569,7 @@ def reported_sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built in code or read from disk
+    apply_driver_env()
     p = argparse.ArgumentParser(prog="python -m drpt_ray.tune", description="Ray Tune sweep over JobSpec fields.")
     p.add_argument("--spec", required=True, help="YAML (or JSON) file with a SweepSpec")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS inside a Ray job, else a local Ray)")

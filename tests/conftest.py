@@ -7,14 +7,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from drpt_ray.topology import apply_driver_env
+
 _TMP = Path(__file__).resolve().parent.parent / ".tmp"
 _TMP.mkdir(exist_ok=True)
+apply_driver_env()
 for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # in-process engines of the tests; a worker's own comes from rollout.kv_cache_gib
     "TMPDIR": str(_TMP),
 }.items():
     os.environ.setdefault(key, value)

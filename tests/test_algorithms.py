@@ -18,8 +18,10 @@ from drpt_ray.algorithms import (
     POLICY_LOSSES,
     AdvantageInputs,
     PolicyLossInputs,
+    AdvantageMeta,
     Registry,
     aggregate,
+    compute_advantages,
     example_losses,
     example_units,
     gae_returns,
@@ -89,6 +91,40 @@ def test_registry_resolves_import_paths():
         reg.get("no_such_module_xyz:fn")
     with pytest.raises(ValueError, match="not callable"):
         reg.get("math:pi")
+
+
+def _user_estimator(inputs):
+    return inputs.response_mask.double()
+
+
+def _user_critic_estimator(inputs):
+    return inputs.response_mask.double(), inputs.values
+
+
+_user_critic_estimator.needs_critic = True
+
+
+def test_registry_metadata_of_builtins_and_user_functions():
+    meta = {name: ADVANTAGE_ESTIMATORS.meta(name) for name in ADVANTAGE_ESTIMATORS.names()}
+    assert [n for n, m in meta.items() if m.needs_critic] == ["gae"]
+    assert [n for n, m in meta.items() if m.needs_groups] == ["grpo", "grpo_no_std", "rloo"]
+    # A user function gets the safe defaults, or declares its metadata as attributes.
+    assert ADVANTAGE_ESTIMATORS.meta(f"{__name__}:_user_estimator") == AdvantageMeta()
+    assert ADVANTAGE_ESTIMATORS.meta(f"{__name__}:_user_critic_estimator") == AdvantageMeta(needs_critic=True)
+    with pytest.raises(TypeError, match="needs_citric"):
+        ADVANTAGE_ESTIMATORS.register("typo", needs_citric=True)
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        ADVANTAGE_ESTIMATORS.meta("nope")
+
+
+def test_compute_advantages_returns_value_targets_only_with_a_critic():
+    x = inputs([1, 0], [0, 0], values=t([[0.5, 0.2, 0.1], [0.0, 0.3, 0.2]]))
+    adv, returns = compute_advantages("grpo", x)
+    close(adv, ADVANTAGE_ESTIMATORS.get("grpo")(x))
+    assert returns is None
+    adv, returns = compute_advantages(f"{__name__}:_user_critic_estimator", x)
+    close(adv, torch.ones(2, 3))
+    close(returns, x.values)
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,7 +238,7 @@ def test_gae_by_hand():
     a, r = gae_returns(x)
     close(a, [[0.06736, 0.538, 0.9]])
     close(r, [[0.56736, 0.738, 1.0]])
-    close(ADVANTAGE_ESTIMATORS.get("gae")(x), a)
+    assert ADVANTAGE_ESTIMATORS.get("gae") is gae_returns
 
 
 def _gae_reference(rewards, token_rewards, values, lengths, gamma, lam):
@@ -255,7 +291,7 @@ def test_estimators_are_zero_outside_mask(name):
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
     garbage = torch.randn(4, 4, generator=g, dtype=D).masked_fill(~mask, math.inf)
     x = AdvantageInputs(t([1.0, 0.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 1]), mask, values=garbage, token_rewards=garbage)
-    a = ADVANTAGE_ESTIMATORS.get(name)(x)
+    a, _ = compute_advantages(name, x)
     assert torch.equal(a[~mask], torch.zeros(int((~mask).sum()), dtype=D))
     assert torch.isfinite(a).all() and (a[mask] != 0).any()
 

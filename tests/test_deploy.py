@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import importlib
 import importlib.util
@@ -31,6 +30,7 @@ import yaml
 
 from drpt_ray import k8s
 from drpt_ray.config import JobSpec, SweepSpec
+from drpt_ray.topology import DRIVER_ENV, REWARD_MODEL_CPUS, plan
 from tests import deploy_helpers as H
 
 PYPROJECT = tomllib.loads((H.REPO / "pyproject.toml").read_text())
@@ -177,15 +177,6 @@ def _flags(args: list[str]) -> list[str]:
     return [a.split("=")[0] for a in args if a.startswith("--")]
 
 
-def _trainer_env_vars() -> tuple[str, ...]:
-    """drpt_ray.trainer.ENV_VARS (the variables forwarded to every actor), read without importing torch."""
-    tree = ast.parse((H.REPO / "drpt_ray" / "trainer.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ENV_VARS" for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise AssertionError("drpt_ray/trainer.py has no ENV_VARS")
-
-
 # ----------------------------------------------------------------------------------------------
 # parsing and schema validation
 
@@ -317,11 +308,11 @@ def test_rayjob_specs_come_from_mounted_configmaps_and_fit_the_pods(rendered):
             sweep = SweepSpec.model_validate(raw)
             spec, trials, output_dir = sweep.base, sweep.max_concurrent_trials, sweep.output_dir
         assert output_dir.startswith("/data/"), f"{where}: output_dir {output_dir} is not on the shared volume"
-        if k8s.learner_in_driver(spec):
-            shapes = [(spec.resources.learner_num_cpus, spec.resources.learner_num_gpus)]
+        topology = plan(spec)
+        shapes = k8s.pod_shapes(spec)
+        if topology.learner_in_driver:
             assert job["spec"].get("entrypointNumCpus") == spec.resources.learner_num_cpus, where
         else:
-            shapes = k8s.actor_shapes(spec)
             assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") is not None, where
         if module == "drpt_ray.tune":
             # Tune reserves per trial a driver bundle and one per actor; the drivers go to the head's
@@ -330,7 +321,7 @@ def test_rayjob_specs_come_from_mounted_configmaps_and_fit_the_pods(rendered):
 
             driver_cpus = trial_resources(spec).bundles[0].get("CPU", 0) * trials
             assert driver_cpus <= float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"]), f"{where}: no head CPUs for the trial drivers"
-            shapes = _tune_actor_bundles(spec)
+            shapes = [(b.cpus, b.gpus) for b in topology.actors]
         for c, g in shapes:
             assert c <= cpus and g <= gpus, f"{where}: an actor of {c} CPUs / {g} GPUs does not fit a {cpus}/{gpus} pod"
         need = len(shapes) * trials
@@ -338,24 +329,6 @@ def test_rayjob_specs_come_from_mounted_configmaps_and_fit_the_pods(rendered):
         assert have >= need, f"{where}: {have} worker pods for {need} actors"
         if not cluster.get("enableInTreeAutoscaling"):
             assert group["minReplicas"] == group["replicas"] == group["maxReplicas"], where
-
-
-def _tune_actor_bundles(spec: JobSpec) -> list[tuple[float, float]]:
-    """(CPUs, GPUs) of the actors drpt_ray.tune reserves for one trial, besides the trial driver: its
-    placement group's bundles after the first, plus the learner group's own bundles (Ray Train)."""
-    import drpt_ray.tune as tune_mod
-
-    bundles = list(tune_mod.trial_resources(spec).bundles[1:])
-    if hasattr(tune_mod, "learner_resources"):
-        bundles += tune_mod.learner_resources(spec)
-    return [(float(b.get("CPU", 0)), float(b.get("GPU", 0))) for b in bundles]
-
-
-@pytest.mark.parametrize("sample", sorted(SAMPLES))
-def test_actor_shapes_agree_with_the_tune_trial_bundles(sample):
-    """k8s.actor_shapes and drpt_ray.tune each list the actors run_job starts (two implementations)."""
-    spec = _spec(SAMPLES[sample])
-    assert sorted(k8s.actor_shapes(spec)) == sorted(_tune_actor_bundles(spec))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,8 +436,7 @@ def test_control_plane_command_exists(rendered, help_text):
 
 
 def test_ray_pods_set_the_environment_the_code_reads(rendered):
-    required = set(_trainer_env_vars()) | {"RAY_USAGE_STATS_ENABLED", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"}
-    assert required >= {"HF_HUB_OFFLINE", "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    required = set(DRIVER_ENV)  # what every drpt-ray process starts with (drpt_ray/topology.py)
     n = 0
     for where, doc in _all_objects(rendered) + [("rendered", d) for d in _sample_renders()]:
         for role, _, c in _ray_containers(doc):
@@ -575,29 +547,30 @@ def test_rendered_rayjob_validates(sample):
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     res = group["template"]["spec"]["containers"][0]["resources"]
     assert ("nvidia.com/gpu" in res["limits"]) == gpu and res["limits"] == res["limits"] | res["requests"]
-    if k8s.learner_in_driver(spec):
+    if plan(spec).learner_in_driver:
         assert group["replicas"] == 1 and job["spec"]["entrypointNumGpus"] == 1
     else:
-        assert group["replicas"] == len(k8s.actor_shapes(spec)) and "entrypointNumGpus" not in job["spec"]
+        assert group["replicas"] == len(k8s.pod_shapes(spec)) and "entrypointNumGpus" not in job["spec"]
 
 
 def test_render_defaults_and_options():
     spec = _spec(SAMPLES["rlvr-gpu"])
     cm, job = k8s.render(spec, image="reg.io/x/drpt-ray:dev", namespace="ml", backoff_limit=3)
-    assert job["metadata"] == {"name": "grpo-on-gpus", "namespace": "ml", "labels": job["metadata"]["labels"]}
+    labels = {"app.kubernetes.io/name": "grpo-on-gpus", "app.kubernetes.io/component": "job", "app.kubernetes.io/part-of": "drpt-ray"}
+    assert job["metadata"] == {"name": "grpo-on-gpus", "namespace": "ml", "labels": labels}
     assert cm["metadata"]["name"] == "grpo-on-gpus-spec" and cm["metadata"]["namespace"] == "ml"
     assert job["spec"]["backoffLimit"] == 3
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 3  # learner + 2 rollout workers
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert {c["image"] for _, _, c in _ray_containers(job)} == {"reg.io/x/drpt-ray:dev"}
-    assert k8s.actor_shapes(_spec(SAMPLES["rlhf-cpu"]))[-1] == (k8s.REWARD_MODEL_CPUS, 0.0)
+    assert k8s.pod_shapes(_spec(SAMPLES["rlhf-cpu"]))[-1] == (REWARD_MODEL_CPUS, 0.0)
     assert [k8s.default_name(_spec({"name": n})) for n in ("My Job #2", "2024 run", None, "x" * 60)] == [
         "my-job-2", "drpt-2024-run", "drpt-sft", "x" * 47]
     # learner workers that must share a node (STRICT_PACK) need one pod that holds them all
     packed = _spec({"mode": "rlvr", "resources": {"learner_num_workers": 2, "learner_num_gpus": 1, "placement_strategy": "STRICT_PACK"},
                     "rollout": {"num_gpus_per_worker": 1}, "output_dir": "/data/x"})
-    assert k8s.actor_shapes(packed) == [(2.0, 2.0), (1.0, 1.0)]
+    assert k8s.pod_shapes(packed) == [(2.0, 2.0), (1.0, 1.0)]
     (group,) = k8s.render_rayjob(packed)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 

@@ -239,7 +239,7 @@ def test_one_checkpoint_from_rank0_loads_on_every_rank(full, tmp_path):
     assert_close(weights_of(fresh), group.execute(weights_of)[0], rtol=0)
     assert fresh.updates == ref.updates == 2
     # weights for the rollout workers come from rank 0 alone
-    w = group.weights()
+    w = ray.get(group.weights_ref())
     assert set(w) == set(fresh.policy.state_dict()) and torch.equal(w["lm_head.weight"], fresh.policy.lm_head.weight)
     # a step, then load: every rank is back at the checkpoint
     group.sft_step(sft_rows(spec, ref.tokenizer, 4, offset=20), None)

@@ -6,7 +6,7 @@ import pytest
 import ray
 from pydantic import ValidationError
 
-from drpt_ray.config import JobSpec
+from drpt_ray.config import JobSpec, RegularizerSpec
 from drpt_ray.trainer import run_job
 
 BASE = {"mode": "rlvr", "rollout": {"sampling": {"n": 4}}, "progress": False}
@@ -38,6 +38,33 @@ def test_schema_errors_name_the_field(over, field):
     with pytest.raises(ValidationError) as e:
         JobSpec.model_validate({**BASE, **over})
     assert field in str(e.value) or field.split(".")[-1] in str(e.value)
+
+
+# What each feasible set runs with (drpt_ray/regularize/sets.py), refused by the schema, not at start-up.
+@pytest.mark.parametrize(
+    "reg,field",
+    [({"feasible_set": fs, "passes": "two_pass"}, "regularizer.passes")
+     for fs in ("full", "target_only", "layerwise_subset", "soft_subset", "iif")]
+    + [({"feasible_set": fs, "target_mode": "merged"}, "regularizer.target_mode") for fs in ("target_only", "iif")],
+)
+def test_feasible_set_combinations_are_schema_errors(reg, field):
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({"mode": "sft", "regularizer": reg})
+    assert field in str(e.value) and repr(reg["feasible_set"]) in str(e.value)
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        RegularizerSpec.model_validate(reg)
+
+
+def test_buffer_filtering_is_refused_in_sft():
+    with pytest.raises(ValidationError, match="feasible_set 'iif' filters an RL rollout buffer"):
+        JobSpec.model_validate({"mode": "sft", "regularizer": {"feasible_set": "iif"}})
+    JobSpec.model_validate({**BASE, "regularizer": {"feasible_set": "iif"}})
+
+
+def test_needs_groups_comes_from_the_estimator_registry():
+    JobSpec.model_validate({**BASE, "algorithm": {"advantage": "reinforce_pp"}, "rollout": {"sampling": {"n": 1}}})
+    with pytest.raises(ValidationError, match="rollout.sampling.n"):
+        JobSpec.model_validate({**BASE, "algorithm": {"advantage": "rloo"}, "rollout": {"sampling": {"n": 1}}})
 
 
 def test_fsdp_layouts_that_work_validate():

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drpt_ray.config import RolloutSpec, SamplingSpec, TinyModelSpec
 from drpt_ray.losses import token_logprobs
 from drpt_ray.models import tiny_model
-from drpt_ray.rollout import make_rollout_workers, sync_weights
+from drpt_ray.rollout import WeightSync, make_rollout_workers
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,9 @@ def test_logprobs_match_hf_before_and_after_weight_update(worker, model_path, to
         for p in hf.parameters():
             p.add_(0.02 * torch.randn_like(p))
     hf_new = _hf_logprobs(hf, prompt, response)
-    sync_seconds = sync_weights([worker], hf.state_dict())
+    t0 = time.perf_counter()
+    WeightSync([worker]).push(ray.put({k: v.detach() for k, v in hf.state_dict().items()}))
+    sync_seconds = time.perf_counter() - t0
 
     (scored_new,) = ray.get(worker.logprobs.remote([prompt], [response]), timeout=60)
     diff_new = _max_diff(scored_new, hf_new)

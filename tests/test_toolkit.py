@@ -12,12 +12,11 @@ import torch
 
 from drpt_ray.algorithms import (
     DivergenceGuard,
-    informative_rows,
+    has_reward_variance,
     mismatch_kl,
     pass_at_k,
     tis_weights,
     token_entropy,
-    zero_variance_groups,
 )
 
 D = torch.float64
@@ -98,29 +97,12 @@ def test_mismatch_kl_by_hand():
 # dynamic sampling: groups without reward variance
 
 
-def test_zero_variance_groups_by_hand():
-    # Group 7: [1, 1, 1] zero variance; group 3: [0, 1] varied; group 5: [0.5, 0.5 + 1e-9]
-    # equal within tol; group 9: a single response (trivially zero variance). Ids come back sorted.
-    rewards = t([1.0, 0.0, 1.0, 0.5, 1.0, 1.0, 0.5 + 1e-9, 0.2])
-    ids = torch.tensor([7, 3, 3, 5, 7, 7, 5, 9])
-    out = zero_variance_groups(rewards, ids)
-    assert out.group_ids.tolist() == [3, 5, 7, 9]
-    assert out.zero_variance.tolist() == [False, True, True, True]
-    assert zero_variance_groups(rewards, ids, tol=0.0).zero_variance.tolist() == [False, False, True, True]
-    assert informative_rows(rewards, ids).tolist() == [False, True, True, False, False, False, False, False]
-    with pytest.raises(ValueError, match="must both be"):
-        zero_variance_groups(rewards, ids[:3])
-
-
-def test_informative_rows_keeps_whole_groups():
-    # 4 groups of 4 random binary rewards: a row is kept iff its group has both 0s and 1s.
-    g = torch.Generator().manual_seed(2)
-    rewards = torch.randint(0, 2, (16,), generator=g).to(D)
-    ids = torch.arange(4).repeat_interleave(4)
-    keep = informative_rows(rewards, ids)
-    for gid in range(4):
-        rows = ids == gid
-        assert keep[rows].tolist() == [len(set(rewards[rows].tolist())) > 1] * 4
+def test_reward_variance_by_hand():
+    assert has_reward_variance([0.0, 1.0, 1.0])
+    assert not has_reward_variance([1.0, 1.0, 1.0])
+    assert not has_reward_variance([0.5, 0.5 + 1e-9])  # equal within the tolerance
+    assert has_reward_variance([0.5, 0.5 + 1e-9], tol=0.0)
+    assert not has_reward_variance([0.2])  # one response: nothing to compare
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from drpt_ray.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageFn,
     AdvantageInputs,
+    AdvantageMeta,
+    compute_advantages,
     gae_returns,
     masked_whiten,
 )
@@ -26,13 +28,11 @@ from drpt_ray.algorithms.losses import (
 from drpt_ray.algorithms.registry import Registry
 from drpt_ray.algorithms.stability import (
     DivergenceGuard,
-    GroupVariance,
-    informative_rows,
+    has_reward_variance,
     mismatch_kl,
     pass_at_k,
     tis_weights,
     token_entropy,
-    zero_variance_groups,
 )
 
 __all__ = [
@@ -40,8 +40,8 @@ __all__ = [
     "AGG_MODES",
     "AdvantageFn",
     "AdvantageInputs",
+    "AdvantageMeta",
     "DivergenceGuard",
-    "GroupVariance",
     "KLFn",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
@@ -51,10 +51,11 @@ __all__ = [
     "Registry",
     "ValueLossOutput",
     "aggregate",
+    "compute_advantages",
     "example_losses",
     "example_units",
     "gae_returns",
-    "informative_rows",
+    "has_reward_variance",
     "kl_loss",
     "kl_penalty_tokens",
     "masked_whiten",
@@ -63,5 +64,4 @@ __all__ = [
     "tis_weights",
     "token_entropy",
     "value_loss",
-    "zero_variance_groups",
 ]

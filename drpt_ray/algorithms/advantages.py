@@ -1,4 +1,5 @@
-"""Advantage estimators: one registry, one signature `fn(AdvantageInputs) -> (n, T) advantages`.
+"""Advantage estimators: one registry, one signature `fn(AdvantageInputs) -> (n, T) advantages`
+(an estimator that trains a critic returns its value targets too: see `AdvantageMeta`).
 
 Shapes: n responses, T response-token positions (right padding; `response_mask` is nonzero on
 response tokens). Every estimator returns per-token advantages that are exactly 0 outside the mask.
@@ -75,8 +76,34 @@ class AdvantageInputs:
             raise ValueError(f"group_ids must be an integer tensor, got {self.group_ids.dtype}")
 
 
-AdvantageFn = Callable[[AdvantageInputs], torch.Tensor]
-ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+@dataclass(frozen=True)
+class AdvantageMeta:
+    """What an estimator needs from the rest of the job (`ADVANTAGE_ESTIMATORS.meta(name)`).
+
+    Attributes:
+        needs_critic: it reads `AdvantageInputs.values`, so the learner trains a value head, and it
+            returns (advantages, value targets) for that head instead of advantages alone.
+        needs_groups: it baselines within the group of responses to one prompt, so a job must
+            sample rollout.sampling.n >= 2 (with n = 1 every advantage would be 0).
+    """
+
+    needs_critic: bool = False
+    needs_groups: bool = False
+
+
+AdvantageFn = Callable[[AdvantageInputs], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator", AdvantageMeta)
+
+
+def compute_advantages(name: str, inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the estimator `name` (registered or "module:function").
+
+    Returns:
+        advantages (n, T), and the critic's value targets (n, T) when the estimator needs a
+        critic (None otherwise).
+    """
+    out = ADVANTAGE_ESTIMATORS.get(name)(inputs)
+    return out if ADVANTAGE_ESTIMATORS.meta(name).needs_critic else (out, None)
 
 
 def _dtype(inputs: AdvantageInputs) -> torch.dtype:
@@ -164,7 +191,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tens
     return centred / (std + eps)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+def _group_centred(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's return minus its group's mean, and its group's sample std."""
+    scores = _returns_per_sequence(inputs)
+    counts, sums, std = _group_stats(scores, inputs.group_ids)
+    return scores - sums / counts, std
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo", needs_groups=True)
 def grpo(inputs: AdvantageInputs) -> torch.Tensor:
     """GRPO: (R_i - group mean) / (group sample std + eps), broadcast over response tokens.
 
@@ -175,23 +209,21 @@ def grpo(inputs: AdvantageInputs) -> torch.Tensor:
     Raises:
         ValueError: every group has size 1.
     """
-    scores = _returns_per_sequence(inputs)
-    counts, sums, std = _group_stats(scores, inputs.group_ids)
-    return _broadcast((scores - sums / counts) / (std + inputs.eps), inputs.response_mask)
+    centred, std = _group_centred(inputs)
+    return _broadcast(centred / (std + inputs.eps), inputs.response_mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo_no_std")
+@ADVANTAGE_ESTIMATORS.register("grpo_no_std", needs_groups=True)
 def grpo_no_std(inputs: AdvantageInputs) -> torch.Tensor:
     """Dr. GRPO style: R_i - group mean, no std division (avoids up-weighting easy/hard prompts).
 
     Args/Returns/Raises: as `grpo`.
     """
-    scores = _returns_per_sequence(inputs)
-    counts, sums, _ = _group_stats(scores, inputs.group_ids)
-    return _broadcast(scores - sums / counts, inputs.response_mask)
+    centred, _ = _group_centred(inputs)
+    return _broadcast(centred, inputs.response_mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo", needs_groups=True)
 def rloo(inputs: AdvantageInputs) -> torch.Tensor:
     """RLOO: R_i - mean of the *other* responses of its group, broadcast over response tokens.
 
@@ -246,6 +278,7 @@ def reinforce_pp(inputs: AdvantageInputs) -> torch.Tensor:
     return masked_whiten(returns, inputs.response_mask, inputs.eps)
 
 
+@ADVANTAGE_ESTIMATORS.register("gae", needs_critic=True)
 def gae_returns(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO generalised advantage estimation and the value targets.
 
@@ -279,9 +312,3 @@ def gae_returns(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     if inputs.whiten:
         advantages = masked_whiten(advantages, valid, inputs.eps)
     return advantages, returns
-
-
-@ADVANTAGE_ESTIMATORS.register("gae")
-def gae(inputs: AdvantageInputs) -> torch.Tensor:
-    """The advantages of `gae_returns` (use that function when the value targets are needed too)."""
-    return gae_returns(inputs)[0]

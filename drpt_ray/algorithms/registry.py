@@ -4,12 +4,18 @@ Built-ins register when their module is imported (each Ray actor imports `drpt_r
 so the registry is populated wherever it is read; nothing is registered from the driver only).
 A user function is named in config by import path, `"package.module:function"`, and resolved by
 `get` where it runs; registered names therefore may not contain ':'.
+
+An entry may carry metadata, what the rest of the job needs to know about it (an advantage
+estimator that needs a critic). It is stored as attributes of the function, so a user function
+declares it the same way (`my_estimator.needs_critic = True`), and `meta` fills in the safe
+defaults of the registry's metadata dataclass for whatever a function leaves out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -17,23 +23,32 @@ F = TypeVar("F", bound=Callable)
 class Registry(Generic[F]):
     """Name -> function map of one kind, refusing clashes and listing valid names on a miss."""
 
-    def __init__(self, kind: str) -> None:
-        """Args: kind: what is registered, used in error messages ("advantage estimator")."""
+    def __init__(self, kind: str, meta: type | None = None) -> None:
+        """Args:
+        kind: what is registered, used in error messages ("advantage estimator").
+        meta: dataclass of the metadata each entry may declare; its field defaults are the safe ones.
+        """
         self.kind = kind
+        self.meta_type = meta
         self._fns: dict[str, F] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator adding a function under `name`; returns the function unchanged.
+    def register(self, name: str, **meta: Any) -> Callable[[F], F]:
+        """Decorator adding a function under `name`; `meta` (fields of the registry's metadata
+        dataclass) is set on the function as attributes. Returns the function.
 
         Raises:
             ValueError: `name` is empty, contains ':' (reserved for import paths) or is taken.
+            TypeError: `meta` names a field the metadata dataclass does not have.
         """
         if not name or ":" in name:
             raise ValueError(f"invalid {self.kind} name {name!r}: must be non-empty and contain no ':'")
         if name in self._fns:
             raise ValueError(f"{self.kind} {name!r} is already registered")
+        if meta:
+            self.meta_type(**meta)  # an unknown field fails here, at import
 
         def add(fn: F) -> F:
+            vars(fn).update(meta)
             self._fns[name] = fn
             return fn
 
@@ -51,6 +66,17 @@ class Registry(Generic[F]):
             return self._fns[name]
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()} or 'module:function'") from None
+
+    def meta(self, name: str) -> Any:
+        """The metadata of `name` (as `get` finds it): the fields its function carries as
+        attributes, the dataclass defaults for the rest.
+
+        Raises:
+            ValueError: as `get`.
+        """
+        fn = self.get(name)
+        fields = dataclasses.fields(self.meta_type)
+        return self.meta_type(**{f.name: getattr(fn, f.name) for f in fields if hasattr(fn, f.name)})
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

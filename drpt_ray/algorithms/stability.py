@@ -8,8 +8,8 @@ Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero
   sampling reweights each token by the learner/rollout ratio, capped (verl's
   `tis_imp_ratio_cap`; Yao et al. 2025, "Your efficient RL framework secretly brings you
   off-policy RL training"); the mismatch KL measures how far the two have drifted.
-- `zero_variance_groups`, `informative_rows`: a group whose responses all got the same reward has
-  zero advantage and adds no gradient; DAPO's dynamic sampling drops such groups.
+- `has_reward_variance`: a group whose responses all got the same reward has zero advantage and
+  adds no gradient; DAPO's dynamic sampling drops such groups.
 - `pass_at_k`: the unbiased pass@k estimator (Chen et al. 2021) for evaluation.
 - `DivergenceGuard`: alerts when a run stops learning (no reward variance for K steps) or its
   entropy collapses.
@@ -18,7 +18,7 @@ Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Sequence
 
 import torch
 
@@ -102,62 +102,11 @@ def mismatch_kl(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, 
     return masked_mean(k3(rollout_logprobs.detach(), learner_logprobs.detach()), mask)
 
 
-class GroupVariance(NamedTuple):
-    """group_ids: (g,) the distinct ids, sorted. zero_variance: (g,) bool, True where every reward
-    of the group is equal (within tol)."""
-
-    group_ids: torch.Tensor
-    zero_variance: torch.Tensor
-
-
-def _group_reward_range(
-    rewards: torch.Tensor, group_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct ids (g,), each row's group index (n,), and each group's max - min reward (g,)."""
-    if rewards.dim() != 1 or rewards.shape != group_ids.shape:
-        raise ValueError(
-            f"rewards and group_ids must both be (n,), got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
-        )
-    ids, inverse = torch.unique(group_ids, sorted=True, return_inverse=True)
-    r = rewards.detach().to(torch.float64)
-    lo = r.new_full(ids.shape, float("inf")).scatter_reduce(0, inverse, r, reduce="amin")
-    hi = r.new_full(ids.shape, float("-inf")).scatter_reduce(0, inverse, r, reduce="amax")
-    return ids, inverse, hi - lo
-
-
-def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> GroupVariance:
-    """Which groups got the same reward for every response (max - min <= tol).
-
-    Such a group has zero advantage under any group baseline, so it spends compute and adds no
-    gradient; DAPO's dynamic sampling drops it and samples more prompts.
-
-    Args:
-        rewards: (n,) scalar reward per response.
-        group_ids: (n,) integer; responses to the same prompt share an id.
-        tol: rewards this close count as equal.
-    Returns:
-        GroupVariance over the distinct ids in sorted order.
-    Raises:
-        ValueError: rewards and group_ids are not both (n,).
-    """
-    ids, _, spread = _group_reward_range(rewards, group_ids)
-    return GroupVariance(group_ids=ids, zero_variance=spread <= tol)
-
-
-def informative_rows(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """Row mask of the responses whose group has reward variance (the rows dynamic sampling keeps).
-
-    Args:
-        rewards: (n,) scalar reward per response.
-        group_ids: (n,) integer; responses to the same prompt share an id.
-        tol: rewards this close count as equal.
-    Returns:
-        (n,) bool.
-    Raises:
-        ValueError: rewards and group_ids are not both (n,).
-    """
-    _, inverse, spread = _group_reward_range(rewards, group_ids)
-    return (spread > tol)[inverse]
+def has_reward_variance(rewards: Sequence[float], tol: float = ZERO_STD) -> bool:
+    """Whether a prompt's responses got different rewards (max - min > tol). A group without
+    variance has zero advantage under any group baseline: it spends compute and adds no gradient,
+    so DAPO's dynamic sampling drops it and samples more prompts."""
+    return max(rewards) - min(rewards) > tol
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,12 +1,14 @@
-"""SFT examples: the record type, file loaders, and the general/target/eval splits of a task."""
+"""SFT examples: the record type, the general/target/eval splits of a task, and file loaders.
+
+The bottom of the data package: `synthetic` builds its pools from these types and
+`tasks.load_task` picks a synthetic task or files, so this module imports neither.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from drpt_ray.config import DataSpec
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
 
@@ -118,39 +120,3 @@ def load_examples(path: str | Path, prompt_key: str = "prompt", response_key: st
     if not examples:
         raise ValueError(f"{path}: file holds no examples")
     return examples
-
-
-def load_task(spec: DataSpec) -> TaskSplits:
-    """Build the general, target and eval pools that `spec` describes.
-
-    With `spec.task` "scarce_target" or "arithmetic" the built-in synthetic task is generated
-    from the `n_*` and `seed` fields (and `p_clean` for scarce_target) and the paths are ignored.
-    With `spec.task is None` the pools are read from `general_path`, `target_path` and
-    `eval_path`; when `eval_path` is None the target pool doubles as the eval pool, so the
-    reported "held-out" loss is then a training-set loss on the target pool.
-
-    Args:
-        spec: The data section of a run config.
-
-    Returns:
-        The three pools.
-
-    Raises:
-        ValueError: A file cannot be loaded (see `load_examples`).
-    """
-    if spec.task == "scarce_target":
-        from drpt_ray.data.synthetic import scarce_target_task  # synthetic imports this module
-
-        return scarce_target_task(
-            n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, p_clean=spec.p_clean, seed=spec.seed
-        )
-    if spec.task == "arithmetic":
-        from drpt_ray.data.synthetic import arithmetic_task
-
-        return arithmetic_task(n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, seed=spec.seed)
-    # DataSpec's validator guarantees both paths when task is None.
-    keys = {"prompt_key": spec.prompt_key, "response_key": spec.response_key}
-    general = load_examples(spec.general_path, **keys)
-    target = load_examples(spec.target_path, **keys)
-    eval_ = load_examples(spec.eval_path, **keys) if spec.eval_path else list(target)
-    return TaskSplits(general=general, target=target, eval=eval_)

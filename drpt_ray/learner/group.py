@@ -7,12 +7,14 @@ GPUs. `fit()` runs in a background thread of the driver, and the constructor doe
 ranks (they build their models while the trainer starts the rollout workers; the first call
 waits, bounded by `start_timeout_s`). Each worker's train function builds a
 `Learner` (which finds the process group and becomes rank r of N) and then serves commands from
-the driver until told to stop. The group exposes the methods the trainer calls on a `Learner`
-(sft_step, eval_sft, score_rollouts, capture_target, rl_step, needs_target, weights, save, load,
-save_model, warm_start, remove), so `drpt_ray.trainer.call` drives it unchanged. RL jobs always
-use it: N = 1 is one Ray Train worker running the same code (the collectives are identities in a
-world of one; drpt_ray/learner/collective.py). SFT with one worker keeps the in-process `Learner`
-(no Ray at all), which is the same rank code without the transport.
+the driver until told to stop. A command is a function and its arguments, run as
+`fn(learner, *args)`: a `Learner` method (`Learner.rl_step`) or any function of a learner
+(`execute`). The group implements the same `LearnerAPI` (drpt_ray/learner/api.py) as the
+in-process `Learner`: each method shards its batch and sends the Learner method to every rank,
+so the trainer calls either directly. RL jobs always use it: N = 1 is one Ray Train worker
+running the same code (the collectives are identities in a world of one;
+drpt_ray/learner/collective.py). SFT with one worker keeps the in-process `Learner` (no Ray at
+all), which is the same rank code without the transport.
 
 Transport. A driver-owned async mailbox actor (0 CPUs) holds one command queue and one reply
 queue per rank. Arguments go through the object store (`ray.put` per rank's shard; the mailbox
@@ -68,8 +70,9 @@ flat SUM all-reduce per dtype of the share-scaled gradients (`Collective.sum_gra
 clipping and AdamW. It gives up DDP's overlap of communication with the backward; for a
 curated gradient that overlap is not available anyway before each layer's selection is done.
 
-Weights and checkpoints. `weights()` / `weights_ref()` come from rank 0 alone (rank 0 puts its
-state dict in the object store; the trainer hands the reference to the rollout workers). `save`
+Weights and checkpoints. `weights_ref()` comes from rank 0 alone (rank 0 puts its state dict in
+the object store and only the reference travels; the trainer's `WeightSync` hands it to the
+rollout workers, drpt_ray/rollout/sync.py). `save`
 writes ONE checkpoint from rank 0 (weights, AdamW state, schedule, RNG, g_T cache: all identical
 on every rank since every rank applies the same reduced update), with full tensors keyed by
 name, so it loads into any number of workers, with or without FSDP; `load` reads it on every
@@ -114,6 +117,7 @@ import torch
 from drpt_ray.config import JobSpec
 from drpt_ray.data import supervised_token_counts
 from drpt_ray.learner.batch import RLBatch
+from drpt_ray.learner.learner import Learner
 
 POLL_S = 0.2
 
@@ -194,23 +198,9 @@ class _Mailbox:
         return await self.replies[rank].get()
 
 
-def _rank_call(learner, rank: int, method: str, args: tuple, kwargs: dict):
-    """What rank `rank` does for one command (every rank runs every method: under FSDP gathering the
-    weights is a collective; the Learner itself writes files on rank 0 only)."""
-    if method == "weights_ref":
-        weights = learner.weights()
-        return [ray.put(weights)] if rank == 0 else None  # a list, so the ref is not resolved
-    if method == "execute":
-        fn, *rest = args
-        return fn(learner, *rest, **kwargs)
-    return getattr(learner, method)(*args, **kwargs)
-
-
 def _serve(config: dict) -> None:
     """Ray Train's train function: build the rank's Learner, then serve commands until None."""
     import ray.train
-
-    from drpt_ray.learner.learner import Learner
 
     rank = ray.train.get_context().get_world_rank()
     mailbox = config["mailbox"]
@@ -226,10 +216,9 @@ def _serve(config: dict) -> None:
             command = ray.get(mailbox.next.remote(rank))
             if command is None:
                 return
-            method, (payload,) = command
-            args, kwargs = ray.get(payload)
+            fn, (payload,) = command
             try:
-                out = _rank_call(learner, rank, method, args, kwargs)
+                out = fn(learner, *ray.get(payload))
             except BaseException:
                 ray.get(mailbox.reply.remote(rank, ("error", traceback.format_exc())))
                 raise  # fail the whole group: the other ranks may be waiting in a collective
@@ -299,11 +288,11 @@ class LearnerGroup:
         ts = [None] * self.num_workers
         if target is not None:
             ts = [t if t is not None else _no_tokens_row(target) for t in shard_dict(target, self.num_workers)]
-        return self._call("sft_step", [(g, t) for g, t in zip(gs, ts)])[0]
+        return self._call(Learner.sft_step, list(zip(gs, ts)))[0]
 
     def eval_sft(self, batch: dict, chunk: int = 64) -> float:
         shards = shard_dict(batch, self.num_workers)
-        losses = self._call("eval_sft", [(s, chunk) for s in shards])
+        losses = self._call(Learner.eval_sft, [(s, chunk) for s in shards])
         total = tokens = 0.0
         for s, loss in zip(shards, losses):
             if s is not None:
@@ -312,44 +301,41 @@ class LearnerGroup:
         return total / max(tokens, 1.0)
 
     def score_rollouts(self, batch: RLBatch) -> RLBatch:
-        parts = self._call("score_rollouts", [(s,) for s in shard_rl(batch, self.num_workers)])
+        parts = self._call(Learner.score_rollouts, [(s,) for s in shard_rl(batch, self.num_workers)])
         return cat_rl([p for p in parts if p is not None])
 
     def capture_target(self, batch: RLBatch) -> dict:
-        return self._call("capture_target", [(s,) for s in shard_rl(batch, self.num_workers)])[0]
+        return self._call(Learner.capture_target, [(s,) for s in shard_rl(batch, self.num_workers)])[0]
 
     def rl_step(self, batch: RLBatch) -> dict:
         _need_rows(batch.size, self.num_workers, "the rollout batch (batch_size x rollout.sampling.n)")
-        return self._call("rl_step", [(s,) for s in shard_rl(batch, self.num_workers)])[0]
+        return self._call(Learner.rl_step, [(s,) for s in shard_rl(batch, self.num_workers)])[0]
 
     def warm_start(self, batches: list[dict], lr: float) -> float:
         for b in batches:
             _need_rows(b["input_ids"].shape[0], self.num_workers, "a warm-start batch")
         per_rank = list(zip(*[shard_dict(b, self.num_workers) for b in batches])) if batches else [()] * self.num_workers
-        return self._call("warm_start", [(list(p), lr) for p in per_rank])[0]
+        return self._call(Learner.warm_start, [(list(p), lr) for p in per_rank])[0]
 
     def needs_target(self, step: int) -> bool:
-        return self._call("needs_target", [(step,)] * self.num_workers)[0]
+        return self.execute(Learner.needs_target, step)[0]
 
     def weights_ref(self) -> ray.ObjectRef:
-        """Rank 0's full HF-named weights, as an object-store reference (never copied to the driver)."""
-        return self._call("weights_ref", [()] * self.num_workers)[0][0]
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return ray.get(self.weights_ref())
+        """Rank 0's full HF-named weights, put in the object store by rank 0 (never copied to the driver)."""
+        return self.execute(Learner.weights_ref)[0]
 
     def save(self, path: str) -> None:
-        self._call("save", [(path,)] * self.num_workers)
+        self.execute(Learner.save, path)
 
     def load(self, path: str) -> None:
-        self._call("load", [(path,)] * self.num_workers)
+        self.execute(Learner.load, path)
 
     def save_model(self, path: str) -> str:
-        return self._call("save_model", [(path,)] * self.num_workers)[0]
+        return self.execute(Learner.save_model, path)[0]
 
     def execute(self, fn: Callable, *args) -> list:
         """fn(learner, *args) on every rank (in lockstep, so fn may use collectives); per-rank results."""
-        return self._call("execute", [(fn, *args)] * self.num_workers)
+        return self._call(fn, [args] * self.num_workers)
 
     def remove(self) -> None:
         """Stop the workers and release the group (idempotent; bounded even when a worker hangs)."""
@@ -385,15 +371,17 @@ class LearnerGroup:
         self._actors = [r["actor"] for r in ready]
         self._ready = True
 
-    def _call(self, method: str, per_rank: list[tuple], **kwargs) -> list:
+    def _call(self, fn: Callable, per_rank: list[tuple]) -> list:
+        """fn(learner, *per_rank[r]) on every rank r; the ranks' results in rank order."""
+        what = getattr(fn, "__qualname__", repr(fn))
         if self.failed is not None:
-            raise LearnerGroupError(f"the learner group failed earlier and cannot run {method}: {self.failed}")
+            raise LearnerGroupError(f"the learner group failed earlier and cannot run {what}: {self.failed}")
         if self.closed:
-            raise LearnerGroupError(f"the learner group was removed; cannot run {method}")
+            raise LearnerGroupError(f"the learner group was removed; cannot run {what}")
         self._wait_ready()
         for r, args in enumerate(per_rank):
-            self._mailbox.put.remote(r, (method, [ray.put((args, kwargs))]))
-        return self._collect(method, self.call_timeout_s)
+            self._mailbox.put.remote(r, (fn, [ray.put(args)]))
+        return self._collect(what, self.call_timeout_s)
 
     def _collect(self, method: str, timeout_s: float) -> list:
         """Every rank's reply to the last command, or LearnerGroupError (bounded by timeout_s)."""

@@ -2,7 +2,7 @@
 
 A plain class, so SFT runs it in-process and RL runs the same class on every rank of a Ray Train
 worker group (`drpt_ray.learner.group.LearnerGroup`; N = 1 is one rank). The trainer talks to
-either through `drpt_ray.trainer.call`.
+either directly through `LearnerAPI` (drpt_ray/learner/api.py).
 
 Data parallel (`self.comm`, drpt_ray/learner/collective.py; identities when world_size == 1): each
 rank holds a shard of every batch. Global statistics: the target loss is normalised by the global
@@ -59,13 +59,15 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import ray
 import torch
 from torch import nn
 
 from drpt_ray.algorithms import (
+    ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     PolicyLossInputs,
     aggregate,
@@ -75,7 +77,7 @@ from drpt_ray.algorithms import (
     value_loss,
 )
 from drpt_ray.algorithms.aggregation import masked_mean
-from drpt_ray.config import ADVANTAGES_NEEDING_CRITIC, JobSpec
+from drpt_ray.config import JobSpec
 from drpt_ray.data import supervised_token_counts
 from drpt_ray.learner.fsdp import (
     full_model_state,
@@ -87,7 +89,7 @@ from drpt_ray.learner.fsdp import (
 from drpt_ray.learner.batch import RLBatch
 from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
-from drpt_ray.losses import sequence_loss_sums, token_mean_loss
+from drpt_ray.losses import next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
 from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
 
@@ -157,6 +159,24 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class ReferencePolicy:
+    """The frozen policy the KL term measures against: under LoRA the policy with its adapters
+    disabled (the base weights, no second copy), else a frozen copy of the policy at start-up."""
+
+    def __init__(self, policy: nn.Module, lora: bool):
+        self.lora = lora
+        self.model = policy if lora else copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @property
+    def own_module(self) -> nn.Module | None:
+        """The copy this object owns (None under LoRA, where the model is the policy itself)."""
+        return None if self.lora else self.model
+
+    def logprobs(self, batch: RLBatch) -> torch.Tensor:
+        with self.model.disable_adapter() if self.lora else nullcontext():
+            return token_logprobs(self.model, batch.input_ids, batch.attention_mask)
+
+
 class Learner:
     """Owns the trained model and everything that updates it."""
 
@@ -182,7 +202,7 @@ class Learner:
         alg = spec.algorithm
         rl = spec.mode != "sft"
         self.value_head = None
-        if rl and alg.advantage in ADVANTAGES_NEEDING_CRITIC:
+        if rl and ADVANTAGE_ESTIMATORS.meta(alg.advantage).needs_critic:
             hidden = self.policy.config.hidden_size if not hasattr(self.policy, "get_base_model") else self.policy.get_base_model().config.hidden_size
             self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype), device=home)
             nn.init.zeros_(self.value_head.weight)
@@ -191,11 +211,10 @@ class Learner:
         # same files, and one flat buffer of the whole model may not fit a device.
         if not self.fsdp:
             self.comm.broadcast_(self._state_tensors())
-        self.ref = self._reference() if rl and alg.kl_coef > 0 else None
+        self.ref = ReferencePolicy(self.policy, spec.model.lora is not None) if rl and alg.kl_coef > 0 else None
         if self.fsdp:
-            for m in (self.policy, self.ref, self.value_head):
-                if isinstance(m, nn.Module):
-                    shard_policy(m, self.device)
+            for m in self._modules():
+                shard_policy(m, self.device)
         # What the optimizer updates, by name (the checkpoint's optimizer state is keyed by these names).
         self.trained = nn.ModuleDict({"policy": self.policy, **({"value_head": self.value_head} if self.value_head is not None else {})})
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
@@ -293,7 +312,7 @@ class Learner:
         with self._inference():
             b.old_logprobs, b.values, _ = self._forward(b)
             if self.ref is not None:
-                b.ref_logprobs = self._ref_logprobs(b)
+                b.ref_logprobs = self.ref.logprobs(b)
         return b.to("cpu") if batch is not None else None
 
     def capture_target(self, batch: RLBatch | None) -> dict:
@@ -303,7 +322,7 @@ class Learner:
         it still joins the collectives with a zero contribution). Token counts and the reward
         standardisation are global, and the cache is SUM all-reduced afterwards.
         """
-        if self.spec.regularizer.feasible_set == "full":
+        if not self.reg.feasible.uses_target:
             return {}
         t0 = time.perf_counter()
         n_rows = 0 if batch is None else batch.size
@@ -332,7 +351,7 @@ class Learner:
         t0 = time.perf_counter()
         batch = batch.to(self.device)
         metrics: dict = {}
-        if self.spec.regularizer.feasible_set == "iif":
+        if self.reg.feasible.filters_buffer:
             batch, kept = self._iif_filter(batch)
             metrics["reg/iif_kept_frac"] = kept
         units = example_units(batch.response_mask, self.spec.algorithm.loss_agg, self.max_len)
@@ -371,6 +390,12 @@ class Learner:
         if self.comm.rank != 0:
             return {}
         return {k: v.cpu() for k, v in hf_state_dict(self.policy).items()}
+
+    def weights_ref(self) -> ray.ObjectRef | None:
+        """`weights()` in the object store, so only a reference travels to the rollout workers
+        (rank 0's; None on the other ranks, which under FSDP still join gathering them)."""
+        weights = self.weights()
+        return ray.put(weights) if self.comm.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -472,6 +497,10 @@ class Learner:
         vals = self.comm.sum(torch.tensor([float(metrics[k]) * share for k in keys], dtype=torch.float64))
         metrics.update({k: float(v) for k, v in zip(keys, vals)})
 
+    def _modules(self) -> list[nn.Module]:
+        """The modules this learner runs forwards of: policy, frozen reference copy, value head."""
+        return [m for m in (self.policy, self.ref.own_module if self.ref else None, self.value_head) if m is not None]
+
     def _state_tensors(self) -> list[torch.Tensor]:
         mods = [self.policy] + ([self.value_head] if self.value_head is not None else [])
         return [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
@@ -490,9 +519,8 @@ class Learner:
         finally:
             self.policy.train(was_training)
             if self.fsdp:
-                for m in (self.policy, self.ref, self.value_head):
-                    if isinstance(m, nn.Module):
-                        m.reshard()
+                for m in self._modules():
+                    m.reshard()
 
     def _join_forward(self) -> None:
         """A throwaway forward: under FSDP a rank with nothing left to do still joins the all-gathers."""
@@ -515,7 +543,7 @@ class Learner:
             use_cache=False,
             output_hidden_states=self.value_head is not None,
         )
-        logp = torch.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        logp = next_token_logprobs(out.logits, batch.input_ids)
         values = None
         if self.value_head is not None:
             values = self.value_head(out.hidden_states[-1][:, :-1]).squeeze(-1)
@@ -524,24 +552,6 @@ class Learner:
             logits = out.logits[:, :-1]
             ent = token_entropy(logits if self.spec.algorithm.entropy_coef > 0 else logits.detach())
         return logp, values, ent
-
-    def _ref_logprobs(self, batch: RLBatch) -> torch.Tensor:
-        ids = batch.input_ids
-        if self.ref == "disable_adapter":
-            with self.policy.disable_adapter():
-                logits = self.policy(input_ids=ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        else:
-            logits = self.ref(input_ids=ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-    def _reference(self):
-        """The frozen reference policy: the adapter-disabled model under LoRA, else a frozen copy."""
-        if self.spec.model.lora is not None:
-            return "disable_adapter"
-        ref = copy.deepcopy(self.policy).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
 
     def _policy_loss(self, b: RLBatch, logp: torch.Tensor):
         alg = self.spec.algorithm

@@ -10,7 +10,7 @@ where G_i is example i's gradient as it appears in the batch loss (carrying the 
 (pi = 1 on S) this is exactly method.md 1.3: d(S) = (T_B / T_S) sum_{i in S} G_i, the token-mean
 gradient of S alone; an empty S gives d = 0.
 
-Rules (method.md 1.2):
+Rules (method.md 1.2; which set uses which is in the registry, `sets.py`):
 - `full`: pi = 1 (the ordinary batch gradient).
 - `topk`: S = the k = max(1, floor(frac * n)) largest scores; ties broken by the lowest index so runs
   are reproducible.
@@ -27,12 +27,11 @@ Rules (method.md 1.2):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
 
 import torch
 
 from drpt_ray.config import RegularizerSpec
+from drpt_ray.regularize.sets import get_feasible_set
 
 
 def topk_weights(scores: torch.Tensor, frac: float) -> torch.Tensor:
@@ -72,57 +71,11 @@ def subset_weights(scores: torch.Tensor, spec: RegularizerSpec) -> torch.Tensor:
     return filter_weights(scores, spec.frac)
 
 
-Rule = Callable[[torch.Tensor, RegularizerSpec], torch.Tensor]
-Granularity = Literal["none", "layer", "global", "target"]
-
-
-@dataclass(frozen=True)
-class FeasibleSet:
-    """A named feasible set: the membership rule and the granularity it is applied at.
-
-    granularity: "none" (no scoring: the plain batch gradient), "layer" (each weight matrix picks
-    its own weights from its own scores), "global" (one choice for the whole model from the summed
-    scores), "target" (the update is g_T itself).
-    """
-
-    name: str
-    rule: Rule
-    granularity: Callable[[RegularizerSpec], Granularity]
-
-
-_REGISTRY: dict[str, FeasibleSet] = {}
-
-
-def register_feasible_set(fs: FeasibleSet) -> FeasibleSet:
-    """Add a feasible set to the registry; a clashing name is refused."""
-    if fs.name in _REGISTRY:
-        raise ValueError(f"feasible set {fs.name!r} is already registered")
-    _REGISTRY[fs.name] = fs
-    return fs
-
-
-def get_feasible_set(name: str) -> FeasibleSet:
-    """Look a feasible set up by name; the error lists the valid names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown feasible set {name!r}; valid: {sorted(_REGISTRY)}") from None
-
-
-def registered_feasible_sets() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-register_feasible_set(FeasibleSet("full", lambda s, spec: torch.ones_like(s), lambda spec: "none"))
-register_feasible_set(FeasibleSet("target_only", lambda s, spec: torch.zeros_like(s), lambda spec: "target"))
-register_feasible_set(FeasibleSet("layerwise_subset", subset_weights, lambda spec: "layer"))
-register_feasible_set(FeasibleSet("global_subset", subset_weights, lambda spec: "global"))
-register_feasible_set(
-    FeasibleSet("soft_subset", lambda s, spec: soft_weights(s, spec.tau), lambda spec: spec.soft_granularity)
-)
-# IIF scores a whole rollout buffer once (global scores) and keeps a subset; the training steps
-# on the kept buffer are then ordinary ones (Regularizer.filter_buffer).
-register_feasible_set(FeasibleSet("iif", subset_weights, lambda spec: "none"))
+def membership(scores: torch.Tensor, spec: RegularizerSpec) -> torch.Tensor:
+    """pi (n,) of the configured feasible set from its scores: the soft rule or the hard subset rule."""
+    if get_feasible_set(spec.feasible_set).soft:
+        return soft_weights(scores, spec.tau)
+    return subset_weights(scores, spec)
 
 
 def example_weights(pi: torch.Tensor, units: torch.Tensor, normaliser: float) -> torch.Tensor:

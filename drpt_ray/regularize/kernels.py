@@ -14,9 +14,10 @@ dY_i, i.e. X with a ones column appended). Shapes below: dy (n, T, O), x (n, T, 
   A factor whose k >= its dimension is the identity (exact in that factor).
 - Embeddings: s_i = sum_t dY_it . G_T[token_it] (gather-dot), always exact.
 
-A *target representation* is whatever the kernel scores against: the full (O, I) gradient (+bias)
-for ghost/direct, the (k1, k2) sketch for sketch. `target_from_rows` builds it from (dy, x) rows,
-which serves both target capture and merged-batch mode; captures accumulate by addition.
+A *target representation* (`Target`) is whatever the kernel scores against: the full (O, I) gradient
+(+bias) for ghost/direct, the (k1, k2) sketch for sketch, the (V, D) gradient for an embedding.
+`linear_target`, `sketch_target` and `embedding_target` build it from (dy, x) rows, which serves
+both target capture and merged-batch mode; captures accumulate by addition.
 """
 
 from __future__ import annotations
@@ -30,34 +31,29 @@ from drpt_ray.config import SketchSpec
 
 
 @dataclass
-class LinearTarget:
-    """Full target gradient of a Linear block: weight (O, I) and bias (O,) or None."""
+class Target:
+    """One block's target gradient g_T (summed over the target rows) in the space its kernel scores in.
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    One of three forms: a Linear scored by ghost/direct has `weight` (O, I) and `bias` (O,) or None;
+    an embedding has `weight` (V, D); a sketched Linear has only `sketch` (k1, k2), its bias folded
+    into the second factor. `weight` and `bias` are named like the parameters they are gradients of.
+    """
 
-    def add_(self, other: "LinearTarget") -> None:
-        self.weight += other.weight
-        if self.bias is not None:
-            self.bias += other.bias
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    sketch: torch.Tensor | None = None
 
-    def scale_(self, c: float) -> None:
-        self.weight *= c
-        if self.bias is not None:
-            self.bias *= c
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors it holds, by name ("weight", "bias", "sketch")."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
+    def map(self, fn) -> "Target":
+        """The same form with fn(part name, tensor) applied to each part."""
+        return Target(**{k: fn(k, v) for k, v in self.parts().items()})
 
-@dataclass
-class SketchTarget:
-    """Sketched target gradient (k1, k2) of a Linear block (bias folded into the second factor)."""
-
-    sketch: torch.Tensor
-
-    def add_(self, other: "SketchTarget") -> None:
-        self.sketch += other.sketch
-
-    def scale_(self, c: float) -> None:
-        self.sketch *= c
+    def add_(self, other: "Target") -> None:
+        for k, v in self.parts().items():
+            v += getattr(other, k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +112,7 @@ class SketchFactors:
 # Linear kernels. All take dy (n, T, O) and x (n, T, I).
 
 
-def ghost_scores(dy: torch.Tensor, x: torch.Tensor, target: LinearTarget) -> torch.Tensor:
+def ghost_scores(dy: torch.Tensor, x: torch.Tensor, target: Target) -> torch.Tensor:
     """Exact s_i = sum_t dY_it . (W_T x_it + b_T), contracting through the smaller of O and I."""
     out_dim, in_dim = target.weight.shape
     if in_dim <= out_dim:
@@ -133,7 +129,7 @@ def per_example_grads(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(dy.transpose(1, 2), x)
 
 
-def direct_scores(dy: torch.Tensor, x: torch.Tensor, target: LinearTarget, chunk: int) -> torch.Tensor:
+def direct_scores(dy: torch.Tensor, x: torch.Tensor, target: Target, chunk: int) -> torch.Tensor:
     """Exact s_i = <G_i, G_T> with G_i materialised `chunk` examples at a time."""
     parts = []
     for lo in range(0, dy.shape[0], chunk):
@@ -145,25 +141,25 @@ def direct_scores(dy: torch.Tensor, x: torch.Tensor, target: LinearTarget, chunk
     return s
 
 
-def sketch_scores(dy: torch.Tensor, x: torch.Tensor, target: SketchTarget, factors: SketchFactors, has_bias: bool):
+def sketch_scores(dy: torch.Tensor, x: torch.Tensor, target: Target, factors: SketchFactors, has_bias: bool):
     """Unbiased s_i ~ <P1^T G_i P2, S_T>, a ghost product in the sketched space."""
     a = factors.project_dy(dy)  # (n, T, k1)
     b = factors.project_x(x, has_bias)  # (n, T, k2)
     return ((a @ target.sketch) * b).sum(dim=(1, 2))
 
 
-def linear_target(dy: torch.Tensor, x: torch.Tensor, has_bias: bool) -> LinearTarget:
+def linear_target(dy: torch.Tensor, x: torch.Tensor, has_bias: bool) -> Target:
     """Summed gradient of the given rows: sum_i dY_i^T X_i (and sum of dY for the bias)."""
     o, i = dy.shape[-1], x.shape[-1]
     weight = dy.reshape(-1, o).T @ x.reshape(-1, i)
     bias = dy.reshape(-1, o).sum(dim=0) if has_bias else None
-    return LinearTarget(weight, bias)
+    return Target(weight, bias)
 
 
-def sketch_target(dy: torch.Tensor, x: torch.Tensor, factors: SketchFactors, has_bias: bool) -> SketchTarget:
+def sketch_target(dy: torch.Tensor, x: torch.Tensor, factors: SketchFactors, has_bias: bool) -> Target:
     a = factors.project_dy(dy)
     b = factors.project_x(x, has_bias)
-    return SketchTarget(a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1]))
+    return Target(sketch=a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1]))
 
 
 def assemble_linear(dy: torch.Tensor, x: torch.Tensor, omega: torch.Tensor, has_bias: bool):
@@ -186,10 +182,10 @@ def _mask_padding(dy: torch.Tensor, ids: torch.Tensor, padding_idx: int | None) 
     return dy * (ids != padding_idx).to(dy.dtype)[..., None]
 
 
-def embedding_scores(dy: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, padding_idx: int | None):
+def embedding_scores(dy: torch.Tensor, ids: torch.Tensor, target: Target, padding_idx: int | None):
     """Exact gather-dot s_i = sum_t dY_it . G_T[token_it]."""
     dy = _mask_padding(dy, ids, padding_idx)
-    return (dy * target[ids]).sum(dim=(1, 2))
+    return (dy * target.weight[ids]).sum(dim=(1, 2))
 
 
 def embedding_target(dy: torch.Tensor, ids: torch.Tensor, num_embeddings: int, padding_idx: int | None):

@@ -46,7 +46,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -54,8 +54,9 @@ from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from drpt_ray.config import RegularizerSpec
 from drpt_ray.regularize import kernels as K
-from drpt_ray.regularize.feasible import example_weights, get_feasible_set, kept_fraction, subset_weights
+from drpt_ray.regularize.feasible import example_weights, kept_fraction, membership, subset_weights
 from drpt_ray.regularize.hooks import Block, find_blocks, install
+from drpt_ray.regularize.sets import get_feasible_set
 
 LossFn = Callable[[torch.Tensor | None], torch.Tensor]
 
@@ -90,7 +91,7 @@ class RegStats:
 class _Pass:
     """State of the backward in flight: what each hooked layer should do with its (dY, X)."""
 
-    mode: str  # capture | score | layer | retain
+    mode: Literal["capture", "score", "layer", "retain"]
     units: torch.Tensor | None = None  # (n_rows,) all rows, target rows last in merged mode
     n_target: int = 0
     normaliser: float = 1.0  # N: the loss of this backward is sum / N
@@ -113,10 +114,6 @@ class Regularizer:
     """Dr. Post-Training gradient curation for one model, selected by a `RegularizerSpec`."""
 
     def __init__(self, model: nn.Module, spec: RegularizerSpec, shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if spec.target_mode == "merged" and spec.feasible_set in ("target_only", "iif"):
-            raise ValueError(f"regularizer.target_mode 'merged' is not supported with feasible_set {spec.feasible_set!r}")
-        if spec.passes == "two_pass" and spec.feasible_set != "global_subset":
-            raise ValueError("regularizer.passes 'two_pass' applies to feasible_set 'global_subset' only")
         self.model, self.spec = model, spec
         self.shard_sum = shard_sum or (lambda t: t)  # SUM over the ranks that shard the parameters
         self.feasible = get_feasible_set(spec.feasible_set)
@@ -129,10 +126,10 @@ class Regularizer:
         self.device = self.blocks[0].weight.device if self.blocks else torch.device("cpu")
         # Blocks whose weights are sharded (FSDP): the sharded parameters, kept because inside a
         # backward the module holds the all-gathered ones instead.
-        self._sharded = {b: {"weight": b.weight, "bias": b.bias, "embedding": b.weight} for b in self.blocks if _is_dtensor(b.weight)}
+        self._sharded = {b: {"weight": b.weight, "bias": b.bias} for b in self.blocks if _is_dtensor(b.weight)}
         self._use_sketch = spec.kernel == "sketch" and self.granularity != "target"
         self._factors: dict[Block, K.SketchFactors] = {}
-        self.targets: dict[Block, object] = {}
+        self.targets: dict[Block, K.Target] = {}
         self.unhooked_targets: dict[str, torch.Tensor] = {}
         self.captured = False
         self._pass: _Pass | None = None
@@ -144,7 +141,7 @@ class Regularizer:
 
     def needs_refresh(self, step: int) -> bool:
         """True when the target gradient should be (re)captured at this step; `full` never needs it."""
-        if self.spec.feasible_set == "full":
+        if not self.feasible.uses_target:
             return False
         return not self.captured or step % self.spec.refresh_every == 0
 
@@ -226,8 +223,8 @@ class Regularizer:
         out = []
         for b in self.blocks:
             if b in self.targets:
-                parts = _target_tensors(self.targets[b])
-                out += [parts[k] for k in sorted(parts) if parts[k] is not None]
+                parts = self.targets[b].parts()
+                out += [parts[k] for k in sorted(parts)]
         out += [self.unhooked_targets[k] for k in sorted(self.unhooked_targets)]
         return [t for t in out if not _is_dtensor(t)]
 
@@ -236,7 +233,7 @@ class Regularizer:
         tensors (a collective when parameters are sharded: call it on every rank)."""
         return {
             "captured": self.captured,
-            "targets": {b.name: _target_tensors(_map_target(t, lambda k, v: _full(v))) for b, t in self.targets.items()},
+            "targets": {b.name: t.map(lambda k, v: _full(v)).parts() for b, t in self.targets.items()},
             "unhooked_targets": {k: _full(v) for k, v in self.unhooked_targets.items()},
         }
 
@@ -244,10 +241,9 @@ class Regularizer:
         """Restore `state_dict()` (tensors may come from another device, e.g. a checkpoint read on CPU)."""
         by_name = {b.name: b for b in self.blocks}
         params = dict(self.unhooked)
-        on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        self.targets = {by_name[n]: _map_target(_target_from_tensors(t), lambda k, v, b=by_name[n]: self._shard_like(b, k, on(v)))
+        self.targets = {by_name[n]: K.Target(**t).map(lambda k, v, b=by_name[n]: self._shard_like(b, k, v.to(self.device)))
                         for n, t in state["targets"].items()}
-        self.unhooked_targets = {k: _like(on(v), params[k]) for k, v in state["unhooked_targets"].items()}
+        self.unhooked_targets = {k: _like(v.to(self.device), params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
 
     def remove(self) -> None:
@@ -287,7 +283,7 @@ class Regularizer:
                 if p.mode == "retain":
                     p.retained[block] = (dy, x)
                 return True
-            pi = self.feasible.rule(s, self.spec)
+            pi = membership(s, self.spec)
         self._write_grad(block, dy, x, pi, p)
         return True
 
@@ -299,8 +295,8 @@ class Regularizer:
         if not self.captured:
             raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
         t = self.targets.get(block)
-        if block in self._sharded and t is not None and not isinstance(t, K.SketchTarget):
-            return _map_target(t, lambda k, v: _full(v))
+        if block in self._sharded and t is not None:
+            return t.map(lambda k, v: _full(v))  # a sketch is never sharded: _full leaves it as it is
         return t
 
     def _scores(self, block: Block, dy, x, target) -> torch.Tensor:
@@ -319,19 +315,17 @@ class Regularizer:
     def _target_from(self, block: Block, dy, x):
         """Target representation (summed over the given rows) in the space the kernel scores in."""
         if block.kind == "embedding":
-            return K.embedding_target(dy, x, block.module.num_embeddings, block.module.padding_idx)
+            return K.Target(weight=K.embedding_target(dy, x, block.module.num_embeddings, block.module.padding_idx))
         if self._use_sketch:
             return K.sketch_target(dy, x, self._sketch_factors(block), block.bias is not None)
         return K.linear_target(dy, x, block.bias is not None)
 
-    def _accumulate_target(self, block: Block, t) -> None:
-        if block in self._sharded and not isinstance(t, K.SketchTarget):  # SUM over ranks, keep our rows
-            t = _map_target(t, lambda k, v: self._reduce_scatter(block, k, v))
+    def _accumulate_target(self, block: Block, t: K.Target) -> None:
+        if block in self._sharded:  # SUM over ranks, keep our rows
+            t = t.map(lambda k, v: self._reduce_scatter(block, k, v))
         prev = self.targets.get(block)
         if prev is None:
             self.targets[block] = t
-        elif isinstance(prev, torch.Tensor):
-            prev += t
         else:
             prev.add_(t)
 
@@ -351,7 +345,7 @@ class Regularizer:
     # global subsets
 
     def _select_global(self, p: _Pass) -> torch.Tensor:
-        pi = self.feasible.rule(p.scores, self.spec)
+        pi = membership(p.scores, self.spec)
         p.stats.global_scores = p.scores.detach().cpu()
         p.stats.empty = bool((pi * p.units[: p.n_train]).sum() <= 0)
         return pi
@@ -394,15 +388,9 @@ class Regularizer:
         if not self.captured:
             raise RuntimeError("no target gradient captured: call Regularizer.capture_target() before backward()")
         for b in self.blocks:
-            t = self.targets.get(b)
-            if t is None:
-                continue
-            if isinstance(t, torch.Tensor):
-                _accumulate_grad(b.weight, t.clone())
-            else:
-                _accumulate_grad(b.weight, t.weight.clone())
-                if t.bias is not None:
-                    _accumulate_grad(b.bias, t.bias.clone())
+            if b in self.targets:
+                for part, g in self.targets[b].parts().items():  # weight (and bias): target_only is never sketched
+                    _accumulate_grad(getattr(b, part), g.clone())
         for name, prm in self.unhooked:
             if name in self.unhooked_targets:
                 _accumulate_grad(prm, self.unhooked_targets[name].clone())
@@ -423,9 +411,7 @@ class Regularizer:
                 continue
             d_w = _local(b.weight.grad)
             d_b = _local(b.bias.grad) if b.bias is not None and b.bias.grad is not None else None
-            if isinstance(t, torch.Tensor):
-                pairs = [(d_w, _rows(t, b.weight))]
-            elif isinstance(t, K.SketchTarget):
+            if t.sketch is not None:
                 f = self._sketch_factors(b)
                 if f.p_out is not None:
                     mixed[b.name] = (f.project_grad(d_w, d_b, p_out=_rows(f.p_out, b.weight)), t.sketch)
@@ -455,17 +441,19 @@ class Regularizer:
         if self.granularity in ("none", "target") and not p.stats.kept:
             p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity == "none" else {}
 
-    def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor) -> DTensor:
-        """SUM every rank's full `t` and keep this rank's rows, laid out like the block's `part`."""
-        prm = self._sharded[block][part]
+    def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor) -> torch.Tensor:
+        """SUM every rank's full `t` and keep this rank's rows, laid out like the block's `part`. A
+        sketch has no such parameter: it stays whole, all-reduced by the caller (`target_cache`)."""
+        prm = self._sharded[block].get(part)
+        if prm is None:
+            return t
         mesh = prm.device_mesh
         return DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, prm.placements)
 
     def _shard_like(self, block: Block, part: str, t: torch.Tensor) -> torch.Tensor:
         """A full cached tensor laid out like the block's `part` when the block is sharded."""
-        if block not in self._sharded or part == "sketch":
-            return t
-        return _like(t, self._sharded[block][part])
+        prm = self._sharded.get(block, {}).get(part)
+        return t if prm is None else _like(t, prm)
 
     def _sketch_factors(self, block: Block) -> K.SketchFactors:
         f = self._factors.get(block)
@@ -558,27 +546,6 @@ def _hooks_paused(reg: Regularizer):
         yield
     finally:
         reg._pass = p
-
-
-def _target_tensors(t) -> dict:
-    if isinstance(t, torch.Tensor):
-        return {"embedding": t}
-    if isinstance(t, K.SketchTarget):
-        return {"sketch": t.sketch}
-    return {"weight": t.weight, "bias": t.bias}
-
-
-def _map_target(t, fn):
-    """The same kind of target with fn(part name, tensor) applied to each of its tensors."""
-    return _target_from_tensors({k: None if v is None else fn(k, v) for k, v in _target_tensors(t).items()})
-
-
-def _target_from_tensors(d: dict):
-    if "embedding" in d:
-        return d["embedding"]
-    if "sketch" in d:
-        return K.SketchTarget(d["sketch"])
-    return K.LinearTarget(d["weight"], d["bias"])
 
 
 def _rows3(x: torch.Tensor, n: int, block: Block) -> torch.Tensor:

@@ -35,6 +35,7 @@ from drpt_ray.rewards.verifiable import (
     math_score,
     math_verifier,
 )
+from drpt_ray.topology import REWARD_MODEL_CPUS
 
 __all__ = [
     "TASK_VERIFIERS",
@@ -85,7 +86,7 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
         )
 
 
-def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cpus: float = 0.5) -> Reward:
+def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cpus: float = REWARD_MODEL_CPUS) -> Reward:
     """Build the reward that `spec` describes (after `check_reward`).
 
     Args:

@@ -1,33 +1,35 @@
-"""Weight sync from the learner to the rollout workers: the one narrow interface the trainer calls.
+"""Weight sync from the learner to the rollout workers: one door, `WeightSync`.
 
-CPU path (the only one implemented): the state dict goes into the Ray object store once and every worker
-reloads it in place (`RolloutEngine.update_weights`). This is the place to swap in a GPU transport later
-(NCCL broadcast from the learner rank, or CUDA IPC handles for colocated workers) without touching the trainer.
+The learner puts its full HF-named weights in the Ray object store (rank 0 of the learner group,
+`LearnerAPI.weights_ref`); only the reference reaches the driver, and `push` hands it to every
+worker, which reloads in place (`RolloutEngine.update_weights`) and records the version. A worker
+that died (Ray restarts it on the initial weights, version 0) or answered with stale weights gets
+the same object again from `resend`: the weights are never copied into the driver. This is the
+place to swap in a GPU transport later (an NCCL broadcast from the learner rank, CUDA IPC handles
+for colocated workers) without touching the trainer.
 """
 
 from __future__ import annotations
 
-import time
-
 import ray
-import torch
 from ray.actor import ActorHandle
 
 
-def sync_weights(workers: list[ActorHandle], state_dict: dict[str, torch.Tensor], version: int | None = None) -> float:
-    """Push full Hugging Face-named weights to every rollout worker and wait until all have loaded them.
+class WeightSync:
+    """The weights version the rollout workers must hold, and the object that holds it."""
 
-    Args:
-        workers: `RolloutWorker` handles (see `make_rollout_workers`).
-        state_dict: Plain HF names and full tensors (for a peft model: the merged weights).
-        version: Weights version to record on the workers (e.g. the learner's step); None increments each
-            worker's own counter.
+    def __init__(self, workers: list[ActorHandle]):
+        self.workers = workers
+        self.version = 0  # the workers start on the model's initial weights
+        self._weights: ray.ObjectRef | None = None
 
-    Returns:
-        Wall seconds for the whole sync (object-store put, transfer and every reload).
-    """
-    start = time.perf_counter()
-    # Detached CPU copies: the object store serialises host memory, and one put is shared by all workers.
-    ref = ray.put({name: t.detach().cpu() for name, t in state_dict.items()})
-    ray.get([w.update_weights.remote(ref, version) for w in workers])
-    return time.perf_counter() - start
+    def push(self, weights: ray.ObjectRef) -> None:
+        """New weights to every worker (waits until all have loaded them); bumps the version."""
+        self.version += 1
+        self._weights = weights  # kept for `resend` until the next push
+        ray.get([w.update_weights.remote(weights, self.version) for w in self.workers])
+
+    def resend(self, worker: ActorHandle) -> None:
+        """The current weights to one (restarted or stale) worker."""
+        if self._weights is not None:
+            ray.get(worker.update_weights.remote(self._weights, self.version))

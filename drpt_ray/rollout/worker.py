@@ -9,8 +9,9 @@ Log-probabilities are vLLM's "raw" ones (the model's softmax at temperature 1, b
 quantity as the learner's `drpt_ray.losses.token_logprobs`, so rollout and learner log-probs are directly comparable.
 
 Restarts: Ray re-runs `__init__` on a restarted actor, so the engine comes back with the weights at `model_path`
-and `weights_version` 0. The driver must compare `health()["weights_version"]` with its own and re-sync; every
-`Rollout` carries the version that produced it, so stale samples can be detected too.
+and `weights_version` 0. Every `Rollout` carries the version that produced it: the trainer re-issues a share
+that failed or came back from other weights after `WeightSync.resend` gave that worker the current weights
+(drpt_ray/rollout/sync.py).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[
     Each worker reserves `spec.num_cpus_per_worker` CPUs and `spec.num_gpus_per_worker` GPUs, is restarted up to
     `spec.max_restarts` times, and gets the vLLM environment through `runtime_env`. Worker i uses seed `seed + i`
     so that workers do not draw identical samples. A restarted worker is back at the initial weights
-    (`weights_version` 0): re-sync it with `drpt_ray.rollout.sync.sync_weights`.
+    (`weights_version` 0): re-sync it with `drpt_ray.rollout.sync.WeightSync.resend`.
 
     Wait for readiness with `ray.get([w.health.remote() for w in workers], timeout=...)`.
     """

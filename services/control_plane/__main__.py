@@ -9,14 +9,15 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from drpt_ray.client import HOST, PORT
 from services.control_plane.app import create_app
 from services.control_plane.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.control_plane")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=HOST)
+    p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     try:

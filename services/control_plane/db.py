@@ -19,10 +19,6 @@ from typing import Iterator
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from drpt_ray.reporting import TERMINAL
-
-# `state` is a plain string column (no CHECK constraint), so a new state needs no migration.
-STATES = ("QUEUED", "PENDING", "RUNNING", *TERMINAL)
 ACTIVE = ("PENDING", "RUNNING")  # submitted to Ray, holding a slot
 
 
@@ -35,7 +31,7 @@ class RunColumns:
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # drpt_ray.reporting.STATES; no CHECK, so a new state needs no migration
     message: Mapped[str | None] = mapped_column(Text)
     spec: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, index=True)  # unix seconds

@@ -25,17 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from drpt_ray.topology import DRIVER_ENV
 from services.control_plane.settings import Settings
 
 log = logging.getLogger("drpt.control_plane")
 
 # Passed to every driver; the control plane's own value wins when it has one.
-DRIVER_ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
+DRIVER_ENV_DEFAULTS = DRIVER_ENV | {
     # the trainer's (and Tune driver's) ray.init(runtime_env=...) adds to the job's runtime env
     # instead of failing on the keys both set
     "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",

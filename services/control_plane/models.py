@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from drpt_ray.reporting import DRIVER_STATES
-from services.control_plane.db import STATES, Job, Sweep, Trial
+from drpt_ray.reporting import DRIVER_STATES, STATES
+from services.control_plane.db import Job, Sweep, Trial
 
 State = Literal[STATES]
 
@@ -47,7 +47,7 @@ class JobPublic(RunPublic):
 
     @classmethod
     def of(cls, job: Job) -> "JobPublic":
-        return cls(**cls._common(job), mode=job.mode, step=job.last_step, steps=job.spec.get("steps", 0), spec=job.spec)
+        return cls(**cls._common(job), mode=job.mode, step=job.last_step, steps=job.spec["steps"], spec=job.spec)
 
 
 class TrialPublic(BaseModel):
@@ -72,7 +72,7 @@ class SweepPublic(RunPublic):
     @classmethod
     def of(cls, sweep: Sweep, trials: list[Trial], best: Trial | None) -> "SweepPublic":
         return cls(
-            **cls._common(sweep), spec=sweep.spec, metric=sweep.spec.get("metric", ""), mode=sweep.spec.get("mode", "max"),
+            **cls._common(sweep), spec=sweep.spec, metric=sweep.spec["metric"], mode=sweep.spec["mode"],
             trials=[TrialPublic.model_validate(t) for t in trials],
             best=TrialPublic.model_validate(best) if best is not None else None,
         )

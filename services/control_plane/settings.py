@@ -25,71 +25,38 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from drpt_ray.client import DEFAULT_URL
+
 PLACEHOLDER_TOKENS = {"changethis", "changeme", "secret", "token", "password"}
+
+
+def _env(name: str, description: str, default=PydanticUndefined, **kw):
+    """A setting read from the environment variable `name` (or, in code, by its field name:
+    `name` lower-cased without the DRPT_ prefix)."""
+    return Field(default, validation_alias=AliasChoices(name, name.lower().removeprefix("drpt_")), description=description, **kw)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    api_tokens: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias=AliasChoices("DRPT_API_TOKENS", "api_tokens"),
-        description="Bearer tokens accepted by the API.",
-    )
-    database_url: str = Field(
-        "sqlite:///./drpt-control-plane.sqlite", validation_alias=AliasChoices("DATABASE_URL", "database_url"),
-        description="SQLAlchemy database URL.",
-    )
-    ray_address: str = Field(
-        "", validation_alias=AliasChoices("RAY_ADDRESS", "ray_address"),
-        description="Ray dashboard (Jobs API) URL; empty: http://127.0.0.1:8265, the local Ray `drpt-ray serve` starts.",
-    )
-    ray_auth_token: str | None = Field(
-        None, validation_alias=AliasChoices("DRPT_RAY_AUTH_TOKEN", "ray_auth_token"),
-        description="Ray token-auth token for the Jobs API (see launcher.ray_auth_token for the fallbacks).",
-    )
-    public_url: str = Field(
-        "http://127.0.0.1:8000", validation_alias=AliasChoices("DRPT_PUBLIC_URL", "public_url"),
-        description="Base URL job drivers post their events to.",
-    )
-    max_running_jobs: int = Field(
-        1, ge=1, validation_alias=AliasChoices("DRPT_MAX_RUNNING_JOBS", "max_running_jobs"),
-        description="Runs (jobs and sweeps) submitted to Ray at once.",
-    )
-    max_body_bytes: int = Field(
-        1 << 20, ge=1024, validation_alias=AliasChoices("DRPT_MAX_BODY_BYTES", "max_body_bytes"),
-        description="Largest accepted request body (413 above).",
-    )
-    runs_dir: Path = Field(
-        Path("runs/api"), validation_alias=AliasChoices("DRPT_RUNS_DIR", "runs_dir"),
-        description="Parent of each run's working directory on the Ray head node.",
-    )
-    driver_python: str = Field(
-        sys.executable, validation_alias=AliasChoices("DRPT_DRIVER_PYTHON", "driver_python"),
-        description="Python interpreter the Ray job entrypoint runs.",
-    )
-    launcher: Literal["ray", "dry-run"] = Field(
-        "ray", validation_alias=AliasChoices("DRPT_LAUNCHER", "launcher"),
-        description="ray: Ray Jobs API; dry-run: record submissions, run nothing.",
-    )
-    ingest_secret: str | None = Field(
-        None, validation_alias=AliasChoices("DRPT_INGEST_SECRET", "ingest_secret"),
-        description="HMAC key of the per-run ingest tokens; None: generated once and kept in the database.",
-    )
-    poll_interval_s: float = Field(
-        1.0, gt=0, validation_alias=AliasChoices("DRPT_POLL_INTERVAL_S", "poll_interval_s"),
-        description="Supervisor tick: admit queued runs, reconcile active ones with Ray.",
-    )
-    sse_heartbeat_s: float = Field(
-        15.0, gt=0, validation_alias=AliasChoices("DRPT_SSE_HEARTBEAT_S", "sse_heartbeat_s"),
-        description="Seconds between SSE keep-alive comments.",
-    )
+    api_tokens: Annotated[list[str], NoDecode] = _env("DRPT_API_TOKENS", "Bearer tokens accepted by the API.", default_factory=list)
+    database_url: str = _env("DATABASE_URL", "SQLAlchemy database URL.", "sqlite:///./drpt-control-plane.sqlite")
+    ray_address: str = _env("RAY_ADDRESS", "Ray dashboard (Jobs API) URL; empty: http://127.0.0.1:8265, the local Ray `drpt-ray serve` starts.", "")
+    ray_auth_token: str | None = _env("DRPT_RAY_AUTH_TOKEN", "Ray token-auth token for the Jobs API (see launcher.ray_auth_token for the fallbacks).", None)
+    public_url: str = _env("DRPT_PUBLIC_URL", "Base URL job drivers post their events to.", DEFAULT_URL)
+    max_running_jobs: int = _env("DRPT_MAX_RUNNING_JOBS", "Runs (jobs and sweeps) submitted to Ray at once.", 1, ge=1)
+    max_body_bytes: int = _env("DRPT_MAX_BODY_BYTES", "Largest accepted request body (413 above).", 1 << 20, ge=1024)
+    runs_dir: Path = _env("DRPT_RUNS_DIR", "Parent of each run's working directory on the Ray head node.", Path("runs/api"))
+    driver_python: str = _env("DRPT_DRIVER_PYTHON", "Python interpreter the Ray job entrypoint runs.", sys.executable)
+    launcher: Literal["ray", "dry-run"] = _env("DRPT_LAUNCHER", "ray: Ray Jobs API; dry-run: record submissions, run nothing.", "ray")
+    ingest_secret: str | None = _env("DRPT_INGEST_SECRET", "HMAC key of the per-run ingest tokens; None: generated once and kept in the database.", None)
+    poll_interval_s: float = _env("DRPT_POLL_INTERVAL_S", "Supervisor tick: admit queued runs, reconcile active ones with Ray.", 1.0, gt=0)
+    sse_heartbeat_s: float = _env("DRPT_SSE_HEARTBEAT_S", "Seconds between SSE keep-alive comments.", 15.0, gt=0)
 
-    public_docs: bool = Field(
-        False, validation_alias=AliasChoices("DRPT_PUBLIC_DOCS", "public_docs"),
-        description="Serve the interactive docs and the OpenAPI schema without a token.",
-    )
+    public_docs: bool = _env("DRPT_PUBLIC_DOCS", "Serve the interactive docs and the OpenAPI schema without a token.", False)
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.control_plane.db import ACTIVE, TERMINAL, Database, Event, Job, Sweep, Trial, now
-
-RANK = {"QUEUED": 0, "PENDING": 1, "RUNNING": 2} | dict.fromkeys(TERMINAL, 3)
+from drpt_ray.reporting import STATES, TERMINAL, best_trial as best_of, running_best
+from services.control_plane.db import ACTIVE, Database, Event, Job, Sweep, Trial, now
 
 
 class NotFound(Exception):
@@ -55,7 +54,7 @@ def append(s: Session, run: Job | Sweep, data: dict, seq: int | None = None) -> 
 
 def transition(s: Session, run: Job | Sweep, state: str, message: str | None = None, *, record: bool = True) -> bool:
     """Move `run` forward to `state`; False (and nothing changes) if that is not forward."""
-    if run.state in TERMINAL or RANK[state] <= RANK[run.state]:
+    if run.state in TERMINAL or STATES.index(state) <= STATES.index(run.state):
         return False
     run.state = state
     run.message = message  # describes the state it comes with
@@ -117,7 +116,7 @@ def ingest(db: Database, run_id: str, events: list[dict]) -> IngestResult:
                 seen.add(e["seq"])
                 fresh.append(e)
         was_terminal = run.state in TERMINAL
-        if fresh and run.state in ("QUEUED", "PENDING") and not (fresh[0]["type"] == "state" and fresh[0].get("state") == "RUNNING"):
+        if fresh and not (fresh[0]["type"] == "state" and fresh[0].get("state") == "RUNNING"):
             transition(s, run, "RUNNING", "driver reporting")
         for e in fresh:
             _apply(s, run, e)
@@ -154,10 +153,9 @@ def _apply_trial(s: Session, sweep: Sweep, e: dict) -> None:
     if m:
         t.metrics = {**t.metrics, **m}
         t.steps = int(m.get("step", t.steps))
-        metric, better = sweep.spec.get("metric"), max if sweep.spec.get("mode", "max") == "max" else min
-        if isinstance(m.get(metric), (int, float)):
-            t.value = float(m[metric])
-            t.best_value = t.value if t.best_value is None else better(t.best_value, t.value)
+        if isinstance(m.get(sweep.spec["metric"]), (int, float)):
+            t.value = float(m[sweep.spec["metric"]])
+            t.best_value = running_best(t.best_value, t.value, sweep.spec["mode"])
     if e.get("error"):
         t.error = str(e["error"])
     t.updated_at = now()
@@ -193,8 +191,4 @@ def best_trial(sweep: Sweep, trials: list[Trial]) -> Trial | None:
         for t in trials:
             if t.trial_id == sweep.best["best_trial_id"]:
                 return t
-    scored = [t for t in trials if t.value is not None and t.state != "ERROR"]
-    if not scored:
-        return None
-    better = max if sweep.spec.get("mode", "max") == "max" else min
-    return better(scored, key=lambda t: t.value)
+    return best_of(trials, sweep.spec["mode"])

@@ -50,6 +50,19 @@ class Supervisor:
     def wake(self) -> None:
         self._wake.set()
 
+    def cancel(self, run_id: str, kind: str) -> Job | Sweep:
+        """Mark a run CANCELLED and stop its Ray job; if Ray cannot be reached now, the next
+        reconcile stops it (the run's `cancel_requested` stays set). Returns the run."""
+        run, ray_job_id = store.request_cancel(self.db, run_id, kind=kind)
+        if ray_job_id is not None:
+            try:
+                self.launcher.stop(ray_job_id)
+            except LauncherUnavailable as e:
+                log.warning("cancel %s: could not reach Ray yet (%s)", run_id, e)
+        self.notify(run_id)
+        self.wake()
+        return run
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.tick()

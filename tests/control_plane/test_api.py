@@ -55,6 +55,8 @@ BAD = [
     ("unknown advantage", "POST", "/v1/jobs", {"mode": "rlvr", "algorithm": {"advantage": "nope"}}, H, 422, ["body.algorithm.advantage", "grpo"]),
     ("inconsistent spec", "POST", "/v1/jobs", {"mode": "rlhf"}, H, 422, ["reward.kind"]),
     ("fsdp on one worker", "POST", "/v1/jobs", {"resources": {"fsdp": True}}, H, 422, ["resources.learner_num_workers"]),
+    ("two_pass on a layer-wise set", "POST", "/v1/jobs", {"regularizer": {"feasible_set": "layerwise_subset", "passes": "two_pass"}}, H, 422,
+     ["body.regularizer", "regularizer.passes", "'layerwise_subset'"]),
     ("sweep over a non-field", "POST", "/v1/sweeps", {"space": {"regularizer.strength": {"values": [1]}}}, H, 422, ["regularizer.strength", "not a JobSpec field"]),
     ("bad state filter", "GET", "/v1/jobs?state=DONE", None, H, 422, ["query.state"]),
     ("negative page", "GET", "/v1/jobs?offset=-1", None, H, 422, ["query.offset"]),
@@ -119,6 +121,13 @@ def test_50_concurrent_submissions_are_recorded_once_and_queued(server_factory):
         page1 = c.get("/v1/jobs", params={"limit": 20, "offset": 0}).json()["items"]
         page2 = c.get("/v1/jobs", params={"limit": 40, "offset": 20}).json()["items"]
         assert len(page1) == 20 and len(page2) == 30 and not {j["id"] for j in page1} & {j["id"] for j in page2}
+        # a job never submitted has no launcher log: its log is the driver's streamed lines, `tail` the last ones
+        queued = next(j["id"] for j in c.get("/v1/jobs", params={"state": "QUEUED"}).json()["items"])
+        lines = [{"seq": i + 1, "type": "log", "line": f"line {i}"} for i in range(3)]
+        assert c.post(f"/v1/ingest/{queued}", json={"events": lines}).json()["stored"] == 3
+        assert c.get(f"/v1/jobs/{queued}").json()["ray_job_id"] is None
+        assert c.get(f"/v1/jobs/{queued}/logs").text == "line 0\nline 1\nline 2\n"
+        assert c.get(f"/v1/jobs/{queued}/logs", params={"tail": 2}).text == "line 1\nline 2\n"
         cancelled = list(pool.map(lambda i: c.post(f"/v1/jobs/{i}/cancel"), ids))
         assert all(r.status_code == 200 and r.json()["state"] == "CANCELLED" for r in cancelled)
         assert c.get("/v1/jobs", params={"state": "CANCELLED"}).json()["total"] == 50
@@ -162,7 +171,8 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
         done = c.get(f"/v1/jobs/{jid}").json()
         assert done["state"] == "SUCCEEDED" and done["step"] == 4
         assert c.get(f"/v1/jobs/{jid}/artifacts").json()["output_dir"] == "/nonexistent/out"
-        assert "hello" in c.get(f"/v1/jobs/{jid}/logs").text or "dry-run" in c.get(f"/v1/jobs/{jid}/logs").text
+        # a submitted job's log is the launcher's (Ray's) whole log, not the streamed `log` lines
+        assert c.get(f"/v1/jobs/{jid}/logs").text == f"dry-run launcher: nothing ran for {done['ray_job_id']}\n"
 
 
 def test_reporter_buffers_while_the_control_plane_is_down(server_factory):

@@ -19,8 +19,9 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.security import HTTPAuthorizationCredentials
 from sse_starlette import EventSourceResponse
 
+from drpt_ray.reporting import TERMINAL
 from services.control_plane import store
-from services.control_plane.db import TERMINAL, Database
+from services.control_plane.db import Database
 from services.control_plane.deps import ApiAuth, DbDep, HubDep, SupervisorDep
 from services.control_plane.models import IngestAck, IngestBatch
 from services.control_plane.notify import Hub

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Response
@@ -12,12 +11,11 @@ from sqlalchemy import func, select
 from drpt_ray.config import JobSpec
 from services.control_plane import store
 from services.control_plane.db import Event, Job
-from services.control_plane.deps import ApiAuth, DbDep, HubDep, LauncherDep, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, LauncherDep, SupervisorDep
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth])
-log = logging.getLogger("drpt.control_plane")
 MAX_LISTED_FILES = 2000
 
 
@@ -44,16 +42,8 @@ def get_job(job_id: str, db: DbDep) -> JobPublic:
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)")
-def cancel_job(job_id: str, db: DbDep, launcher: LauncherDep, hub: HubDep, supervisor: SupervisorDep) -> JobPublic:
-    job, ray_job_id = store.request_cancel(db, job_id, kind="job")
-    if ray_job_id is not None:
-        try:
-            launcher.stop(ray_job_id)
-        except LauncherUnavailable as e:  # the supervisor stops it once Ray answers again
-            log.warning("cancel %s: could not reach Ray yet (%s)", job_id, e)
-    hub.notify(job_id)
-    supervisor.wake()
-    return JobPublic.of(job)
+def cancel_job(job_id: str, supervisor: SupervisorDep) -> JobPublic:
+    return JobPublic.of(supervisor.cancel(job_id, "job"))
 
 
 @router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
-from services.control_plane.deps import ApiAuth, DbDep, HubDep, LauncherDep, SupervisorDep
-from services.control_plane.launcher import LauncherUnavailable
+from services.control_plane.deps import ApiAuth, DbDep, SupervisorDep
 from services.control_plane.models import State, SweepPage, SweepPublic
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth])
-log = logging.getLogger("drpt.control_plane")
 
 
 def _public(s, sweep: Sweep) -> SweepPublic:
@@ -46,14 +42,7 @@ def get_sweep(sweep_id: str, db: DbDep) -> SweepPublic:
 
 
 @router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)")
-def cancel_sweep(sweep_id: str, db: DbDep, launcher: LauncherDep, hub: HubDep, supervisor: SupervisorDep) -> SweepPublic:
-    sweep, ray_job_id = store.request_cancel(db, sweep_id, kind="sweep")
-    if ray_job_id is not None:
-        try:
-            launcher.stop(ray_job_id)
-        except LauncherUnavailable as e:
-            log.warning("cancel %s: could not reach Ray yet (%s)", sweep_id, e)
-    hub.notify(sweep_id)
-    supervisor.wake()
+def cancel_sweep(sweep_id: str, db: DbDep, supervisor: SupervisorDep) -> SweepPublic:
+    supervisor.cancel(sweep_id, "sweep")
     with db.read() as s:
         return _public(s, store.get_run(s, sweep_id, kind="sweep"))

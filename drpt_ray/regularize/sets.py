@@ -1,0 +1,74 @@
+"""The feasible-set registry: each named set and what it needs, read by the schema and the regularizer.
+
+No torch and no config import: `drpt_ray.config` reads this module when it is imported (the
+`feasible_set` choices and the combinations it refuses), and the regularizer reads the same entries
+(`feasible.py` has the membership rules they name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+Granularity = Literal["none", "layer", "global", "target"]
+
+
+@dataclass(frozen=True)
+class FeasibleSet:
+    """A named feasible set.
+
+    Attributes:
+        name: the `regularizer.feasible_set` value.
+        granularity: of a RegularizerSpec: "none" (no scoring: the plain batch gradient), "layer"
+            (each weight matrix picks its own weights from its own scores), "global" (one choice for
+            the whole model from the summed scores) or "target" (the update is g_T itself).
+        soft: membership is the softmax rule (`tau`), not the hard subset rule (`selection`, `frac`).
+        passes: the `regularizer.passes` it runs with (two_pass re-runs the backward on the kept rows).
+        target_modes: the `regularizer.target_mode`s it runs with.
+        filters_buffer: scores a whole RL rollout buffer once and trains plainly on the kept rows.
+        uses_target: needs the target gradient g_T at all.
+    """
+
+    name: str
+    granularity: Callable[[Any], Granularity]
+    soft: bool = False
+    passes: tuple[str, ...] = ("one_pass",)
+    target_modes: tuple[str, ...] = ("separate", "merged")
+    filters_buffer: bool = False
+    uses_target: bool = True
+
+
+_REGISTRY: dict[str, FeasibleSet] = {}
+
+
+def register_feasible_set(fs: FeasibleSet) -> FeasibleSet:
+    """Add a feasible set to the registry; a clashing name is refused. Sets register when this module
+    is imported: the schema reads the names once, at its own import."""
+    if fs.name in _REGISTRY:
+        raise ValueError(f"feasible set {fs.name!r} is already registered")
+    _REGISTRY[fs.name] = fs
+    return fs
+
+
+def get_feasible_set(name: str) -> FeasibleSet:
+    """Look a feasible set up by name; the error lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown feasible set {name!r}; valid: {sorted(_REGISTRY)}") from None
+
+
+def registered_feasible_sets() -> list[str]:
+    """Registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+register_feasible_set(FeasibleSet("full", lambda spec: "none", uses_target=False))
+# target_only writes the cached g_T; in merged mode nothing is cached.
+register_feasible_set(FeasibleSet("target_only", lambda spec: "target", target_modes=("separate",)))
+register_feasible_set(FeasibleSet("global_subset", lambda spec: "global", passes=("one_pass", "two_pass")))
+register_feasible_set(FeasibleSet("layerwise_subset", lambda spec: "layer"))
+register_feasible_set(FeasibleSet("soft_subset", lambda spec: spec.soft_granularity, soft=True))
+# IIF scores a whole rollout buffer once (global scores) and keeps a subset; the training steps
+# on the kept buffer are then ordinary ones (Regularizer.filter_buffer).
+register_feasible_set(FeasibleSet("iif", lambda spec: "none", target_modes=("separate",), filters_buffer=True))

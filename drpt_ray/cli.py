@@ -5,6 +5,8 @@
                                   full and layer-wise SFT on the scarce-target task
     drpt-ray run SPEC.yaml        any JobSpec on local Ray (or --address of a cluster)
     drpt-ray sft SPEC.yaml        an SFT JobSpec, in-process
+    drpt-ray models import smollm2 DIR   a pretrained model as a local directory (model.path: DIR)
+    drpt-ray data fetch gsm8k     download and cache the GSM8K problems of data.task 'gsm8k'
 
 Any problem a user can cause (a missing file, an unknown key, a bad value) ends with a message
 naming the key and exit status 2, never a traceback.
@@ -140,6 +142,21 @@ def _sft_demo(out: Path) -> int:
     return 0
 
 
+def _data_fetch(args: argparse.Namespace) -> int:
+    from drpt_ray.data import gsm8k
+
+    try:
+        root = gsm8k.fetch(Path(args.root) if args.root else None)
+    except (RuntimeError, OSError) as e:  # no network, a full disk: the message says which
+        print(f"drpt-ray: error: {e}", file=sys.stderr)
+        return 1
+    counts = gsm8k.read_manifest(root)["counts"]
+    templates = gsm8k.N_PROBLEMS - len(counts["templates_skipped_slow"]) - counts["templates_skipped_budget"]
+    print(f"gsm8k: {counts['originals']} problems ({counts['originals_passing_check']} pass the answer check) and "
+          f"{counts['variants_kept']} checked variants of {templates} templates in {root} (counts: {root / gsm8k.MANIFEST})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drpt-ray", description="Data-regularized post-training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,9 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", help="rlvr: run the demo and full training over these seeds (0-4 or 0,1,2) and print the table")
     d.add_argument("--output-dir", default="runs/demo")
     d.set_defaults(func=_demo)
-    from drpt_ray import client, k8s  # REST client (serve, submit, status, logs, cancel, sweep), k8s render
+    data = sub.add_parser("data", help="built-in data sets").add_subparsers(dest="data_command", required=True)
+    f = data.add_parser("fetch", help="download and cache a built-in task's data (gsm8k: GSM8K problems and variants)")
+    f.add_argument("dataset", choices=["gsm8k"])
+    f.add_argument("--root", help="cache directory (default: $DRPT_DATA_DIR/gsm8k, else ~/.cache/drpt-ray/gsm8k)")
+    f.set_defaults(func=_data_fetch)
+    # REST client (serve, submit, status, logs, cancel, sweep), model import, k8s render
+    from drpt_ray import client, gguf_import, k8s
 
     client.register(sub)
+    gguf_import.register(sub)
     k8s.register(sub)
     return p
 

@@ -136,18 +136,30 @@ class RegularizerSpec(Spec):
 
 
 class DataSpec(Spec):
-    task: Literal["scarce_target", "arithmetic"] | None = Field(
-        "scarce_target", description="Built-in synthetic task (scarce_target: letter maps, SFT and RL; arithmetic: RL with math answers); None means the paths below."
+    task: Literal["scarce_target", "arithmetic", "gsm8k"] | None = Field(
+        "scarce_target",
+        description="Built-in task (scarce_target: synthetic letter maps, SFT and RL; arithmetic: synthetic, RL with math "
+        "answers; gsm8k: real GSM8K problems, 100 originals and generated variants, after `drpt-ray data fetch gsm8k`); "
+        "None means the paths below.",
     )
     general_path: str | None = Field(None, description="jsonl/parquet of general examples (prompt, response).")
     target_path: str | None = Field(None, description="jsonl/parquet of the scarce target pool.")
     eval_path: str | None = Field(None, description="jsonl/parquet of held-out target examples.")
     prompt_key: str = Field("prompt", description="Column holding the prompt.")
     response_key: str = Field("response", description="Column holding the response.")
-    n_target: int = Field(16, ge=1, description="Synthetic task: size of the target pool.")
-    n_general: int = Field(4000, ge=1, description="Synthetic task: size of the general pool.")
-    n_eval: int = Field(256, ge=1, description="Synthetic task: held-out target examples.")
-    p_clean: float = Field(0.3, ge=0, le=1, description="Synthetic task: fraction of fully correct general examples.")
+    n_target: int = Field(16, ge=1, description="Built-in task: size of the target pool.")
+    n_general: int = Field(
+        4000, ge=1, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
+    )
+    n_eval: int = Field(
+        256, ge=1, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
+    )
+    p_clean: float = Field(0.3, ge=0, le=1, description="scarce_target: fraction of fully correct general examples.")
+    chat_template: bool | None = Field(
+        None,
+        description="Render prompts as a user turn with the model's chat template; None: on for gsm8k, off for the "
+        "synthetic tasks and files.",
+    )
     max_len: int = Field(64, ge=4, description="Max tokens of prompt + response.")
     seed: int = Field(0, description="Data seed (task generation and shuffling).")
 
@@ -156,6 +168,11 @@ class DataSpec(Spec):
         if self.task is None and not (self.general_path and self.target_path):
             raise ValueError("data.task is null, so data.general_path and data.target_path are required")
         return self
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """`chat_template`, with None resolved: real-problem tasks are chat prompts, synthetic ones are not."""
+        return self.chat_template if self.chat_template is not None else self.task == "gsm8k"
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,12 @@ CHAT_TEMPLATE = (
 )
 
 _MARKER = "drpt_tiny_model.json"
+# What a local model directory must hold for the learner and vLLM to load it.
+_REQUIRED_FILES = {
+    "config (config.json)": ("config.json",),
+    "tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)": (
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model"),
+}
 # A hub repo id: "org/name" with no leading "." or "/" (those are local paths).
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Formats the trainer and vLLM never read; skipping them keeps hub downloads to the PyTorch files.
@@ -172,13 +178,6 @@ def _tiny_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pre
     )
 
 
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def tiny_model(
     out_dir: Path | str, spec: TinyModelSpec | None = None, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -202,7 +201,7 @@ def tiny_model(
     spec = spec or TinyModelSpec()
     out_dir = Path(out_dir)
     marker = {"spec": spec.model_dump(), "dtype": str(dtype).removeprefix("torch.")}
-    if _read_json(out_dir / _MARKER) == marker:
+    if read_marker(out_dir, _MARKER) == marker:
         return out_dir
 
     tokenizer = build_tokenizer()
@@ -213,14 +212,34 @@ def tiny_model(
     # Initialise in float32 and cast after, so every dtype rounds the same random weights.
     model.to(dtype)
 
+    return save_model_dir(out_dir, _MARKER, marker, model, tokenizer)
+
+
+def read_marker(out_dir: Path, name: str) -> object:
+    """The marker `save_model_dir` wrote under `name`, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(out_dir) / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_model_dir(
+    out_dir: Path, marker_name: str, marker: dict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """Write `model` and `tokenizer` to `out_dir` as a Hugging Face directory, marker file last.
+
+    Files are written to a temporary directory and moved in one by one, marker last, so a
+    concurrent reader (another Ray worker) never sees a half-written file and a killed writer
+    leaves no marker: the next call with the same marker rebuilds instead of trusting the files.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     # A sibling temporary directory is on the same filesystem, so each os.replace is an atomic rename.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (Path(tmp) / _MARKER).write_text(json.dumps(marker, indent=2))
-        (out_dir / _MARKER).unlink(missing_ok=True)  # the directory is not valid while files are swapped
-        for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == _MARKER):
+        (Path(tmp) / marker_name).write_text(json.dumps(marker, indent=2))
+        (out_dir / marker_name).unlink(missing_ok=True)  # the directory is not valid while files are swapped
+        for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == marker_name):
             os.replace(f, out_dir / f.name)
     return out_dir
 
@@ -248,6 +267,9 @@ def model_dir(spec: ModelSpec, work_dir: Path | str) -> Path:
         return tiny_model(Path(work_dir) / "tiny-model", spec.tiny)
     local = Path(spec.path).expanduser()
     if local.is_dir():
+        missing = [what for what, names in _REQUIRED_FILES.items() if not any((local / n).exists() for n in names)]
+        if missing:
+            raise ValueError(f"model.path: {local} has no {' and no '.join(missing)}: not a Hugging Face model directory")
         return local
     if not _HUB_NAME.match(spec.path):
         raise ValueError(f"model.path: {spec.path!r} is neither an existing directory nor a hub name 'org/name'")

@@ -47,7 +47,7 @@ from drpt_ray.algorithms import (
     tis_weights,
 )
 from drpt_ray.config import JobSpec
-from drpt_ray.data import Example, TaskSplits, load_task, tokenize_sft
+from drpt_ray.data import Example, TaskSplits, load_task, render_chat, tokenize_sft
 from drpt_ray.errors import Diverged
 from drpt_ray.learner import Learner, LearnerAPI, LearnerGroup, build_batch
 from drpt_ray.metrics import MetricLogger
@@ -171,6 +171,8 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         learner = LearnerGroup(spec)
         path = model_dir(spec.model, out)
         tokenizer = _tokenizer(path)
+    if spec.data.uses_chat_template:
+        splits = render_chat(splits, tokenizer)  # ctx.splits is all the driver tokenizes prompts from
     ctx = Context(
         spec=spec, out=out, splits=splits, tokenizer=tokenizer, learner=learner,
         general=BatchSampler(splits.general, spec.batch_size, spec.seed),
@@ -507,6 +509,9 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     """
     # Actors do not share the driver's working directory: every path they see must be absolute.
     spec = spec.model_copy(update={"output_dir": str(Path(spec.output_dir).resolve())})
+    local_model = Path(spec.model.path).expanduser() if spec.model.path else None
+    if local_model is not None and local_model.is_dir():
+        spec.model = spec.model.model_copy(update={"path": str(local_model.resolve())})
     splits = preflight(spec)
     ctx = build(spec, splits, address)
     resume = latest_checkpoint(ctx.out) if spec.checkpoint.resume else None

@@ -1,12 +1,13 @@
-"""Data: examples and their loaders, the built-in synthetic tasks, `load_task`, and SFT collation.
+"""Data: examples and their loaders, the built-in tasks, `load_task`, chat rendering, SFT collation.
 
-Imports go one way: examples <- synthetic <- tasks (`load_task`), and examples <- collate.
+Imports go one way: examples <- synthetic, gsm8k <- tasks (`load_task`, `render_chat`), and
+examples <- collate.
 """
 
 from drpt_ray.data.collate import IGNORE_INDEX, supervised_token_counts, tokenize_sft
 from drpt_ray.data.examples import Example, TaskSplits, load_examples
 from drpt_ray.data.synthetic import scarce_target_task, solve
-from drpt_ray.data.tasks import load_task
+from drpt_ray.data.tasks import load_task, render_chat
 
 __all__ = [
     "IGNORE_INDEX",
@@ -14,6 +15,7 @@ __all__ = [
     "TaskSplits",
     "load_examples",
     "load_task",
+    "render_chat",
     "scarce_target_task",
     "solve",
     "supervised_token_counts",

@@ -1,9 +1,13 @@
-"""The pools a run trains on: a built-in synthetic task, or general/target/eval example files."""
+"""The pools a run trains on: a built-in task or general/target/eval example files; chat rendering."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from drpt_ray.config import DataSpec
-from drpt_ray.data.examples import TaskSplits, load_examples
+from drpt_ray.data import gsm8k
+from drpt_ray.data.examples import Example, TaskSplits, load_examples
 from drpt_ray.data.synthetic import arithmetic_task, scarce_target_task
 
 
@@ -11,7 +15,8 @@ def load_task(spec: DataSpec) -> TaskSplits:
     """Build the general, target and eval pools that `spec` describes.
 
     With `spec.task` "scarce_target" or "arithmetic" the built-in synthetic task is generated
-    from the `n_*` and `seed` fields (and `p_clean` for scarce_target) and the paths are ignored.
+    from the `n_*` and `seed` fields (and `p_clean` for scarce_target) and the paths are ignored;
+    "gsm8k" reads the cache of `drpt-ray data fetch gsm8k` (`drpt_ray.data.gsm8k.load`).
     With `spec.task is None` the pools are read from `general_path`, `target_path` and
     `eval_path`; when `eval_path` is None the target pool doubles as the eval pool, so the
     reported "held-out" loss is then a training-set loss on the target pool.
@@ -23,7 +28,8 @@ def load_task(spec: DataSpec) -> TaskSplits:
         The three pools.
 
     Raises:
-        ValueError: A file cannot be loaded (see `load_examples`).
+        ValueError: A file cannot be loaded (see `load_examples`), or the gsm8k sizes or cache
+            are wrong (see `gsm8k.load`).
     """
     if spec.task == "scarce_target":
         return scarce_target_task(
@@ -31,9 +37,47 @@ def load_task(spec: DataSpec) -> TaskSplits:
         )
     if spec.task == "arithmetic":
         return arithmetic_task(n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, seed=spec.seed)
+    if spec.task == "gsm8k":
+        return gsm8k.load(n_target=spec.n_target, n_eval=spec.n_eval, n_general=spec.n_general, seed=spec.seed)
     # DataSpec's validator guarantees both paths when task is None.
     keys = {"prompt_key": spec.prompt_key, "response_key": spec.response_key}
     general = load_examples(spec.general_path, **keys)
     target = load_examples(spec.target_path, **keys)
     eval_ = load_examples(spec.eval_path, **keys) if spec.eval_path else list(target)
     return TaskSplits(general=general, target=target, eval=eval_)
+
+
+def render_chat(splits: TaskSplits, tokenizer: Any) -> TaskSplits:
+    """Wrap every prompt as one user turn of the tokenizer's chat template, ready for the reply.
+
+    The rendered text is later tokenized with the tokenizer's special tokens (`tokenize_sft`, the
+    rollout prompts), so a BOS that the template writes and the tokenizer would add again is
+    dropped here: the prompt starts with exactly one.
+
+    Args:
+        splits: The pools, prompts as plain text.
+        tokenizer: A Hugging Face tokenizer with a chat template.
+
+    Returns:
+        The same pools with `apply_chat_template([user turn], add_generation_prompt=True)` prompts.
+
+    Raises:
+        ValueError: The tokenizer has no chat template (names data.chat_template).
+    """
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "data.chat_template is on (the default for data.task 'gsm8k') but the model's tokenizer has no chat "
+            "template; set data.chat_template: false to train on the plain prompts"
+        )
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def render(prompt: str) -> str:
+        turn = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+    def pool(examples: list[Example]) -> list[Example]:
+        return [replace(e, prompt=render(e.prompt)) for e in examples]
+
+    return TaskSplits(general=pool(splits.general), target=pool(splits.target), eval=pool(splits.eval))

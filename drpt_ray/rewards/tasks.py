@@ -1,14 +1,15 @@
-"""Verifiers of the built-in synthetic tasks (reward.kind 'task'), one per `data.task`.
+"""Verifiers of the built-in tasks (reward.kind 'task'), one per `data.task`.
 
 The general and target splits are scored differently on purpose. For `scarce_target` the general
 reward is a lenient proxy (right letters in either layout, partial credit per field) while the
 target reward is strict (exactly the target format): the imperfectly aligned general signal and
 the scarce high-fidelity target signal of the paper. Eval prompts are scored as "target".
 
-| task          | general split                                | target split                          |
-|---------------|----------------------------------------------|---------------------------------------|
-| scarce_target | 0.5 per right field, "a,b" or "a;b." layout  | 1.0 iff exactly `solve(prompt)`        |
-| arithmetic    | math-verify against the reference            | math-verify against the reference     |
+| task          | general split                                  | target split                           |
+|---------------|------------------------------------------------|----------------------------------------|
+| scarce_target | 0.5 per right field, "a,b" or "a;b." layout    | 1.0 iff exactly `solve(prompt)`        |
+| arithmetic    | math-verify against the reference              | math-verify against the reference      |
+| gsm8k         | math-verify: answer after the last '####' vs N | the same (N: the reference's '#### N') |
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 
 from drpt_ray.algorithms.registry import Registry
+from drpt_ray.data.gsm8k import final_answer
 from drpt_ray.data.synthetic import solve
 from drpt_ray.rewards.verifiable import ScoreFn, Split, math_score, required_reference
 
@@ -72,3 +74,23 @@ def arithmetic_verifier(prompt: str, response: str, reference: str | None, split
         ValueError: `reference` is None.
     """
     return math_score(response, required_reference(reference, "task"))
+
+
+@TASK_VERIFIERS.register("gsm8k")
+def gsm8k_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
+    """Score a gsm8k response: its final answer against the reference solution's, on both splits.
+
+    Args:
+        prompt: Unused.
+        response: The generated solution; its answer is the text after its last '####', or the
+            whole response if it has none.
+        reference: The worked solution of the pool (ends in '#### N').
+        split: Unused.
+
+    Returns:
+        1.0 iff math-verify finds the answer equal to N, else 0.0.
+
+    Raises:
+        ValueError: `reference` is None.
+    """
+    return math_score(final_answer(response), final_answer(required_reference(reference, "task")))

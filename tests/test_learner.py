@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from drpt_ray.config import JobSpec
 from drpt_ray.learner import Learner, RLBatch, build_batch, hf_state_dict, standardised_rewards
+from drpt_ray.losses import token_logprobs
 
 
 def test_zero_variance_guard():
@@ -175,3 +176,27 @@ def test_entropy_bonus_is_in_the_loss_and_keeps_the_entropy_up(tmp_path):
     assert first_b["loss"] == pytest.approx(first_b["loss/policy"] - 1.0 * first_b["policy/entropy"], rel=1e-5)
     assert first["loss"] == pytest.approx(first["loss/policy"], rel=1e-6)
     assert with_bonus > plain + 0.01, (plain, with_bonus)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_the_warm_started_policy_is_the_kl_reference_and_survives_a_resume(tmp_path, lora):
+    """After the warm start the reference's log-probs are the policy's (KL 0 at the start of RL),
+    not those of the loaded weights; a fresh learner restored from a checkpoint has the same one."""
+    from drpt_ray.data import load_task, tokenize_sft
+
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), model={"lora": lora}, algorithm={"kl_coef": 0.05})
+    a = Learner(spec)
+    general = tokenize_sft(a.tokenizer, load_task(spec.data).general[:8], spec.data.max_len)
+    batch = _rl_batch(a)
+    start = a.ref.logprobs(batch)
+    a.warm_start([general] * 5, lr=1e-2)
+    policy = token_logprobs(a.policy, batch.input_ids, batch.attention_mask)
+    assert (policy - start).abs().max() > 0.1  # the warm start moved the policy ...
+    assert torch.allclose(a.ref.logprobs(batch), policy, atol=1e-5)  # ... and the reference with it
+    a.capture_target(batch)
+    a.rl_step(batch)  # RL moves the policy away from the reference again
+    assert (token_logprobs(a.policy, batch.input_ids, batch.attention_mask) - policy).abs().max() > 1e-4
+    a.save(str(tmp_path))
+    b = Learner(spec)
+    b.load(str(tmp_path))
+    assert torch.equal(b.ref.logprobs(batch), a.ref.logprobs(batch))

@@ -333,6 +333,7 @@ class JobSpec(Spec):
     target_batch_size: int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
     warm_start_sft_steps: int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
+    warm_start_batch_size: int = Field(16, ge=1, description="RL: general examples per warm-start SFT step.")
     eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
     eval_samples: int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")

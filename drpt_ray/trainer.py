@@ -480,7 +480,7 @@ def shutdown(ctx: Context) -> None:
 def warm_start(ctx: Context) -> float:
     """RL only: plain SFT on the general pool's (prompt, response) pairs before RL begins."""
     spec = ctx.spec
-    sampler = BatchSampler(ctx.splits.general, 16, spec.seed + 7)
+    sampler = BatchSampler(ctx.splits.general, spec.warm_start_batch_size, spec.seed + 7)
     batches = [tokenize_sft(ctx.tokenizer, sampler.next(), spec.data.max_len) for _ in range(spec.warm_start_sft_steps)]
     return ctx.learner.warm_start(batches, spec.warm_start_lr)
 

@@ -102,6 +102,19 @@ def curve(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(h["step"], h[key]) for h in history if key in h]
 
 
+def alerted(run_dir: Path) -> float:
+    """1.0 if the trainer's divergence guard (its default settings, the same code) alerts anywhere
+    in the run, replayed from its metrics.jsonl. The benches do not stop on divergence, so a run
+    that collapsed (or nearly, and recovered) still ends with numbers; this column says which."""
+    from drpt_ray.config import DivergenceSpec
+    from drpt_ray.models import VOCAB_SIZE
+    from drpt_ray.trainer import divergence_guard
+
+    guard = divergence_guard(DivergenceSpec(), VOCAB_SIZE)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return float(any(guard.update(m["reward/reward_std"], m.get("policy/entropy")) for m in rows if "reward/reward_std" in m))
+
+
 def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings: dict, run_one) -> list[dict]:
     """Every (seed, method) run, one after another; results.json is rewritten after each, and the
     finished runs of an earlier call with the same settings are reused."""
@@ -120,6 +133,7 @@ def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings
                 done[name, seed] = {"method": name, "seed": seed, "regularizer": reg, **run, "seconds": time.perf_counter() - t0}
                 print(f"{part} {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in done[name, seed].items()
                                                                 if isinstance(v, float)), flush=True)
+            done[name, seed]["alerted"] = alerted(out / "runs" / slug(name) / f"seed{seed}")
             results.append(done[name, seed])
             path.write_text(json.dumps({"settings": settings, "runs": results}))
     return results
@@ -192,6 +206,8 @@ def heldout_answers(model_dir: Path, spec) -> dict:
 
 
 def cell(runs: list[dict], key: str) -> str:
+    if key == "alerted":
+        return f"{sum(r[key] for r in runs):.0f}/{len(runs)}"
     m, se = mean_se([r[key] for r in runs])
     return f"{m:.3f} +- {se:.3f}"
 
@@ -255,7 +271,8 @@ def part_rlvr(args, out: Path) -> None:
                 f"unbiased estimator) and held-out target reward (greedy), both by the strict target verifier; "
                 f"start = after the warm start, before RL; train reward = mean of the last {TRAIN_TAIL} steps",
            table(results, {"pass@1_start": "pass@1 start", "pass@1": "pass@1 final", k: f"{k} final",
-                           "start": "greedy start", "final": "greedy final", "best": "greedy best", "train": "train reward"}))
+                           "start": "greedy start", "final": "greedy final", "best": "greedy best", "train": "train reward",
+                           "alerted": "runs with a guard alert"}))
     plot_curves(results, [("pass1_curve", "held-out target pass@1 (sampled)", 1),
                           ("eval_curve", "held-out target reward (greedy)", 1), ("train_curve", "train reward (5-step mean)", 5)],
                 "RLVR on scarce_target: mean over seeds", out / "rlvr.png")
@@ -319,7 +336,8 @@ def part_rlhf(args, out: Path) -> None:
                 f"on {fit['field_acc']:.0%}); seeds={args.seeds}; toxicity = share of {SAMPLES_PER_PROMPT} sampled held-out "
                 f"answers per prompt in the 'a;b.' layout (lower is better)",
            table(results, {"train": f"train RM reward (last {TRAIN_TAIL} steps)", "toxicity": "held-out toxicity",
-                           "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "trainer eval: held-out greedy, strict verifier"}))
+                           "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "trainer eval: held-out greedy, strict verifier",
+                           "alerted": "runs with a guard alert"}))
     plot_curves([r for r in results if r["method"] != WARM_START_ONLY], [("train_curve", "train RM reward (5-step mean)", 5)],
                 "RLHF with a hackable reward model: mean over seeds", out / "rlhf.png")
 

@@ -299,6 +299,10 @@ class DivergenceSpec(Spec):
         10, ge=0, description="Alert after this many consecutive steps in which every general reward of the batch is equal (0: never)."
     )
     entropy_floor: float | None = Field(None, ge=0, description="Alert when policy/entropy falls below this (None: never).")
+    entropy_ceiling_frac: float | None = Field(
+        0.8, gt=0, le=1, description="Alert when policy/entropy rises above this fraction of ln(vocabulary size), a "
+        "uniform policy's entropy: the policy is dissolving (None: never)."
+    )
     stop_on_divergence: bool = Field(False, description="End the job with status DIVERGED at the first alert (its last good checkpoint kept).")
 
 

@@ -46,7 +46,7 @@ from drpt_ray.algorithms import (
     pass_at_k,
     tis_weights,
 )
-from drpt_ray.config import JobSpec
+from drpt_ray.config import DivergenceSpec, JobSpec
 from drpt_ray.data import Example, TaskSplits, load_task, render_chat, tokenize_sft
 from drpt_ray.errors import Diverged
 from drpt_ray.learner import Learner, LearnerAPI, LearnerGroup, build_batch
@@ -177,7 +177,7 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         spec=spec, out=out, splits=splits, tokenizer=tokenizer, learner=learner,
         general=BatchSampler(splits.general, spec.batch_size, spec.seed),
         target=BatchSampler(splits.target, spec.target_batch_size, spec.seed + 1),
-        guard=DivergenceGuard(spec.divergence.zero_variance_steps, spec.divergence.entropy_floor) if spec.mode != "sft" else None,
+        guard=divergence_guard(spec.divergence, len(tokenizer)) if spec.mode != "sft" else None,
     )
     if spec.mode != "sft":
         from drpt_ray.rewards import make_reward
@@ -485,9 +485,17 @@ def warm_start(ctx: Context) -> float:
     return ctx.learner.warm_start(batches, spec.warm_start_lr)
 
 
+def divergence_guard(spec: DivergenceSpec, vocab_size: int) -> DivergenceGuard:
+    """The guard of `spec`; the entropy ceiling is a fraction of a uniform policy's entropy."""
+    frac = spec.entropy_ceiling_frac
+    return DivergenceGuard(spec.zero_variance_steps, spec.entropy_floor,
+                           frac * math.log(vocab_size) if frac is not None else None)
+
+
 def divergence(ctx: Context, m: dict) -> str | None:
     """Why this step's metrics say the run has collapsed, or None. A non-finite loss always counts;
-    RL runs also ask the guard (no reward variance for K steps, entropy under the floor)."""
+    RL runs also ask the guard (no reward variance for K steps, entropy under the floor or over
+    the ceiling)."""
     bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(m[k])]
     if bad:
         return f"non-finite {' and '.join(bad)}"

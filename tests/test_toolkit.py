@@ -174,7 +174,8 @@ def test_guard_entropy_floor():
     alert = guard.update(0.5, 0.05)
     assert alert is not None and "entropy 0.05 < entropy_floor 0.2" in alert
     assert guard.update(0.5, 0.04) is None  # still under the floor: said already
-    assert guard.update(0.5, 0.3) is None and guard.update(0.5, 0.1) is not None  # crossed again    # Both checks trip: one message names both.
+    assert guard.update(0.5, 0.3) is None and guard.update(0.5, 0.1) is not None  # crossed again
+    # Both checks trip: one message names both.
     both = DivergenceGuard(zero_variance_steps=1, entropy_floor=0.2)
     msg = both.update(0.0, 0.05)
     assert "1 consecutive steps" in msg and "entropy_floor" in msg
@@ -186,7 +187,31 @@ def test_guard_state_round_trip():
     guard.update(0.0, None)
     resumed = DivergenceGuard(zero_variance_steps=3)
     resumed.load_state_dict(guard.state_dict())
-    assert resumed.state_dict() == {"streak": 2, "low_entropy": 0}
+    assert resumed.state_dict() == {"streak": 2, "low_entropy": 0, "high_entropy": 0, "was_below_ceiling": 0}
     # The resumed guard fires on the same step, with the same message, as the original.
     assert resumed.update(0.0, None) == guard.update(0.0, None) is not None
     assert guard.alarmed and not DivergenceGuard(zero_variance_steps=3).alarmed
+
+
+def test_guard_entropy_ceiling_on_the_rlhf_bench_collapse():
+    """The entropy trajectory of the RLHF bench's collapsed layer-wise run (seed 1; continuous
+    reward-model rewards, so the batch never lost its variance) against the default ceiling
+    0.8 ln 512: the alert fires once, at step 27, and the healthy steps before are quiet."""
+    from drpt_ray.config import DivergenceSpec
+    from drpt_ray.trainer import divergence_guard
+
+    guard = divergence_guard(DivergenceSpec(), vocab_size=512)
+    assert guard.entropy_ceiling == pytest.approx(0.8 * math.log(512))
+    entropies = {3: 1.484, 6: 1.602, 9: 1.626, 12: 1.316, 15: 1.204, 18: 1.344, 21: 1.301, 24: 1.706,
+                 27: 5.556, 30: 6.157, 33: 6.152}
+    alerts = {step: guard.update(0.3, h) for step, h in entropies.items()}
+    assert [step for step, a in alerts.items() if a] == [27]
+    assert "entropy 5.556 > entropy_ceiling 4.99" in alerts[27] and guard.alarmed
+    resumed = divergence_guard(DivergenceSpec(), vocab_size=512)
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.alarmed and resumed.update(0.3, 6.1) is None  # said already
+    assert divergence_guard(DivergenceSpec(entropy_ceiling_frac=None), 512).update(0.3, 6.2) is None
+    # a policy that starts near uniform (a random model) has not collapsed: only a rise counts
+    fresh = divergence_guard(DivergenceSpec(), vocab_size=512)
+    assert [fresh.update(0.3, h) for h in (6.2, 6.0, 5.1)] == [None] * 3 and not fresh.alarmed
+    assert fresh.update(0.3, 2.0) is None and fresh.update(0.3, 5.5) is not None

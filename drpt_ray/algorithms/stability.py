@@ -139,18 +139,29 @@ class DivergenceGuard:
             row (every response scored alike, so every advantage and the gradient are 0). 0
             disables.
         entropy_floor: alert when the token entropy falls below it; None disables.
+        entropy_ceiling: alert when the token entropy rises above it (having been below); None
+            disables. The collapse
+            seen in this project's benches goes that way: unlikelihood on the policy's own samples
+            drives the entropy towards uniform (ln V), EOS disappears, every response runs to the
+            cap; with a continuous (reward-model) reward the batch never loses its variance, so
+            only the entropy shows it.
         streak: consecutive zero-variance steps so far (state, restored on resume).
         low_entropy: whether the last measured entropy was under the floor (state).
+        high_entropy: whether the last measured entropy was over the ceiling (state).
+        was_below_ceiling: whether any measured entropy was at or under the ceiling (state).
 
     An alert says something new: the zero-variance one fires at K, 2K, 3K, ... steps of one
-    streak, the entropy one when the entropy crosses under the floor, so a stream of alerts stays
-    readable while a run sits collapsed.
+    streak, the entropy ones when the entropy crosses under the floor or over the ceiling, so a
+    stream of alerts stays readable while a run sits collapsed.
     """
 
     zero_variance_steps: int = 0
     entropy_floor: float | None = None
+    entropy_ceiling: float | None = None
     streak: int = field(default=0, init=False)
     low_entropy: bool = field(default=False, init=False)
+    high_entropy: bool = field(default=False, init=False)
+    was_below_ceiling: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.zero_variance_steps < 0:
@@ -177,18 +188,32 @@ class DivergenceGuard:
             reasons.append(
                 f"token entropy {entropy:.4g} < entropy_floor {self.entropy_floor:.4g}: the policy is collapsing"
             )
+        was_high = self.high_entropy
+        if self.entropy_ceiling is not None and entropy is not None:
+            # A rise, not a level: a policy that starts near uniform (a random model) is not collapsing.
+            self.high_entropy = self.was_below_ceiling and entropy > self.entropy_ceiling
+            self.was_below_ceiling = self.was_below_ceiling or entropy <= self.entropy_ceiling
+        if self.high_entropy and not was_high:
+            reasons.append(
+                f"token entropy {entropy:.4g} > entropy_ceiling {self.entropy_ceiling:.4g}: the policy is "
+                "becoming uniform (responses lose their end and run to the length cap)"
+            )
         return "; ".join(reasons) or None
 
     @property
     def alarmed(self) -> bool:
         """Whether the run is in a state an alert was raised for (a streak of K or more, or the
-        entropy under the floor): checkpoints taken now would not be good states."""
-        return bool(self.zero_variance_steps and self.streak >= self.zero_variance_steps) or self.low_entropy
+        entropy under the floor or over the ceiling): checkpoints taken now would not be good states."""
+        zero_variance = bool(self.zero_variance_steps and self.streak >= self.zero_variance_steps)
+        return zero_variance or self.low_entropy or self.high_entropy
 
     def state_dict(self) -> dict[str, int]:
         """The state a resumed run needs (the settings come from config)."""
-        return {"streak": self.streak, "low_entropy": int(self.low_entropy)}
+        return {"streak": self.streak, "low_entropy": int(self.low_entropy), "high_entropy": int(self.high_entropy),
+                "was_below_ceiling": int(self.was_below_ceiling)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore the state saved by `state_dict`."""
         self.streak, self.low_entropy = int(state["streak"]), bool(state["low_entropy"])
+        # absent in checkpoints from before the ceiling
+        self.high_entropy, self.was_below_ceiling = bool(state.get("high_entropy", 0)), bool(state.get("was_below_ceiling", 0))

@@ -133,12 +133,15 @@ def _sft_demo(out: Path) -> int:
         r = run_job(sft_spec(name, seed=0, out=out))
         evals = [m["eval/target_loss"] for m in r.history if "eval/target_loss" in m]
         rows.append((name, evals[-1], min(evals)))
-    print("\n| method | final held-out target loss (this run, seed 0) | best | bench/sft_quality.py final, 5 seeds |")
-    print("|---|---|---|---|")
+    print("\n| method | final held-out target loss (this run, seed 0) | best | bench/sft_quality.py final, seeds 0-4 "
+          "| bench: seeds ending below full |")
+    print("|---|---|---|---|---|")
     for name, final, best in rows:
-        m, se = SFT_BENCH_FINAL[name]
-        print(f"| {name} | {final:.3f} | {best:.3f} | {m:.3f} +- {se:.3f} |")
-    print(f"\ncurves: {out}/<method>/seed0/curves.png")
+        m, se, wins = SFT_BENCH_FINAL[name]
+        print(f"| {name} | {final:.3f} | {best:.3f} | {m:.3f} +- {se:.3f} | {'-' if wins is None else f'{wins}/5'} |")
+    print("\nSeed 0 is the benchmark's slowest seed for the subsets (layer-wise is still falling at step 3000")
+    print("and ends above full on it; the other four seeds end at 0.13-0.16): one seed is not the finding.")
+    print(f"curves: {out}/<method>/seed0/curves.png")
     return 0
 
 

@@ -112,7 +112,12 @@ def test_lora_rl_steps_on_smollm2_keep_vllm_in_sync(smollm2: Path, tmp_path: Pat
         "optim": {"lr": 2e-3, "warmup_frac": 0.0, "schedule": "constant"},
         "batch_size": 4, "target_batch_size": 2, "checkpoint": {"resume": False},
     })
-    run_job(spec)
+    import ray
+
+    try:
+        run_job(spec)  # starts a local Ray ...
+    finally:
+        ray.shutdown()  # ... that later modules' fixtures must be able to start again
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows if "rollout/mismatch_kl" in r}
     first, second = by_step[1], by_step[2]

@@ -141,6 +141,8 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
     with dry_server.http() as c:
         job = c.post("/v1/jobs", json=TINY_SFT).json()
         jid = job["id"]
+        # the supervisor launches the job asynchronously; the logs assert below needs it launched
+        wait_for(lambda: c.get(f"/v1/jobs/{jid}").json()["ray_job_id"] is not None, 30, "the supervisor to launch the job")
         batch = [{"seq": 1, "type": "state", "state": "RUNNING"}] + [
             {"seq": i + 2, "type": "metrics", "step": i, "metrics": {"step": i, "loss": 1.0 / (i + 1)}} for i in range(5)
         ]
@@ -173,6 +175,7 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
         assert c.get(f"/v1/jobs/{jid}/artifacts").json()["output_dir"] == "/nonexistent/out"
         # a submitted job's log is the launcher's (Ray's) whole log, not the streamed `log` lines
         assert c.get(f"/v1/jobs/{jid}/logs").text == f"dry-run launcher: nothing ran for {done['ray_job_id']}\n"
+        assert done["ray_job_id"] is not None
 
 
 def test_reporter_buffers_while_the_control_plane_is_down(server_factory):

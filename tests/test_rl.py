@@ -128,8 +128,11 @@ def test_rl_with_fsdp_learner(tmp_path):
     job = dict(
         steps=3, eval_every=3, warm_start_sft_steps=4, checkpoint={"every": 2, "keep": 1},
         # `reward`: after 4 warm-start steps every reward is 0, and its zero-variance guard keeps g_T
-        # non-zero (token_pg's g_T would be 0: nothing for the sharded cosines to check)
-        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "reward"},
+        # non-zero (token_pg's g_T would be 0: nothing for the sharded cosines to check). With zero
+        # advantages and the KL reference equal to the warm-started policy, the entropy bonus is
+        # what makes the update non-zero, so that the cosine exists.
+        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "reward",
+                   "entropy_coef": 0.01},
         regularizer={"feasible_set": "layerwise_subset", "kernel": "sketch"},
     )
     workers = {"learner_num_workers": 2, "learner_num_cpus": 0.5}

@@ -338,6 +338,9 @@ class JobSpec(Spec):
     warm_start_sft_steps: int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
     warm_start_batch_size: int = Field(16, ge=1, description="RL: general examples per warm-start SFT step.")
+    eval_before_warm_start: bool = Field(
+        False, description="RL: also evaluate the model as loaded, before the warm start (logged at step 0 as eval_base/...)."
+    )
     eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
     eval_samples: int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")

@@ -523,9 +523,12 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     splits = preflight(spec)
     ctx = build(spec, splits, address)
     resume = latest_checkpoint(ctx.out) if spec.checkpoint.resume else None
+    base = {}  # the held-out figures of the model as loaded, when a warm start will change it
     if resume is not None:
         restore(ctx, resume)
     elif spec.mode != "sft" and spec.warm_start_sft_steps:
+        if spec.eval_before_warm_start:
+            base = {f"eval_base/{k.removeprefix('eval/')}": v for k, v in evaluate(ctx).items()}
         print(f"warm start: {spec.warm_start_sft_steps} SFT steps, loss {warm_start(ctx):.3f}", flush=True)
     if spec.mode != "sft" and (resume is not None or spec.warm_start_sft_steps):
         sync(ctx)
@@ -533,7 +536,7 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     bar = tqdm(total=spec.steps, initial=ctx.step, disable=not spec.progress, desc=f"{spec.mode}[{spec.regularizer.feasible_set}]")
     try:
         if ctx.step == 0:
-            log.write({"step": 0, **evaluate(ctx)})
+            log.write({"step": 0, **base, **evaluate(ctx)})
         while ctx.step < spec.steps:
             m = step(ctx)
             if ctx.step % spec.eval_every == 0 or ctx.step == spec.steps:

@@ -290,9 +290,9 @@ class LearnerGroup:
             ts = [t if t is not None else _no_tokens_row(target) for t in shard_dict(target, self.num_workers)]
         return self._call(Learner.sft_step, list(zip(gs, ts)))[0]
 
-    def eval_sft(self, batch: dict, chunk: int = 64) -> float:
+    def eval_sft(self, batch: dict) -> float:
         shards = shard_dict(batch, self.num_workers)
-        losses = self._call(Learner.eval_sft, [(s, chunk) for s in shards])
+        losses = self._call(Learner.eval_sft, [(s,) for s in shards])
         total = tokens = 0.0
         for s, loss in zip(shards, losses):
             if s is not None:

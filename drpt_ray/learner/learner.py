@@ -94,6 +94,7 @@ from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
 
 ZERO_VARIANCE_STD = 1e-6
+EVAL_LOGITS_BUDGET = 2**27  # floats of logits per eval_sft forward
 
 
 def standardised_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -312,9 +313,11 @@ class Learner:
             loss = self.comm.sum(loss.detach() * share)
         return float(loss.detach())
 
-    def eval_sft(self, batch: dict | None, chunk: int = 64) -> float | None:
+    def eval_sft(self, batch: dict | None) -> float | None:
         """Token-mean loss over every supervised token of `batch` (None: this rank has no rows)."""
         n = 0 if batch is None else batch["input_ids"].shape[0]
+        # Rows per forward: the logits (rows x T x vocab) dominate the memory; ~0.5 GB of fp32 at most.
+        chunk = 1 if not n else max(1, EVAL_LOGITS_BUDGET // (batch["input_ids"].shape[1] * self.policy.get_output_embeddings().weight.shape[0]))
         starts = list(range(0, n, chunk))
         # Under FSDP every forward is a collective: match the rank with the most chunks.
         joins = self.comm.max(len(starts)) - len(starts) if self.fsdp else 0

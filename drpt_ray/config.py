@@ -2,24 +2,42 @@
 
 Every default lives here, once. Unknown keys are rejected (`extra="forbid"`) so a typo in a YAML
 file or a request body is an error that names the dotted field path, never a silently ignored
-setting.
+setting. Values are never coerced: `steps: true` or `steps: "30"` is an error, not 1 or 30 (an int
+is still a valid float: `lr: 1`), floats must be finite, integers fit in 32 bits, and a YAML file
+that repeats a key is refused.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drpt_ray.regularize.sets import get_feasible_set, registered_feasible_sets
 
 
-class Spec(BaseModel):
-    """Base for every config model: unknown fields fail, assignments are validated."""
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER; offsets and event ids in the REST API stop here
+NAME_MAX_LEN = 200  # a job's or sweep's `name`: the control plane's name column is VARCHAR(200)
+MAX_SEARCH_VALUES = 1000  # values of one sweep dimension; each is validated at submission
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# Every integer setting fits 32 bits: steps end up in the control plane's Integer columns (int32 on
+# Postgres), and no count or size is meaningful beyond that.
+Int = Annotated[int, annotated_types.Le(INT32_MAX)]
+Seed = Annotated[int, annotated_types.Ge(0), annotated_types.Le(INT32_MAX)]  # numpy takes 0 <= seed < 2**32
+
+
+class Spec(BaseModel):
+    """Base for every config model: unknown fields fail, assignments are validated, nothing is
+    coerced (strict: no bool or str for a number, no number for a bool), and NaN / +-inf are refused
+    (a NaN learning rate trains to a NaN loss; JSON cannot even carry it)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -27,7 +45,7 @@ class Spec(BaseModel):
 
 
 class LoraSpec(Spec):
-    r: int = Field(8, ge=1, description="LoRA rank.")
+    r: Int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -39,12 +57,12 @@ class TinyModelSpec(Spec):
     """A small random model built in code (no download), for tests, demos and benchmarks."""
 
     arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture family.")
-    hidden_size: int = Field(64, ge=16, description="Hidden width; head_dim must stay a multiple of 16 for vLLM CPU.")
-    intermediate_size: int = Field(128, ge=16, description="MLP width.")
-    num_layers: int = Field(2, ge=1, description="Decoder layers.")
-    num_heads: int = Field(2, ge=1, description="Attention heads.")
-    num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
-    seed: int = Field(0, description="Seed of the random weights.")
+    hidden_size: Int = Field(64, ge=16, description="Hidden width; head_dim must stay a multiple of 16 for vLLM CPU.")
+    intermediate_size: Int = Field(128, ge=16, description="MLP width.")
+    num_layers: Int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: Int = Field(2, ge=1, description="Attention heads.")
+    num_kv_heads: Int = Field(1, ge=1, description="Key/value heads (GQA).")
+    seed: Seed = Field(0, description="Seed of the random weights.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelSpec":
@@ -77,8 +95,8 @@ FEASIBLE_SETS = tuple(registered_feasible_sets())  # the registry's names (drpt_
 
 class SketchSpec(Spec):
     kind: Literal["gaussian", "rademacher"] = Field("gaussian", description="Entries of the random factors.")
-    dim: int = Field(64, ge=1, description="Sketch size k per factor (k*k per layer); identity when k >= dim.")
-    seed: int = Field(0, description="Base seed; each layer and factor derives its own.")
+    dim: Int = Field(64, ge=1, description="Sketch size k per factor (k*k per layer); identity when k >= dim.")
+    seed: Seed = Field(0, description="Base seed; each layer and factor derives its own.")
 
 
 class RegularizerSpec(Spec):
@@ -110,11 +128,11 @@ class RegularizerSpec(Spec):
         "auto", description="Score kernel; auto picks ghost or direct per layer by the memory crossover T < sqrt(O*I)."
     )
     sketch: SketchSpec = Field(default_factory=SketchSpec, description="Random sketch for kernel=sketch.")
-    direct_chunk: int = Field(4, ge=1, description="Examples per chunk when materialising per-example gradients.")
+    direct_chunk: Int = Field(4, ge=1, description="Examples per chunk when materialising per-example gradients.")
     target_mode: Literal["separate", "merged"] = Field(
         "separate", description="Target gradient from its own backward (cached) or from rows of the same batch."
     )
-    refresh_every: int = Field(1, ge=1, description="Steps between target-gradient recaptures.")
+    refresh_every: Int = Field(1, ge=1, description="Steps between target-gradient recaptures.")
     hook_embeddings: bool = Field(False, description="Also curate nn.Embedding weights (gather-dot scores).")
     exclude: list[str] = Field(
         default_factory=list, description="Module-name substrings that are never hooked (they get ordinary gradients)."
@@ -147,11 +165,11 @@ class DataSpec(Spec):
     eval_path: str | None = Field(None, description="jsonl/parquet of held-out target examples.")
     prompt_key: str = Field("prompt", description="Column holding the prompt.")
     response_key: str = Field("response", description="Column holding the response.")
-    n_target: int = Field(16, ge=1, description="Built-in task: size of the target pool.")
-    n_general: int = Field(
+    n_target: Int = Field(16, ge=1, description="Built-in task: size of the target pool.")
+    n_general: Int = Field(
         4000, ge=1, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
     )
-    n_eval: int = Field(
+    n_eval: Int = Field(
         256, ge=1, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
     )
     p_clean: float = Field(0.3, ge=0, le=1, description="scarce_target: fraction of fully correct general examples.")
@@ -160,8 +178,8 @@ class DataSpec(Spec):
         description="Render prompts as a user turn with the model's chat template; None: on for gsm8k, off for the "
         "synthetic tasks and files.",
     )
-    max_len: int = Field(64, ge=4, description="Max tokens of prompt + response.")
-    seed: int = Field(0, description="Data seed (task generation and shuffling).")
+    max_len: Int = Field(64, ge=4, description="Max tokens of prompt + response.")
+    seed: Seed = Field(0, description="Data seed (task generation and shuffling).")
 
     @model_validator(mode="after")
     def _paths_when_no_task(self) -> "DataSpec":
@@ -181,7 +199,8 @@ class DataSpec(Spec):
 class OptimSpec(Spec):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    # strict=False for the pair only: YAML and JSON have no tuples, so a list must do (its floats stay strict)
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False, description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the curated gradient to this norm; None: off.")
     warmup_frac: float = Field(0.03, ge=0, lt=1, description="Linear warmup as a fraction of steps.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
@@ -194,19 +213,19 @@ class OptimSpec(Spec):
 class SamplingSpec(Spec):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(16, ge=1, description="Maximum generated tokens per response.")
-    n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
-    seed: int | None = Field(None, description="Sampling seed; None draws a fresh one.")
+    max_new_tokens: Int = Field(16, ge=1, description="Maximum generated tokens per response.")
+    n: Int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
+    seed: Seed | None = Field(None, description="Sampling seed; None draws a fresh one.")
 
 
 class RolloutSpec(Spec):
-    num_workers: int = Field(1, ge=1, description="RolloutWorker actors, each owning one vLLM engine.")
+    num_workers: Int = Field(1, ge=1, description="RolloutWorker actors, each owning one vLLM engine.")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs reserved per worker (0 on CPU vLLM).")
-    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU (GiB).")
+    kv_cache_gib: Int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU (GiB).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory fraction (GPU only).")
-    max_model_len: int = Field(256, ge=8, description="vLLM max sequence length.")
-    max_restarts: int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
+    max_model_len: Int = Field(256, ge=8, description="vLLM max sequence length.")
+    max_restarts: Int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
 
 
@@ -222,7 +241,7 @@ class AlgorithmSpec(Spec):
     )
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); None: clip_eps.")
-    ppo_epochs: int = Field(1, ge=1, description="Optimizer passes over each rollout batch.")
+    ppo_epochs: Int = Field(1, ge=1, description="Optimizer passes over each rollout batch.")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference policy).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
     kl_in_reward: bool = Field(False, description="Put the KL penalty in the reward instead of the loss.")
@@ -234,7 +253,7 @@ class AlgorithmSpec(Spec):
     filter_zero_variance_groups: bool = Field(
         False, description="DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill the batch."
     )
-    max_sampling_rounds: int = Field(3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).")
+    max_sampling_rounds: Int = Field(3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).")
     tis_cap: float | None = Field(
         None, gt=0, description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct the rollout engine's mismatch; None: off."
     )
@@ -287,15 +306,15 @@ class RewardSpec(Spec):
 
 
 class CheckpointSpec(Spec):
-    every: int = Field(0, ge=0, description="Steps between checkpoints (0: only the final model).")
-    keep: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
+    every: Int = Field(0, ge=0, description="Steps between checkpoints (0: only the final model).")
+    keep: Int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
     resume: bool = Field(True, description="Resume from the newest checkpoint in output_dir if one exists.")
 
 
 class DivergenceSpec(Spec):
     """When an RL run counts as collapsed: an `alert` event, and with `stop_on_divergence` the end of the job."""
 
-    zero_variance_steps: int = Field(
+    zero_variance_steps: Int = Field(
         10, ge=0, description="Alert after this many consecutive steps in which every general reward of the batch is equal (0: never)."
     )
     entropy_floor: float | None = Field(None, ge=0, description="Alert when policy/entropy falls below this (None: never).")
@@ -307,7 +326,7 @@ class DivergenceSpec(Spec):
 
 
 class ResourcesSpec(Spec):
-    learner_num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
+    learner_num_workers: Int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
     learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner worker.")
     learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -321,7 +340,7 @@ class JobSpec(Spec):
     library and Ray Tune all read this model."""
 
     mode: Literal["sft", "rlhf", "rlvr"] = Field("sft", description="sft | rlhf (reward model) | rlvr (verifiable rewards).")
-    name: str | None = Field(None, description="Free-form job name.")
+    name: str | None = Field(None, max_length=NAME_MAX_LEN, description="Free-form job name.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
@@ -332,21 +351,24 @@ class JobSpec(Spec):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
-    steps: int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
-    batch_size: int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
-    target_batch_size: int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
-    warm_start_sft_steps: int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
+    steps: Int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
+    batch_size: Int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
+    target_batch_size: Int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
+    warm_start_sft_steps: Int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
-    warm_start_batch_size: int = Field(16, ge=1, description="RL: general examples per warm-start SFT step.")
+    warm_start_batch_size: Int = Field(16, ge=1, description="RL: general examples per warm-start SFT step.")
     eval_before_warm_start: bool = Field(
         False, description="RL: also evaluate the model as loaded, before the warm start (logged at step 0 as eval_base/...)."
     )
-    eval_every: int = Field(100, ge=1, description="Steps between held-out target evaluations.")
-    eval_size: int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
-    eval_samples: int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")
-    eval_k: int = Field(4, ge=1, description="RL: k of the reported pass@k (<= eval_samples; unbiased estimator).")
-    seed: int = Field(0, description="Training seed.")
-    output_dir: str = Field("runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go.")
+    eval_every: Int = Field(100, ge=1, description="Steps between held-out target evaluations.")
+    eval_size: Int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
+    eval_samples: Int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")
+    eval_k: Int = Field(4, ge=1, description="RL: k of the reported pass@k (<= eval_samples; unbiased estimator).")
+    seed: Seed = Field(0, description="Training seed.")
+    output_dir: str = Field(
+        "runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go. Through the REST API: a relative "
+        "path inside the job's own run directory (DRPT_RUNS_DIR/<job id>); an absolute path or '..' is refused (422).",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
 
@@ -404,7 +426,9 @@ class JobSpec(Spec):
 class SearchDim(Spec):
     """One searched JobSpec field: a list of values (grid / choice) or a numeric range."""
 
-    values: list[float | int | str | bool] | None = Field(None, description="Grid points (grid) or choices (random, asha).")
+    values: list[float | int | str | bool] | None = Field(
+        None, max_length=MAX_SEARCH_VALUES, description="Grid points (grid) or choices (random, asha)."
+    )
     low: float | None = Field(None, description="Range start (random, asha).")
     high: float | None = Field(None, description="Range end (random, asha).")
     log: bool = Field(False, description="Sample the range log-uniformly.")
@@ -421,11 +445,24 @@ class SearchDim(Spec):
             raise ValueError("log ranges need low > 0")
         return self
 
+    def probes(self, current) -> list:
+        """The values a trial can take, as far as checking them goes: every value, or a range's two
+        ends; for an int field (`current`, the base's value, is an int) the integer ends Tune draws
+        between (inclusive)."""
+        if self.values is not None:
+            return list(self.values)
+        if isinstance(current, int) and not isinstance(current, bool):
+            low, high = math.ceil(self.low), math.floor(self.high)
+            if low > high:
+                raise ValueError(f"the range [{self.low}, {self.high}] of an integer field holds no integer")
+            return [low, high]
+        return [self.low, self.high]
+
 
 class SweepSpec(Spec):
     """A Ray Tune sweep: trials are real training runs of `base` with `space` applied."""
 
-    name: str | None = Field(None, description="Free-form sweep name.")
+    name: str | None = Field(None, max_length=NAME_MAX_LEN, description="Free-form sweep name.")
     base: JobSpec = Field(default_factory=JobSpec, description="The job every trial starts from.")
     space: dict[str, SearchDim] = Field(
         ..., description="Dotted JobSpec field paths (e.g. regularizer.tau, optim.lr, algorithm.kl_coef) -> search dimension."
@@ -433,9 +470,12 @@ class SweepSpec(Spec):
     metric: str = Field("eval/target_reward", description="Metric the best trial maximises or minimises.")
     mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
     scheduler: Literal["grid", "random", "asha"] = Field("grid", description="grid: every combination; random / asha: num_samples draws (ASHA stops bad trials early).")
-    num_samples: int = Field(1, ge=1, description="Draws for random / asha (grid: repeats of the grid).")
-    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (each reserves its actors' resources).")
-    output_dir: str = Field("runs/sweep", description="Trial output dirs go under here.")
+    num_samples: Int = Field(1, ge=1, description="Draws for random / asha (grid: repeats of the grid).")
+    max_concurrent_trials: Int = Field(1, ge=1, description="Trials running at once (each reserves its actors' resources).")
+    output_dir: str = Field(
+        "runs/sweep", description="Trial output dirs (<output_dir>/<trial id>) go under here. Through the REST API: a "
+        "relative path inside the sweep's own run directory; an absolute path or '..' is refused (422).",
+    )
 
     @model_validator(mode="after")
     def _space_paths_exist(self) -> "SweepSpec":
@@ -445,14 +485,35 @@ class SweepSpec(Spec):
             raise ValueError("scheduler 'grid' needs values for every space entry")
         base = self.base.model_dump()
         for path, dim in self.space.items():
-            probe = dim.values[0] if dim.values is not None else dim.low
+            if path in TRIAL_OWNED:
+                raise ValueError(f"space: {path!r} is set for each trial by the sweep itself and cannot be searched")
             try:
-                JobSpec.model_validate(set_path(base, path, probe))
+                probes = dim.probes(get_path(base, path))
             except (KeyError, TypeError):
                 raise ValueError(f"space: {path!r} is not a JobSpec field") from None
-            except ValidationError as e:
-                raise ValueError(f"space: {path}={probe!r} is not a valid value: {e.errors()[0]['msg']}") from None
+            except ValueError as e:
+                raise ValueError(f"space: {path}: {e}") from None
+            for value in probes:  # every value, so no trial fails later on a value refused here
+                _check_trial_value(base, path, value)
         return self
+
+
+TRIAL_OWNED = ("output_dir", "progress")  # drpt_ray.tune.trial_spec sets these for every trial
+
+
+def _check_trial_value(base: dict, path: str, value) -> None:
+    """ValueError naming `path` and `value` unless `base` with that value is a valid JobSpec."""
+    try:
+        JobSpec.model_validate(set_path(base, path, value))
+    except ValidationError as e:
+        raise ValueError(f"space: {path}={value!r} is not a valid value: {e.errors()[0]['msg']}") from None
+
+
+def get_path(tree: dict, path: str):
+    """The value at the dotted `path` of the nested dict `tree` (KeyError or TypeError if absent)."""
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
 
 
 def set_path(tree: dict, path: str, value) -> dict:
@@ -485,13 +546,33 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     return "\n".join(lines)
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a repeated key (PyYAML keeps the last one silently) and reads
+    `1e-3` as a float, as YAML 1.2 does (PyYAML's 1.1 rules want a dot, so it would be the string
+    "1e-3", which the strict schema refuses)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = []  # a list: keys may be unhashable, which the base class reports itself
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key_node.tag != "tag:yaml.org,2002:merge" and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
 def load_spec(path: str | Path, model: type[Spec]) -> Spec:
     """Parse a YAML file into `model`; raise ValueError with field paths on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_SpecLoader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

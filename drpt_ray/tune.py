@@ -42,7 +42,6 @@ Tune's `scope="last"`. Each row also carries its best-ever value (`best_value`) 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import queue
 import re
@@ -59,7 +58,7 @@ from pydantic import ValidationError
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from drpt_ray.config import JobSpec, SearchDim, SweepSpec, format_validation_error, load_spec, set_path
+from drpt_ray.config import JobSpec, SearchDim, SweepSpec, format_validation_error, get_path, load_spec, set_path
 from drpt_ray.topology import apply_driver_env, plan
 from drpt_ray.reporting import best_trial, running_best
 
@@ -110,12 +109,6 @@ def trial_demand(spec: JobSpec) -> dict[str, float]:
     return plan(spec).total()
 
 
-def _get_path(tree: dict, path: str):
-    for part in path.split("."):
-        tree = tree[part]
-    return tree
-
-
 def search_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune param_space keyed by the dotted JobSpec paths.
 
@@ -126,7 +119,7 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
     base = spec.base.model_dump()
     out: dict[str, Any] = {}
     for path, dim in spec.space.items():
-        out[path] = _domain(spec.scheduler, path, dim, _get_path(base, path))
+        out[path] = _domain(spec.scheduler, path, dim, get_path(base, path))
     return out
 
 
@@ -138,8 +131,8 @@ def _domain(scheduler: str, path: str, dim: SearchDim, current):
     if dim.values is not None:
         return tune.choice(list(dim.values))
     if isinstance(current, int) and not isinstance(current, bool):
-        lo, hi = math.ceil(dim.low), math.floor(dim.high) + 1
-        return tune.lograndint(lo, hi) if dim.log else tune.randint(lo, hi)
+        low, high = dim.probes(current)
+        return tune.lograndint(low, high + 1) if dim.log else tune.randint(low, high + 1)
     return tune.loguniform(dim.low, dim.high) if dim.log else tune.uniform(dim.low, dim.high)
 
 
@@ -367,15 +360,12 @@ def peak_trial_demand(spec: SweepSpec) -> dict[str, float]:
     import itertools
 
     sizing = {p: d for p, d in spec.space.items() if p == "mode" or p.startswith(_SIZING_PREFIXES)}
-    choices = [d.values if d.values is not None else [d.low, d.high] for d in sizing.values()]
     base = spec.base.model_dump()
+    choices = [d.probes(get_path(base, p)) for p, d in sizing.items()]
     peak: dict[str, float] = {}
     for combo in itertools.product(*choices):
         tree = base
         for path, value in zip(sizing, combo):
-            current = _get_path(base, path)
-            if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
-                value = math.floor(value)
             tree = set_path(tree, path, value)
         try:
             job = JobSpec.model_validate(tree)

@@ -164,17 +164,21 @@ def test_rl_trial_actors_land_in_the_trial_placement_group(local_ray, tmp_path):
     assert_cluster_free()
 
 
-def test_an_invalid_sampled_value_fails_only_its_trial(local_ray, tmp_path):
-    spec = SweepSpec.model_validate({  # the schema probes values[0] only; 0 breaks data.n_target >= 1
-        "base": {**SFT_TOY, "steps": 2, "eval_every": 2}, "space": {"data.n_target": {"values": [16, 0]}},
+def test_an_invalid_combination_fails_only_its_trial(local_ray, tmp_path):
+    # Every value is valid on its own (the schema checks each against the base), but layer-wise
+    # selection with two_pass is not: that combination surfaces only as its trial runs.
+    spec = SweepSpec.model_validate({
+        "base": {**SFT_TOY, "steps": 2, "eval_every": 2, "regularizer": {"feasible_set": "global_subset"}},
+        "space": {"regularizer.feasible_set": {"values": ["global_subset", "layerwise_subset"]},
+                  "regularizer.passes": {"values": ["two_pass"]}},
         "metric": METRIC, "mode": "min", "output_dir": str(tmp_path),
     })
     events = []
     result = run_sweep(spec, on_event=events.append)
-    by_n = {t.config["data.n_target"]: t for t in result.trials}
-    assert by_n[16].state == "TERMINATED" and result.best is by_n[16]
-    assert by_n[0].state == "ERROR" and "data.n_target" in by_n[0].error
-    assert any(e["type"] == "trial" and e["state"] == "ERROR" and "data.n_target" in e["error"] for e in events)
+    by_set = {t.config["regularizer.feasible_set"]: t for t in result.trials}
+    assert by_set["global_subset"].state == "TERMINATED" and result.best is by_set["global_subset"]
+    assert by_set["layerwise_subset"].state == "ERROR" and "regularizer.passes" in by_set["layerwise_subset"].error
+    assert any(e["type"] == "trial" and e["state"] == "ERROR" and "regularizer.passes" in e["error"] for e in events)
     assert_cluster_free()
 
 

@@ -19,6 +19,8 @@ from typing import Iterator
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from drpt_ray.config import NAME_MAX_LEN
+
 ACTIVE = ("PENDING", "RUNNING")  # submitted to Ray, holding a slot
 
 
@@ -30,7 +32,7 @@ class RunColumns:
     """What jobs and sweeps share: identity, lifecycle, the Ray submission and stream counters."""
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(NAME_MAX_LEN))
     state: Mapped[str] = mapped_column(String(16), index=True)  # drpt_ray.reporting.STATES; no CHECK, so a new state needs no migration
     message: Mapped[str | None] = mapped_column(Text)
     spec: Mapped[dict] = mapped_column(JSON)

@@ -1,0 +1,52 @@
+"""The one schema's input rules, as the CLI and the library meet them: YAML spellings, duplicate
+keys, and a sweep's values checked one by one (the REST API's side: tests/control_plane)."""
+
+from __future__ import annotations
+
+import pytest
+
+from drpt_ray.cli import main
+from drpt_ray.config import JobSpec, SweepSpec, load_spec
+
+
+def test_yaml_spellings_of_numbers_stay_valid(tmp_path):
+    p = tmp_path / "job.yaml"
+    # an int for a float, exponent floats PyYAML alone reads as strings, a list for the betas pair
+    p.write_text("steps: 1_000\noptim: {lr: 1, weight_decay: 1e-2, betas: [0.9, 0.95]}\nwarm_start_lr: 5E-4\n")
+    spec = load_spec(p, JobSpec)
+    assert (spec.steps, spec.optim.lr, spec.optim.weight_decay, spec.optim.betas, spec.warm_start_lr) == (1000, 1.0, 0.01, (0.9, 0.95), 5e-4)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("steps: \"30\"\n", "steps: Input should be a valid integer (got '30')"),
+    ("steps: yes\n", "steps: Input should be a valid integer (got True)"),
+    ("optim: {lr: .inf}\n", "optim.lr: Input should be a finite number"),
+    ("seed: -1\n", "seed: Input should be greater than or equal to 0"),
+])
+def test_yaml_values_are_not_coerced(tmp_path, text, needle):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_spec(p, JobSpec)
+    assert needle in str(e.value)
+
+
+def test_a_repeated_yaml_key_is_an_error_naming_it(tmp_path, capsys):
+    p = tmp_path / "job.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'o'}\noptim:\n  lr: 0.1\n  warmup_frac: 0.0\n  lr: 0.2\n")
+    assert main(["sft", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "found duplicate key 'lr'" in err and "line 5" in err and "Traceback" not in err
+
+
+def test_every_searched_value_is_checked_not_only_the_first():
+    with pytest.raises(ValueError, match=r"regularizer\.tau=-2\.0 is not a valid value: Input should be greater than 0"):
+        SweepSpec.model_validate({"space": {"regularizer.tau": {"values": [1.0, 0.5, -2.0]}}})
+    with pytest.raises(ValueError, match=r"regularizer\.frac=1\.5 is not a valid value"):  # a range's upper end
+        SweepSpec.model_validate({"scheduler": "random", "space": {"regularizer.frac": {"low": 0.1, "high": 1.5}}})
+    with pytest.raises(ValueError, match=r"space: batch_size: the range \[2\.2, 2\.8\] of an integer field holds no integer"):
+        SweepSpec.model_validate({"scheduler": "random", "space": {"batch_size": {"low": 2.2, "high": 2.8}}})
+    with pytest.raises(ValueError, match=r"'output_dir' is set for each trial"):
+        SweepSpec.model_validate({"space": {"output_dir": {"values": ["a", "b"]}}})
+    ok = SweepSpec.model_validate({"scheduler": "random", "space": {"batch_size": {"low": 1.5, "high": 8.0}}})
+    assert ok.space["batch_size"].probes(ok.base.batch_size) == [2, 8]  # the integers Tune draws between

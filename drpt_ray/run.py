@@ -72,7 +72,7 @@ def reported_run(a: argparse.Namespace) -> int:
             result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address, on_alert=reporter.alert)
         except Diverged as e:
             print(f"drpt-ray: diverged at step {e.step}: {e.message}", file=sys.stderr)
-            reporter.state("DIVERGED", e.message, artifacts=artifacts(spec.output_dir))
+            reporter.state("DIVERGED", f"step {e.step}: {e.message}", artifacts=artifacts(spec.output_dir))
             return DIVERGED_EXIT
         print(summary(result.history))
         reporter.state("SUCCEEDED", artifacts=artifacts(result.output_dir))

@@ -124,7 +124,7 @@ def test_driver_reports_diverged_with_artifacts_and_exits_3(dry_server, tmp_path
     with dry_server.http() as c:
         job = c.get(f"/v1/jobs/{jid}").json()  # reported_run returns once its events are acknowledged
         events = sse_events(c, f"/v1/jobs/{jid}/events?follow=false")
-    assert job["state"] == "DIVERGED" and job["message"] == COLLAPSE and job["step"] == 3
+    assert job["state"] == "DIVERGED" and job["message"] == f"step 3: {COLLAPSE}" and job["step"] == 3
     assert job["artifacts"]["checkpoints"] == [str((tmp_path / "out" / "checkpoints" / "step_2").resolve())]
     assert [(e.json()["step"], e.json()["message"]) for e in events if e.event == "alert"] == [(3, COLLAPSE)]
     assert any(e.event == "log" and e.json()["line"] == f"drpt-ray: diverged at step 3: {COLLAPSE}" for e in events)

@@ -139,7 +139,8 @@ def test_a_collapsing_rlvr_job_ends_diverged_with_an_alert(ray_server, ray_clust
         job = c.get(f"/v1/jobs/{jid}").json()
         assert events[-1].json()["state"] == job["state"] == "DIVERGED", (job["message"], c.get(f"/v1/jobs/{jid}/logs").text[-3000:])
         alerts = [e.json() for e in events if e.event == "alert"]
-        assert alerts and (alerts[-1]["step"], alerts[-1]["message"]) == (job["step"], job["message"])  # the alert that stopped it
+        assert alerts and f"step {alerts[-1]['step']}: {alerts[-1]['message']}" == job["message"]  # the alert that stopped it
+        assert alerts[-1]["step"] == job["step"]
         assert job["step"] < steps and job["artifacts"]["output_dir"]
         # the driver exits 3 after reporting DIVERGED; Ray's FAILED must not overwrite it
         wait_for(lambda: ray_cluster.job_status(job["ray_job_id"]) == "FAILED", 60, "the Ray job to exit non-zero")

@@ -33,6 +33,10 @@ An EVENT is a flat JSON object: `seq` (int, from 1, no gaps), `ts` (unix seconds
 | `sweep`   | sweeps, last event: `state` (TERMINATED), `metric`, `mode`, `best_trial_id`,              |
 |           | `best_value`, `best_config`                                                              |
 
+Numbers are finite: `on_metrics` sends a NaN or infinite metric as null. The control plane
+validates every event against this table (services/control_plane/models.py: extra fields, a
+text `step`, a `seq` past 2**31 - 1, NaN or Infinity are refused with a 422 naming the field).
+
 The control plane re-serves the stored events on its SSE streams (`GET /v1/jobs/{id}/events`,
 `GET /v1/sweeps/{id}/events`) with `event:` = type, `data:` = the event JSON, and `id:` = the
 event's position in the run's stream (its own state changes, QUEUED for one, have no `seq`).
@@ -69,6 +73,7 @@ RETRYABLE = {408, 425, 429}
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "DIVERGED")
 DRIVER_STATES = ("RUNNING", *TERMINAL)  # what a driver's `state` event may carry
 STATES = ("QUEUED", "PENDING", *DRIVER_STATES)
+TRIAL_STATES = ("PENDING", "RUNNING", "TERMINATED", "STOPPED", "ERROR")  # a sweep's `trial` events
 
 _live: "weakref.WeakSet[EventReporter]" = weakref.WeakSet()
 

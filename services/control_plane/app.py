@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -98,11 +99,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for e in exc.errors():
         item = {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         got = e.get("input")
-        if isinstance(got, (str, int, float, bool)) and len(str(got)) <= 200:
+        if _echoable(got):
             item["input"] = got
         detail.append(item)
         lines.append(f"{_location(item['loc'])}: {item['msg']}" + (f" (got {got!r})" if "input" in item else ""))
     return JSONResponse({"detail": detail, "message": "; ".join(lines)}, status_code=422)
+
+
+def _echoable(value) -> bool:
+    """Whether a bad input goes back in the 422 as it came: short scalars only, and no NaN or
+    Infinity, which strict JSON (the response) cannot carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, (str, int, float, bool)) and len(str(value)) <= 200
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

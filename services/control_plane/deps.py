@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
+from drpt_ray.config import INT64_MAX
 from services.control_plane.db import Database
 from services.control_plane.launcher import Launcher
 from services.control_plane.notify import Hub
@@ -45,3 +46,5 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 LauncherDep = Annotated[Launcher, Depends(_launcher)]
 HubDep = Annotated[Hub, Depends(_hub)]
 SupervisorDep = Annotated[Supervisor, Depends(_supervisor)]
+# Paging: SQLite's OFFSET is a signed 64-bit integer, so a larger one would be a 500, not a 422.
+OffsetQuery = Annotated[int, Query(ge=0, le=INT64_MAX, description="Items to skip.")]

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from drpt_ray.reporting import DRIVER_STATES, STATES
+from drpt_ray.config import INT32_MAX
+from drpt_ray.reporting import DRIVER_STATES, STATES, TRIAL_STATES
 from services.control_plane.db import Job, Sweep, Trial
 
 State = Literal[STATES]
@@ -106,39 +107,81 @@ class Artifacts(BaseModel):
     model: str | None
     checkpoints: list[str]
     reported: dict[str, Any] = Field(description="Everything the driver reported.")
-    files: list[ArtifactFile] | None = Field(description="Files under output_dir, when the control plane can see that directory.")
+    files: list[ArtifactFile] | None = Field(
+        description="Files under output_dir, when the control plane can see that directory and it lies inside the job's "
+        "own run directory (DRPT_RUNS_DIR/<id>)."
+    )
 
 
-class IngestEvent(BaseModel):
-    """One driver event (see drpt_ray/reporting.py); type-specific fields ride along."""
+Seq = Annotated[int, Field(ge=1, le=INT32_MAX)]  # the events.seq column is an Integer (int32 on Postgres)
+Step = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Scalar = float | int | str | bool | None  # what reporting._jsonable makes of a metric; floats finite
 
-    model_config = ConfigDict(extra="allow")
-    seq: int = Field(ge=1)
-    type: Literal["state", "metrics", "log", "alert", "trial", "sweep"]
+
+def _step_is_a_step(metrics: dict) -> dict:
+    """A metrics dict's own `step`, when present, is a Step: the sweep store reads it as the trial's."""
+    step = metrics.get("step")
+    if "step" in metrics and (type(step) is not int or not 0 <= step <= INT32_MAX):  # type(): a bool is no step
+        raise ValueError(f"`step` must be an integer in [0, {INT32_MAX}], got {step!r}")
+    return metrics
+
+
+Metrics = Annotated[dict[str, Scalar], AfterValidator(_step_is_a_step)]
+
+
+class _Event(BaseModel):
+    """Fields every driver event has. Strict, like the JobSpec: "3" is not step 3, NaN is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    seq: Seq
     ts: float | None = None
 
-    @model_validator(mode="after")
-    def _fields(self) -> "IngestEvent":
-        extra = self.model_extra or {}
-        if self.type == "state" and extra.get("state") not in DRIVER_STATES:
-            raise ValueError(f"state event needs state in {DRIVER_STATES}, got {extra.get('state')!r}")
-        if self.type == "metrics" and not isinstance(extra.get("metrics"), dict):
-            raise ValueError("metrics event needs a `metrics` object")
-        if self.type == "trial" and not extra.get("trial_id"):
-            raise ValueError("trial event needs a `trial_id`")
-        if self.type == "alert":
-            _check_alert(extra)
-        return self
+
+class StateEvent(_Event):
+    type: Literal["state"]
+    state: Literal[DRIVER_STATES]
+    message: str | None = None
+    artifacts: dict[str, str | list[str]] | None = Field(None, description="Paths: output_dir, model, checkpoints, ...")
 
 
-def _check_alert(fields: dict) -> None:
-    """Extra fields are not type-checked by pydantic, so an alert's are checked here, strictly: a
-    string "3" is refused rather than read as step 3."""
-    step, message = fields.get("step"), fields.get("message")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"alert event needs `step`, an integer >= 0, got {step!r}")
-    if not isinstance(message, str) or not message.strip():
-        raise ValueError(f"alert event needs `message`, a non-empty string, got {message!r}")
+class MetricsEvent(_Event):
+    type: Literal["metrics"]
+    step: Step
+    metrics: Metrics
+
+
+class LogEvent(_Event):
+    type: Literal["log"]
+    line: str
+
+
+class AlertEvent(_Event):
+    type: Literal["alert"]
+    step: Step
+    message: str = Field(pattern=r"\S", description="Why the divergence guard tripped (not blank).")
+
+
+class TrialEvent(_Event):
+    type: Literal["trial"]
+    trial_id: str = Field(min_length=1, max_length=80)  # the trials.trial_id column
+    config: dict[str, Scalar] = Field(default_factory=dict)
+    state: Literal[TRIAL_STATES]
+    metrics: Metrics = Field(default_factory=dict)
+    error: str | None = None
+
+
+class SweepEvent(_Event):
+    type: Literal["sweep"]
+    state: Literal["TERMINATED"]
+    metric: str
+    mode: Literal["max", "min"]
+    best_trial_id: str | None
+    best_value: float | None
+    best_config: dict[str, Scalar] | None
+
+
+# One driver event (drpt_ray/reporting.py's wire format), told apart by `type`.
+IngestEvent = Annotated[StateEvent | MetricsEvent | LogEvent | AlertEvent | TrialEvent | SweepEvent, Field(discriminator="type")]
 
 
 class IngestBatch(BaseModel):

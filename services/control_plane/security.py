@@ -7,6 +7,8 @@
   control plane (same database, hence same secret) still recognises it.
 * `BodyLimitMiddleware` answers 413 before a handler sees a body over `DRPT_MAX_BODY_BYTES`,
   whether or not the client sent `Content-Length`.
+* `refuse_escaping_paths`: where a run writes is the control plane's choice (its own directory
+  DRPT_RUNS_DIR/<id>), not the submitter's.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import hashlib
 import hmac
 import json
 import secrets
+from pathlib import PurePosixPath
 
 from fastapi import HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
@@ -72,6 +76,20 @@ def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | No
     token = bearer_token(creds)
     if not token_matches(token, request.app.state.settings.api_tokens):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid bearer token")
+
+
+def refuse_escaping_paths(paths: dict[tuple[str, ...], str]) -> None:
+    """422 naming every body field (dotted location -> path) whose path could leave the run's own
+    directory. A run works in DRPT_RUNS_DIR/<id> and relative paths resolve there, so only an
+    absolute path or a '..' gets out: with one a submitter would choose where on the cluster's
+    filesystem a job writes."""
+    errors = [
+        {"loc": ("body", *loc), "type": "value_error", "input": path,
+         "msg": "must be a relative path inside the run's own directory (DRPT_RUNS_DIR/<id>): no absolute path, no '..'"}
+        for loc, path in paths.items() if PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 class _TooLarge(HTTPException):

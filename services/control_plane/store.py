@@ -134,7 +134,7 @@ def _apply(s: Session, run: Job | Sweep, e: dict) -> None:
         if not transition(s, run, e["state"], e.get("message"), record=False) and e["state"] != run.state:
             e["ignored"] = f"run already {run.state}"
     elif kind == "metrics" and isinstance(run, Job):
-        run.last_step = max(run.last_step or 0, int(e.get("step", 0)))
+        run.last_step = max(run.last_step or 0, e["step"])
     elif kind == "trial" and isinstance(run, Sweep):
         _apply_trial(s, run, e)
     elif kind == "sweep" and isinstance(run, Sweep):
@@ -152,7 +152,7 @@ def _apply_trial(s: Session, sweep: Sweep, e: dict) -> None:
     m = e.get("metrics") or {}
     if m:
         t.metrics = {**t.metrics, **m}
-        t.steps = int(m.get("step", t.steps))
+        t.steps = m.get("step", t.steps)
         if isinstance(m.get(sweep.spec["metric"]), (int, float)):
             t.value = float(m[sweep.spec["metric"]])
             t.best_value = running_best(t.best_value, t.value, sweep.spec["mode"])

@@ -2,11 +2,13 @@
 `/v1/jobs/{id}/events` and `/v1/sweeps/{id}/events`.
 
 SSE frames: `id:` = the event's position in the run's stream, `event:` = its type (state, metrics,
-log, alert, trial, sweep), `data:` = the event JSON. A client that reconnects with
-`Last-Event-ID: N` (or `?after=N`) gets everything after N, so nothing is missed across a dropped
-connection or a control-plane restart. Once the run is terminal and every stored event is sent, one `end` event
-(`data: {"state": ..., "message": ...}`) closes the stream; comment lines keep idle connections
-alive every DRPT_SSE_HEARTBEAT_S.
+log, alert, trial, sweep), `data:` = the event JSON, strict (no NaN or Infinity: ingest refuses
+them, a driver sends a non-finite metric as null). A client that reconnects with
+`Last-Event-ID: N` (or `?after=N`; 0 <= N < 2**63, else 422 before the stream starts) gets
+everything after N, so nothing is missed across a dropped connection or a control-plane restart.
+Once the run is terminal and every stored event is sent, one `end` event (`data: {"state": ...,
+"message": ...}`) closes the stream; comment lines keep idle connections alive every
+DRPT_SSE_HEARTBEAT_S.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.security import HTTPAuthorizationCredentials
 from sse_starlette import EventSourceResponse
 
+from drpt_ray.config import INT64_MAX
 from drpt_ray.reporting import TERMINAL
 from services.control_plane import store
 from services.control_plane.db import Database
@@ -30,6 +33,10 @@ from services.control_plane.security import bearer, bearer_token, token_matches
 router = APIRouter(tags=["events"])
 PAGE = 500
 SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events (see the module docstring)."}}
+# Event ids are checked before the stream starts: a bad one is a 422, never a stream that breaks mid-way.
+AfterQuery = Annotated[int | None, Query(ge=0, le=INT64_MAX, description="Resume after this event id (same as Last-Event-ID).")]
+LastEventIdHeader = Annotated[int | None, Header(ge=0, le=INT64_MAX, description="Resume after this event id (EventSource sends it on reconnect).")]
+FollowQuery = Annotated[bool, Query(description="false: send what is stored, then end.")]
 
 
 def _fetch(db: Database, run_id: str, kind: str, after: int):
@@ -45,7 +52,7 @@ async def _stream(db: Database, hub: Hub, run_id: str, kind: str, after: int, fo
         woken = hub.event(run_id)  # taken before the read, so a notify during it is not lost
         rows, state, message = await anyio.to_thread.run_sync(_fetch, db, run_id, kind, last)
         for pos, typ, data in rows:
-            yield {"id": str(pos), "event": typ, "data": json.dumps(data)}
+            yield {"id": str(pos), "event": typ, "data": _strict_json(data)}
             last = pos
         if len(rows) == PAGE:
             continue
@@ -55,10 +62,19 @@ async def _stream(db: Database, hub: Hub, run_id: str, kind: str, after: int, fo
         await woken.wait()
 
 
-def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after: int | None, last_event_id: str | None, follow: bool):
+def _strict_json(data) -> str:
+    """JSON that `JSON.parse` accepts: ingest refuses NaN and +-Infinity, and one stored before it did
+    is sent as null."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        return json.dumps(json.loads(json.dumps(data), parse_constant=lambda _: None))
+
+
+def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after: int | None, last_event_id: int | None, follow: bool):
     with db.read() as s:
         store.get_run(s, run_id, kind=kind)  # 404 before the stream starts
-    start = after if after is not None else int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    start = after if after is not None else last_event_id or 0
     return EventSourceResponse(
         _stream(db, hub, run_id, kind, start, follow), ping=request.app.state.settings.sse_heartbeat_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -66,21 +82,14 @@ def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after
 
 
 @router.get("/v1/jobs/{job_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a job (SSE)")
-def job_events(
-    job_id: str, request: Request, db: DbDep, hub: HubDep,
-    after: int | None = Query(None, ge=0, description="Resume after this event id (same as Last-Event-ID)."),
-    follow: bool = Query(True, description="false: send what is stored, then end."),
-    last_event_id: Annotated[str | None, Header()] = None,
-):
+def job_events(job_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
+               last_event_id: LastEventIdHeader = None):
     return _sse(request, db, hub, job_id, "job", after, last_event_id, follow)
 
 
 @router.get("/v1/sweeps/{sweep_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a sweep (SSE)")
-def sweep_events(
-    sweep_id: str, request: Request, db: DbDep, hub: HubDep,
-    after: int | None = Query(None, ge=0), follow: bool = Query(True),
-    last_event_id: Annotated[str | None, Header()] = None,
-):
+def sweep_events(sweep_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
+                 last_event_id: LastEventIdHeader = None):
     return _sse(request, db, hub, sweep_id, "sweep", after, last_event_id, follow)
 
 
@@ -107,7 +116,7 @@ def ingest_position(run_id: str, db: DbDep) -> IngestAck:
 
 @router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], summary="Store a batch of driver events")
 def ingest_events(run_id: str, batch: IngestBatch, request: Request, db: DbDep, hub: HubDep, supervisor: SupervisorDep) -> IngestAck:
-    events = [e.model_dump() for e in batch.events]
+    events = [e.model_dump(exclude_unset=True) for e in batch.events]  # as the driver sent them
     result = store.ingest(db, run_id, events)
     if result.stored:
         request.app.state.metrics.count_events(result.types)

@@ -11,9 +11,10 @@ from sqlalchemy import func, select
 from drpt_ray.config import JobSpec
 from services.control_plane import store
 from services.control_plane.db import Event, Job
-from services.control_plane.deps import ApiAuth, DbDep, LauncherDep, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
+from services.control_plane.security import refuse_escaping_paths
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth])
 MAX_LISTED_FILES = 2000
@@ -22,6 +23,7 @@ MAX_LISTED_FILES = 2000
 @router.post("", status_code=201, summary="Submit a job (body: a JobSpec)")
 def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
+    refuse_escaping_paths({("output_dir",): spec.output_dir})
     job = store.create(db, "job", spec.model_dump(mode="json"), spec.name, mode=spec.mode)
     supervisor.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -29,7 +31,7 @@ def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, response: Re
 
 
 @router.get("", summary="List jobs, newest first")
-def list_jobs(db: DbDep, state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> JobPage:
+def list_jobs(db: DbDep, state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: OffsetQuery = 0) -> JobPage:
     with db.read() as s:
         items, total = store.list_runs(s, Job, state, limit, offset)
         return JobPage(items=[JobPublic.of(j) for j in items], total=total, limit=limit, offset=offset)
@@ -47,7 +49,7 @@ def cancel_job(job_id: str, supervisor: SupervisorDep) -> JobPublic:
 
 
 @router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged")
-def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> MetricsPage:
+def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000), offset: OffsetQuery = 0) -> MetricsPage:
     with db.read() as s:
         store.get_run(s, job_id, kind="job")
         where = (Event.run_id == job_id, Event.type == "metrics")
@@ -77,16 +79,23 @@ def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Q
 
 
 @router.get("/{job_id}/artifacts", summary="Checkpoints, final model dir and other outputs")
-def job_artifacts(job_id: str, db: DbDep) -> Artifacts:
+def job_artifacts(job_id: str, db: DbDep, settings: SettingsDep) -> Artifacts:
     with db.read() as s:
         reported = dict(store.get_run(s, job_id, kind="job").artifacts or {})
     out = reported.get("output_dir")
-    root = Path(out) if out else None
-    visible = root is not None and root.is_dir()
-    checkpoints = sorted(str(p) for p in (root / "checkpoints").glob("step_*")) if visible else list(reported.get("checkpoints", []))
-    model = reported.get("model") or (str(root / "model") if visible and (root / "model").is_dir() else None)
+    root = _own_dir(out, settings.runs_dir / job_id)
+    checkpoints = sorted(str(p) for p in (root / "checkpoints").glob("step_*")) if root else list(reported.get("checkpoints", []))
+    model = reported.get("model") or (str(root / "model") if root and (root / "model").is_dir() else None)
     files = None
-    if visible:
+    if root:
         files = [ArtifactFile(path=str(p.relative_to(root)), bytes=p.stat().st_size)
-                 for p in sorted(root.rglob("*")) if p.is_file()][:MAX_LISTED_FILES]
+                 for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()][:MAX_LISTED_FILES]
     return Artifacts(output_dir=out, model=model, checkpoints=checkpoints, reported=reported, files=files)
+
+
+def _own_dir(reported: str | None, run_dir: Path) -> Path | None:
+    """The reported output_dir, if this process sees it and it lies inside the job's own run
+    directory; else None. Whoever holds the job's ingest token chooses what is reported, so
+    without this check the listing would walk any directory on the host."""
+    root = Path(reported).resolve() if reported else None
+    return root if root is not None and root.is_relative_to(run_dir.resolve()) and root.is_dir() else None

@@ -8,8 +8,9 @@ from sqlalchemy import select
 from drpt_ray.config import SweepSpec
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
-from services.control_plane.deps import ApiAuth, DbDep, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, OffsetQuery, SupervisorDep
 from services.control_plane.models import State, SweepPage, SweepPublic
+from services.control_plane.security import refuse_escaping_paths
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth])
 
@@ -21,6 +22,7 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
 def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> SweepPublic:
+    refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
     sweep = store.create(db, "sweep", spec.model_dump(mode="json"), spec.name)
     supervisor.wake()
     response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
@@ -29,7 +31,7 @@ def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, response
 
 
 @router.get("", summary="List sweeps, newest first")
-def list_sweeps(db: DbDep, state: State | None = None, limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> SweepPage:
+def list_sweeps(db: DbDep, state: State | None = None, limit: int = Query(20, ge=1, le=200), offset: OffsetQuery = 0) -> SweepPage:
     with db.read() as s:
         items, total = store.list_runs(s, Sweep, state, limit, offset)
         return SweepPage(items=[_public(s, w) for w in items], total=total, limit=limit, offset=offset)

@@ -16,6 +16,7 @@ from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.tune import main as tune_main
 from drpt_ray.tune import _error_summary, learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand, trial_resources
+from services.control_plane.models import IngestBatch
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +244,4 @@ def test_cli_reports_trial_events_to_the_control_plane(local_ray, tmp_path, monk
     assert [e["state"] for e in trial] == ["RUNNING"] * 4 + ["TERMINATED"]  # start, steps 0-2, end
     assert trial[-1]["config"] == {"regularizer.tau": 1.0} and METRIC in trial[-1]["metrics"]
     assert ev[-1]["artifacts"]["curves"].endswith("sweep.png")
+    IngestBatch.model_validate({"events": ev})  # every event the driver sent passes the control plane's validation

@@ -74,7 +74,8 @@ def test_a_nan_stored_before_ingest_refused_them_is_streamed_as_null(server_fact
     db.dispose()
     with server.http() as c:
         frames = [strict_loads(e.data) for e in sse_events(c, f"/v1/jobs/{jid}/events")]
-    assert [f["metrics"] for f in frames if f.get("type") == "metrics"] == [{"step": 1, "loss": None}]
+        history = strict_loads(c.get(f"/v1/jobs/{jid}/metrics").text)["items"]
+    assert [f["metrics"] for f in frames if f.get("type") == "metrics"] == history == [{"step": 1, "loss": None}]
 
 
 def test_event_ids_up_to_int64_are_accepted(dry_server):

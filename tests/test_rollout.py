@@ -102,6 +102,19 @@ def test_generate_n_responses_with_logprobs_and_text(worker, tokenizer):
     print(f"\ngenerate 8 prompts x <=16 tokens: {tokens} tokens in {seconds:.3f} s = {tokens / seconds:.0f} tok/s")
 
 
+def test_seeded_sampling_over_the_step_token_budget(worker, tokenizer):
+    """More prompt tokens than one engine step takes (4096 on CPU), sampled with a seed: with chunked
+    prefill a split prompt made vLLM rewind its CPU generator's offset and the engine died
+    (RuntimeError "CPU Generator does not use offset", GSM8K evaluation on SmolLM2). The same seed
+    still gives the same responses."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, tokenizer.vocab_size, (200,), generator=g).tolist() for _ in range(24)]
+    sampling = SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    first, again = (ray.get(worker.generate.remote(prompts, sampling), timeout=120) for _ in range(2))
+    assert len(first) == 48 and all(r.response_ids for r in first)
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+
+
 def test_logprobs_match_hf_before_and_after_weight_update(worker, model_path, tokenizer):
     prompt = tokenizer("Question: what is the answer? Answer:").input_ids
     (rollout,) = ray.get(worker.generate.remote([prompt], SamplingSpec(n=1, max_new_tokens=16, seed=3)), timeout=60)

@@ -317,7 +317,8 @@ class Learner:
         """Token-mean loss over every supervised token of `batch` (None: this rank has no rows)."""
         n = 0 if batch is None else batch["input_ids"].shape[0]
         # Rows per forward: the logits (rows x T x vocab) dominate the memory; ~0.5 GB of fp32 at most.
-        chunk = 1 if not n else max(1, EVAL_LOGITS_BUDGET // (batch["input_ids"].shape[1] * self.policy.get_output_embeddings().weight.shape[0]))
+        vocab = self.policy.get_output_embeddings().weight.shape[0]
+        chunk = 1 if not n else max(1, EVAL_LOGITS_BUDGET // (batch["input_ids"].shape[1] * vocab))
         starts = list(range(0, n, chunk))
         # Under FSDP every forward is a collective: match the rank with the most chunks.
         joins = self.comm.max(len(starts)) - len(starts) if self.fsdp else 0

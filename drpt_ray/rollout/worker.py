@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
 
 # Key prefixes/fragments of a peft-wrapped model's state dict: vLLM would not recognise these names.
+CPU_STEP_TOKENS = 4096  # tokens per engine step on CPU (vLLM's default budget)
 _PEFT_MARKERS = ("base_model.model.", "lora_A", "lora_B")
 
 
@@ -116,10 +117,15 @@ class RolloutEngine:
 
         self.model_path = str(model_path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # CPU: no chunked prefill. A seeded request whose prompt is split across scheduler steps makes
+        # vLLM rewind its generator's offset, which a CPU generator does not have ("CPU Generator does
+        # not use offset": seen with 128 GSM8K prompts over the 4096-token step budget). Unchunked,
+        # a prompt waits for a step with room, so the budget must hold the longest one.
         device_kwargs: dict[str, Any] = (
             {"gpu_memory_utilization": spec.gpu_memory_utilization}
             if self.device == "cuda"
-            else {"dtype": "float32", "enforce_eager": True}
+            else {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
+                  "max_num_batched_tokens": max(spec.max_model_len, CPU_STEP_TOKENS)}
         )
         start = time.perf_counter()
         self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)

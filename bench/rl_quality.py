@@ -350,7 +350,7 @@ def part_sweep(args, out: Path) -> None:
     del base["output_dir"]  # each trial gets <sweep output_dir>/<trial id>
     space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": list(range(args.seeds))}} if args.seeds > 1 else {})
     sweep = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
-             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": str((out / "trials").resolve())}
+             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
     token = "rl-quality-" + "".join(random.choices("0123456789abcdef", k=24))
     ray_head, ray_url, ray_tmp = start_ray_head(out, num_cpus=3)
     server = None

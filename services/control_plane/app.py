@@ -8,31 +8,30 @@ post their events back. The API process holds no training state, so it can resta
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 
-from services.control_plane import store
+from services.control_plane import errors
 from services.control_plane.db import Database
 from services.control_plane.deps import ApiAuth
 from services.control_plane.launcher import Launcher, make_launcher
 from services.control_plane.metrics import LatencyMiddleware, Metrics
 from services.control_plane.notify import Hub
 from services.control_plane.routes import events, jobs, sweeps
-from services.control_plane.security import BodyLimitMiddleware, IngestKeys
+from services.control_plane.security import BodyLimitMiddleware, IngestKeys, StreamTokens
 from services.control_plane.settings import Settings
 from services.control_plane.supervisor import Supervisor
-
-log = logging.getLogger("drpt.control_plane")
 
 DESCRIPTION = """
 Submit post-training jobs (the `JobSpec` of `drpt_ray.config`) and Ray Tune sweeps (`SweepSpec`),
 follow their metrics live over Server-Sent Events, cancel them. Work runs on Ray through the Ray
-Jobs API. Every route but `/healthz` needs `Authorization: Bearer <token>` (DRPT_API_TOKENS).
+Jobs API. Every route but `/healthz` needs `Authorization: Bearer <token>` (DRPT_API_TOKENS); a
+browser's EventSource, which cannot send it, opens a stream with a `stream_token` minted by
+`POST /v1/jobs/{id}/stream-token`. Every refusal is an `ErrorResponse`; any bad input, an
+unparseable body included, is a 422 whose `detail` names each field by its path.
 """
 
 
@@ -61,23 +60,29 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
     app.state.settings, app.state.db, app.state.keys = settings, db, keys
     app.state.launcher, app.state.hub, app.state.supervisor, app.state.metrics = launcher, hub, supervisor, metrics
 
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(store.NotFound, lambda r, e: JSONResponse({"detail": str(e)}, status_code=404))
-    app.add_exception_handler(store.Conflict, lambda r, e: JSONResponse({"detail": str(e)}, status_code=409))
-    app.add_exception_handler(Exception, _internal_error)
+    app.state.stream_tokens = StreamTokens(keys, settings.stream_token_ttl_s)
+
+    errors.install(app)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        # Outermost, so that a 401 or 413 carries the CORS headers too (else a page cannot read why).
+        # No credentials: the API reads bearer tokens and stream tokens, never cookies.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+                           expose_headers=["Location"], max_age=600)
 
-    app.include_router(jobs.router)
-    app.include_router(sweeps.router)
-    app.include_router(events.router)
+    # What every /v1 route can answer besides its own 404/409: a token problem, a body over the
+    # limit (checked before routing, whatever the method) and bad input.
+    for router in (jobs.router, sweeps.router, events.router):
+        app.include_router(router, responses=errors.errors(401, 403, 413, 422))
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness (no auth)")
+    @app.get("/healthz", tags=["ops"], summary="Liveness (no auth)", responses=errors.errors(413))
     def healthz() -> dict:
         return {"status": "ok", "ray_reachable": supervisor.ray_reachable}
 
     @app.get("/metrics", tags=["ops"], dependencies=[ApiAuth], summary="Prometheus metrics",
-             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}} | errors.errors(401, 403, 413))
     def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -87,33 +92,3 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
             return app.openapi()
 
     return app
-
-
-def _location(loc) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming every bad field by its path (`body.regularizer.feasible_set`), without tracebacks."""
-    detail, lines = [], []
-    for e in exc.errors():
-        item = {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        got = e.get("input")
-        if _echoable(got):
-            item["input"] = got
-        detail.append(item)
-        lines.append(f"{_location(item['loc'])}: {item['msg']}" + (f" (got {got!r})" if "input" in item else ""))
-    return JSONResponse({"detail": detail, "message": "; ".join(lines)}, status_code=422)
-
-
-def _echoable(value) -> bool:
-    """Whether a bad input goes back in the 422 as it came: short scalars only, and no NaN or
-    Infinity, which strict JSON (the response) cannot carry."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return False
-    return isinstance(value, (str, int, float, bool)) and len(str(value)) <= 200
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal error (details are in the control-plane log)"}, status_code=500)

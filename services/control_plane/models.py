@@ -1,16 +1,19 @@
 """Public API models. The request bodies are `drpt_ray.config.JobSpec` / `SweepSpec` themselves
-(one schema); these are the responses and the driver's ingest batch."""
+(one schema); these are the responses (the SDK, drpt_ray.client, parses into them too), the one
+error shape and the driver's ingest batch."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from drpt_ray.config import INT32_MAX
 from drpt_ray.reporting import DRIVER_STATES, STATES, TRIAL_STATES
-from services.control_plane.db import Job, Sweep, Trial
+
+if TYPE_CHECKING:  # the SDK (drpt_ray.client) reads responses into these models without the database layer
+    from services.control_plane.db import Job, Sweep, Trial
 
 State = Literal[STATES]
 
@@ -95,6 +98,26 @@ class SweepPage(Page):
 
 class MetricsPage(Page):
     items: list[dict[str, Any]] = Field(description="One dict per reported step (as run_job reported it), in stream order.")
+
+
+class StreamToken(BaseModel):
+    token: str = Field(description="Opens this run's event stream as `?stream_token=`; read-only, this run only.")
+    expires_at: datetime = Field(description="After this a stream cannot be opened (or reopened) with it; one already open goes on.")
+    events_url: str = Field(description="The stream's path with the token in its query: what a browser's EventSource opens.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where the bad value is: `body.regularizer.tau`, `query.offset`, `header.last-event-id`.")
+    msg: str
+    type: str = Field(description="pydantic's error type (`missing`, `greater_than`, `json_invalid`, ...).")
+    input: Any = Field(None, description="The value refused, when it is a short scalar.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx (and of a 500): one line for a person, plus the fields at fault."""
+
+    message: str = Field(description="What was refused and why, in one line.")
+    detail: list[FieldError] = Field(default_factory=list, description="One item per bad field (a 422); empty otherwise.")
 
 
 class ArtifactFile(BaseModel):

@@ -5,6 +5,11 @@
 * A run's ingest token is `HMAC-SHA256(secret, run_id)`: the job driver gets it in its runtime
   env and may only post events for its own run. Nothing per run needs storing, and a restarted
   control plane (same database, hence same secret) still recognises it.
+* A stream token (`StreamTokens`) opens one run's event stream for DRPT_STREAM_TOKEN_TTL_S: a
+  browser's EventSource cannot send a header, and the API token must never sit in a URL (URLs end
+  up in proxy logs and browser history), so an authenticated POST mints a token that can only read
+  that one run, for minutes. It is `<expiry>.<HMAC(secret, "stream:<run_id>:<expiry>")>`: nothing is
+  stored, and it cannot be taken for an ingest token (whose message is the bare run id) or reverse.
 * `BodyLimitMiddleware` answers 413 before a handler sees a body over `DRPT_MAX_BODY_BYTES`,
   whether or not the client sent `Content-Length`.
 * `refuse_escaping_paths`: where a run writes is the control plane's choice (its own directory
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
 from pathlib import PurePosixPath
 
@@ -25,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
 from services.control_plane.db import Database, Meta
+from services.control_plane.errors import error_response
 
 bearer = HTTPBearer(auto_error=False, description="An API token from DRPT_API_TOKENS.")
 
@@ -72,6 +77,27 @@ class IngestKeys:
         return hmac.compare_digest(self.token(run_id), given)
 
 
+class StreamTokens:
+    """Mints and checks stream tokens (see the module docstring)."""
+
+    def __init__(self, keys: IngestKeys, ttl_s: float):
+        self._keys, self.ttl_s = keys, ttl_s
+
+    def mint(self, run_id: str, now: float) -> tuple[str, int]:
+        """A token for `run_id` and its expiry (unix seconds)."""
+        expires = int(now + self.ttl_s)
+        return f"{expires}.{self._mac(run_id, expires)}", expires
+
+    def check(self, run_id: str, token: str, now: float) -> bool:
+        expires, _, mac = token.partition(".")
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or int(expires) < now:
+            return False
+        return hmac.compare_digest(self._mac(run_id, int(expires)), mac)
+
+    def _mac(self, run_id: str, expires: int) -> str:
+        return self._keys.token(f"stream:{run_id}:{expires}")
+
+
 def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> None:
     token = bearer_token(creds)
     if not token_matches(token, request.app.state.settings.api_tokens):
@@ -114,7 +140,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+            return await self._reject(scope, receive, send)
         seen = 0
         started = False
 
@@ -137,10 +163,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
 
-    async def _reject(self, send) -> None:
-        body = json.dumps({"detail": _too_large_detail(self.max_bytes)}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope, receive, send) -> None:
+        await error_response(413, _too_large_detail(self.max_bytes))(scope, receive, send)

@@ -16,10 +16,13 @@
 | `DRPT_POLL_INTERVAL_S` | how often queued runs are admitted and active ones reconciled with Ray (1.0) |
 | `DRPT_SSE_HEARTBEAT_S` | SSE keep-alive comment interval (15) |
 | `DRPT_PUBLIC_DOCS` | serve `/docs`, `/redoc` and `/openapi.json` without a token (false: `/openapi.json` needs one, no UI) |
+| `DRPT_CORS_ORIGINS` | comma-separated origins (`https://ui.example.org`) whose pages may call the API from a browser; empty: none (no CORS) |
+| `DRPT_STREAM_TOKEN_TTL_S` | how long a stream token (`POST /v1/jobs/{id}/stream-token`) can open its run's stream (900) |
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -57,8 +60,10 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = _env("DRPT_SSE_HEARTBEAT_S", "Seconds between SSE keep-alive comments.", 15.0, gt=0)
 
     public_docs: bool = _env("DRPT_PUBLIC_DOCS", "Serve the interactive docs and the OpenAPI schema without a token.", False)
+    cors_origins: Annotated[list[str], NoDecode] = _env("DRPT_CORS_ORIGINS", "Origins allowed to call the API from a browser (CORS).", default_factory=list)
+    stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S", "Lifetime of a stream token (opening, or reopening, a run's stream).", 900.0, gt=0, le=86400)
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "cors_origins", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -73,6 +78,16 @@ class Settings(BaseSettings):
         for t in v:
             if len(t) < 16 or t.lower() in PLACEHOLDER_TOKENS:
                 raise ValueError(f"DRPT_API_TOKENS: token {t[:4]}... is too weak; use >= 16 random characters")
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        # An origin is scheme://host[:port], exactly as a browser sends it: a path, a trailing slash
+        # or a wildcard would never match (or, for '*', would open the API to every page).
+        for o in v:
+            if not re.fullmatch(r"https?://[^/\s*]+", o):
+                raise ValueError(f"DRPT_CORS_ORIGINS: {o!r} is not an origin; write scheme://host[:port], e.g. https://ui.example.org")
         return v
 
     @field_validator("runs_dir")

@@ -9,16 +9,24 @@ everything after N, so nothing is missed across a dropped connection or a contro
 Once the run is terminal and every stored event is sent, one `end` event (`data: {"state": ...,
 "message": ...}`) closes the stream; comment lines keep idle connections alive every
 DRPT_SSE_HEARTBEAT_S.
+
+A browser's EventSource cannot send the `Authorization` header: it opens the `events_url` of
+`POST /v1/{jobs,sweeps}/{id}/stream-token`, whose `stream_token` reads that one run for
+DRPT_STREAM_TOKEN_TTL_S (security.StreamTokens). An API token in the header wins over one in the
+query, so a client that sends both is judged by its header.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime, timezone
 from typing import Annotated
+from urllib.parse import urlencode
 
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials
 from sse_starlette import EventSourceResponse
 
 from drpt_ray.config import INT64_MAX
@@ -26,9 +34,10 @@ from drpt_ray.reporting import TERMINAL
 from services.control_plane import store
 from services.control_plane.db import Database
 from services.control_plane.deps import ApiAuth, DbDep, HubDep, SupervisorDep
-from services.control_plane.models import IngestAck, IngestBatch
+from services.control_plane.errors import errors
+from services.control_plane.models import IngestAck, IngestBatch, StreamToken
 from services.control_plane.notify import Hub
-from services.control_plane.security import bearer, bearer_token, token_matches
+from services.control_plane.security import bearer, bearer_token, require_api_token, token_matches
 
 router = APIRouter(tags=["events"])
 PAGE = 500
@@ -37,6 +46,9 @@ SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "Server-Se
 AfterQuery = Annotated[int | None, Query(ge=0, le=INT64_MAX, description="Resume after this event id (same as Last-Event-ID).")]
 LastEventIdHeader = Annotated[int | None, Header(ge=0, le=INT64_MAX, description="Resume after this event id (EventSource sends it on reconnect).")]
 FollowQuery = Annotated[bool, Query(description="false: send what is stored, then end.")]
+# A security scheme (not a plain query parameter), so /openapi.json says the stream takes either.
+stream_token_query = APIKeyQuery(name="stream_token", auto_error=False, scheme_name="StreamToken",
+                                 description="A stream token from POST .../stream-token (a browser's EventSource cannot send a header).")
 
 
 def _fetch(db: Database, run_id: str, kind: str, after: int):
@@ -81,16 +93,53 @@ def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after
     )
 
 
-@router.get("/v1/jobs/{job_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a job (SSE)")
+def _stream_reader(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                   stream_token: Annotated[str | None, Depends(stream_token_query)]) -> None:
+    """An API token in the header, or a stream token for this run (the route's one path parameter)."""
+    if stream_token is not None and creds is None:
+        (run_id,) = request.path_params.values()
+        if not request.app.state.stream_tokens.check(run_id, stream_token, time.time()):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"invalid or expired stream token for {run_id}: mint a new one")
+        return
+    require_api_token(request, creds)
+
+
+StreamReader = Depends(_stream_reader)
+
+
+@router.get("/v1/jobs/{job_id}/events", dependencies=[StreamReader], responses=SSE_DOC | errors(404), summary="Follow a job (SSE)")
 def job_events(job_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
                last_event_id: LastEventIdHeader = None):
     return _sse(request, db, hub, job_id, "job", after, last_event_id, follow)
 
 
-@router.get("/v1/sweeps/{sweep_id}/events", dependencies=[ApiAuth], responses=SSE_DOC, summary="Follow a sweep (SSE)")
+@router.get("/v1/sweeps/{sweep_id}/events", dependencies=[StreamReader], responses=SSE_DOC | errors(404), summary="Follow a sweep (SSE)")
 def sweep_events(sweep_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
                  last_event_id: LastEventIdHeader = None):
     return _sse(request, db, hub, sweep_id, "sweep", after, last_event_id, follow)
+
+
+def _mint(request: Request, db: Database, run_id: str, kind: str) -> StreamToken:
+    with db.read() as s:
+        store.get_run(s, run_id, kind=kind)  # 404 for an unknown id
+    token, expires = request.app.state.stream_tokens.mint(run_id, time.time())
+    return StreamToken(token=token, expires_at=datetime.fromtimestamp(expires, tz=timezone.utc),
+                       events_url=f"/v1/{kind}s/{run_id}/events?{urlencode({'stream_token': token})}")
+
+
+STREAM_TOKEN_DOC = "A token that opens this run's event stream from a browser's EventSource (`?stream_token=`), for DRPT_STREAM_TOKEN_TTL_S."
+
+
+@router.post("/v1/jobs/{job_id}/stream-token", dependencies=[ApiAuth], responses=errors(404), summary="Mint a stream token for a job",
+             description=STREAM_TOKEN_DOC)
+def job_stream_token(job_id: str, request: Request, db: DbDep) -> StreamToken:
+    return _mint(request, db, job_id, "job")
+
+
+@router.post("/v1/sweeps/{sweep_id}/stream-token", dependencies=[ApiAuth], responses=errors(404), summary="Mint a stream token for a sweep",
+             description=STREAM_TOKEN_DOC)
+def sweep_stream_token(sweep_id: str, request: Request, db: DbDep) -> StreamToken:
+    return _mint(request, db, sweep_id, "sweep")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,13 +157,13 @@ def _ingest_auth(run_id: str, request: Request, creds: Annotated[HTTPAuthorizati
 IngestAuth = Depends(_ingest_auth)
 
 
-@router.get("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], summary="Last stored driver seq")
+@router.get("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], responses=errors(404), summary="Last stored driver seq")
 def ingest_position(run_id: str, db: DbDep) -> IngestAck:
     with db.read() as s:
         return IngestAck(last_seq=store.get_run(s, run_id).last_seq)
 
 
-@router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], summary="Store a batch of driver events")
+@router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], responses=errors(404), summary="Store a batch of driver events")
 def ingest_events(run_id: str, batch: IngestBatch, request: Request, db: DbDep, hub: HubDep, supervisor: SupervisorDep) -> IngestAck:
     events = [e.model_dump(exclude_unset=True) for e in batch.events]  # as the driver sent them
     result = store.ingest(db, run_id, events)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Response
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import func, select
 
 from drpt_ray.config import JobSpec
 from services.control_plane import store
 from services.control_plane.db import Event, Job
 from services.control_plane.deps import ApiAuth, DbDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.errors import errors
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
 from services.control_plane.security import refuse_escaping_paths
@@ -37,18 +38,18 @@ def list_jobs(db: DbDep, state: State | None = None, limit: int = Query(50, ge=1
         return JobPage(items=[JobPublic.of(j) for j in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", summary="One job")
+@router.get("/{job_id}", summary="One job", responses=errors(404))
 def get_job(job_id: str, db: DbDep) -> JobPublic:
     with db.read() as s:
         return JobPublic.of(store.get_run(s, job_id, kind="job"))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)")
+@router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)", responses=errors(404, 409))
 def cancel_job(job_id: str, supervisor: SupervisorDep) -> JobPublic:
     return JobPublic.of(supervisor.cancel(job_id, "job"))
 
 
-@router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged")
+@router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged", responses=errors(404))
 def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000), offset: OffsetQuery = 0) -> MetricsPage:
     with db.read() as s:
         store.get_run(s, job_id, kind="job")
@@ -58,8 +59,10 @@ def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000)
         return MetricsPage(items=[r["metrics"] for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse, summary="Driver log (Ray's, else the streamed lines)")
-def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Query(None, ge=1, le=100_000)) -> str:
+# response_class Response, not PlainTextResponse: that would declare the JSON errors as text/plain too
+@router.get("/{job_id}/logs", response_class=Response, summary="Driver log (Ray's, else the streamed lines)",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}} | errors(404))
+def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Query(None, ge=1, le=100_000)) -> PlainTextResponse:
     """The Ray job's full stdout/stderr when Ray still has it; otherwise the `log` lines the driver streamed."""
     with db.read() as s:
         job = store.get_run(s, job_id, kind="job")
@@ -75,10 +78,10 @@ def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Q
             text = "".join(r["line"] + "\n" for r in rows)
     if tail is not None:
         text = "".join(text.splitlines(keepends=True)[-tail:])
-    return text
+    return PlainTextResponse(text)
 
 
-@router.get("/{job_id}/artifacts", summary="Checkpoints, final model dir and other outputs")
+@router.get("/{job_id}/artifacts", summary="Checkpoints, final model dir and other outputs", responses=errors(404))
 def job_artifacts(job_id: str, db: DbDep, settings: SettingsDep) -> Artifacts:
     with db.read() as s:
         reported = dict(store.get_run(s, job_id, kind="job").artifacts or {})

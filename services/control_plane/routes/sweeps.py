@@ -9,6 +9,7 @@ from drpt_ray.config import SweepSpec
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
 from services.control_plane.deps import ApiAuth, DbDep, OffsetQuery, SupervisorDep
+from services.control_plane.errors import errors
 from services.control_plane.models import State, SweepPage, SweepPublic
 from services.control_plane.security import refuse_escaping_paths
 
@@ -37,13 +38,13 @@ def list_sweeps(db: DbDep, state: State | None = None, limit: int = Query(20, ge
         return SweepPage(items=[_public(s, w) for w in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial")
+@router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial", responses=errors(404))
 def get_sweep(sweep_id: str, db: DbDep) -> SweepPublic:
     with db.read() as s:
         return _public(s, store.get_run(s, sweep_id, kind="sweep"))
 
 
-@router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)")
+@router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)", responses=errors(404, 409))
 def cancel_sweep(sweep_id: str, db: DbDep, supervisor: SupervisorDep) -> SweepPublic:
     supervisor.cancel(sweep_id, "sweep")
     with db.read() as s:

@@ -1,8 +1,8 @@
 """Persistence (SQLAlchemy 2): jobs, sweeps, their trials and every run's event stream.
 
-SQLite file by default, any `DATABASE_URL` (Postgres) in production; tables are created on start
-(no migrations yet). The API process holds no training state: a run is its row plus its events,
-so a restarted control plane picks up where it stopped.
+SQLite file by default, Postgres (`postgresql://`, driven by psycopg 3) in production; the schema
+is brought to the newest Alembic revision on start (migrate.py). The API process holds no training
+state: a run is its row plus its events, so a restarted control plane picks up where it stopped.
 
 Writes go through `Database.write()`, which serialises them inside this process (SQLite allows
 one writer; the lock turns "database is locked" races into a short wait) and, on Postgres, the
@@ -16,10 +16,11 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from drpt_ray.config import NAME_MAX_LEN
+from services.control_plane import migrate
 
 ACTIVE = ("PENDING", "RUNNING")  # submitted to Ray, holding a slot
 
@@ -107,7 +108,7 @@ class Database:
     """Engine + session factories; `write()` is the one door for changes."""
 
     def __init__(self, url: str):
-        self.url = url
+        self.url = url = engine_url(url)
         if url.startswith("sqlite"):
             self.engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=60,
@@ -116,7 +117,7 @@ class Database:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
         self._lock = threading.Lock()
-        Base.metadata.create_all(self.engine)
+        migrate.upgrade(self.engine)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -131,6 +132,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def engine_url(url: str) -> str:
+    """A plain `postgresql://` URL means psycopg 3, the driver installed (SQLAlchemy's default
+    for that scheme is psycopg2)."""
+    u = make_url(url)
+    return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False) if u.drivername == "postgresql" else url
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

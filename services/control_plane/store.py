@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from drpt_ray.config import INT32_MAX
 from drpt_ray.reporting import STATES, TERMINAL, best_trial as best_of, running_best
 from services.control_plane.db import ACTIVE, Database, Event, Job, Sweep, Trial, now
 
@@ -175,7 +176,9 @@ def list_runs(s: Session, model, state: str | None, limit: int, offset: int):
 
 
 def events_after(s: Session, run_id: str, after: int, limit: int, types: tuple[str, ...] | None = None) -> list[Event]:
-    q = select(Event).where(Event.run_id == run_id, Event.pos > after)
+    # Positions are INTEGER (int32) and a resume point may be any int64: one past INT32_MAX is
+    # past every event, and Postgres refuses to bind it as an INTEGER parameter, so clamp it.
+    q = select(Event).where(Event.run_id == run_id, Event.pos > min(after, INT32_MAX))
     if types:
         q = q.where(Event.type.in_(types))
     return list(s.scalars(q.order_by(Event.pos).limit(limit)))

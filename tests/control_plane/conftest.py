@@ -1,5 +1,8 @@
 """Fixtures: a real uvicorn control plane in a subprocess on 127.0.0.1 (ephemeral port, its own
-SQLite file) and, for the `slow` tests, one real local Ray with its dashboard per session.
+database) and, for the `slow` tests, one real local Ray with its dashboard per session.
+
+The store and API fixtures (`db`, `dry_server`, `server_factory`) run each test twice: on a SQLite
+file and on a real PostgreSQL (postgres.py, one server per session, a fresh database per use).
 
 Everything waits with a deadline; a server or Ray that does not come up fails the test with the
 tail of its log instead of hanging.
@@ -23,6 +26,8 @@ import httpx
 import pytest
 
 from drpt_ray.client import Client
+from services.control_plane.db import Database
+from tests.control_plane.postgres import PostgresServer, bindir
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -122,14 +127,49 @@ class Server:
         return httpx.Client(base_url=self.url, headers=H, timeout=kw.pop("timeout", 30.0), **kw)
 
 
-def make_server(workdir: Path, **env_extra) -> Server:
+# ----------------------------------------------------------------------------------------------
+# databases: SQLite and PostgreSQL
+
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session. Without Debian's `postgresql` package the Postgres
+    half of the suite is skipped, except in CI (`.ci/run` installs it), where that is a failure."""
+    bin_dir = bindir()
+    if bin_dir is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("no PostgreSQL server: apt-get install -y postgresql")
+    server = PostgresServer(bin_dir, free_port()).start()
+    yield server
+    server.stop()
+
+
+def database_url(request: pytest.FixtureRequest, backend: str, workdir: Path) -> str:
+    """A new empty database on `backend`: a SQLite file in `workdir`, or a database on the session's Postgres."""
+    if backend == "postgres":
+        return request.getfixturevalue("postgres").new_database()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'control_plane.sqlite'}"
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path):
+    """The store in this process, on each backend, migrated to head."""
+    database = Database(database_url(request, request.param, tmp_path))
+    yield database
+    database.dispose()
+
+
+def make_server(workdir: Path, database: str | None = None, **env_extra) -> Server:
+    """A control plane on `database` (a URL; default: a SQLite file in `workdir`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update({
         "DRPT_API_TOKENS": TOKEN,
-        "DATABASE_URL": f"sqlite:///{workdir / 'control_plane.sqlite'}",
+        "DATABASE_URL": database or f"sqlite:///{workdir / 'control_plane.sqlite'}",
         "DRPT_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "DRPT_RUNS_DIR": str(workdir / "runs"),
         "DRPT_POLL_INTERVAL_S": "0.3",
@@ -140,13 +180,13 @@ def make_server(workdir: Path, **env_extra) -> Server:
     return Server(workdir, port, env)
 
 
-@pytest.fixture
-def server_factory(tmp_path):
-    """Start control planes; each is stopped at the end of the test."""
+@pytest.fixture(params=BACKENDS)
+def server_factory(request, tmp_path):
+    """Start control planes, each on a new database of the test's backend; each is stopped at the end of the test."""
     made: list[Server] = []
 
     def factory(name: str = "cp", **env) -> Server:
-        s = make_server(tmp_path / name, **env)
+        s = make_server(tmp_path / name, database_url(request, request.param, tmp_path / name), **env)
         made.append(s)
         return s.start()
 
@@ -155,10 +195,11 @@ def server_factory(tmp_path):
         s.stop()
 
 
-@pytest.fixture(scope="module")
-def dry_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def dry_server(request, tmp_path_factory):
     """A control plane with the dry-run launcher (nothing runs), shared by a module's fast tests."""
-    s = make_server(tmp_path_factory.mktemp("dry"), DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
+    workdir = tmp_path_factory.mktemp("dry")
+    s = make_server(workdir, database_url(request, request.param, workdir), DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
     yield s
     s.stop()
 

@@ -11,7 +11,6 @@ from drpt_ray.client import register
 from drpt_ray.reporting import EventReporter
 from drpt_ray.run import DIVERGED_EXIT, reported_run
 from services.control_plane import store
-from services.control_plane.db import Database
 from services.control_plane.launcher import DryRunLauncher
 from services.control_plane.security import IngestKeys
 from services.control_plane.settings import Settings
@@ -65,8 +64,7 @@ def test_diverged_is_a_final_state_that_later_driver_states_do_not_move(dry_serv
         assert 'drpt_jobs{state="DIVERGED"}' in c.get("/metrics").text
 
 
-def test_supervisor_keeps_diverged_when_ray_reports_the_driver_failed(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'cp.sqlite'}")
+def test_supervisor_keeps_diverged_when_ray_reports_the_driver_failed(db):
     launcher = DryRunLauncher(Settings(api_tokens=[TOKEN]))
     sup = Supervisor(db, launcher, IngestKeys("secret"), max_running=2, interval_s=60.0, notify=lambda run_id: None)
     diverged, silent = (store.create(db, "job", TINY_SFT, name, mode="sft").id for name in ("diverged", "silent"))
@@ -80,7 +78,6 @@ def test_supervisor_keeps_diverged_when_ray_reports_the_driver_failed(tmp_path):
         got = {run_id: (store.get_run(s, run_id).state, store.get_run(s, run_id).message) for run_id in (diverged, silent)}
     assert got[diverged] == ("DIVERGED", COLLAPSE)
     assert got[silent] == ("FAILED", "Ray: dry-run launcher")  # the same tick did reconcile: the check is not vacuous
-    db.dispose()
 
 
 def test_cli_shows_a_diverged_job_and_following_it_exits_non_zero(dry_server, capsys):

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from drpt_ray.reporting import EventReporter
 from drpt_ray.run import DIVERGED_EXIT, reported_run
 from services.control_plane import store
@@ -64,6 +66,8 @@ def test_the_stream_is_strict_json_and_a_nan_metric_arrives_as_null(dry_server):
 
 def test_a_nan_stored_before_ingest_refused_them_is_streamed_as_null(server_factory):
     server = server_factory("legacy", DRPT_LAUNCHER="dry-run")
+    if server.env["DATABASE_URL"].startswith("postgresql"):
+        pytest.skip("Postgres' json type never accepted a NaN: no such rows exist there")
     with server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
         # the supervisor appends nothing more once the job runs: this test's writes cannot race it

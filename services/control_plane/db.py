@@ -100,6 +100,19 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class IdempotencyRecord(Base):
+    """The first answer to a create request that carried an `Idempotency-Key` (idempotency.py)."""
+
+    __tablename__ = "idempotency_keys"
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the caller's API token
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the request body
+    status_code: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict] = mapped_column(JSON)
+    location: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float, index=True)  # unix seconds; expired rows are purged by it
+
+
 def now() -> float:
     return time.time()
 

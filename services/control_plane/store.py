@@ -72,13 +72,14 @@ def transition(s: Session, run: Job | Sweep, state: str, message: str | None = N
 # creation and cancel
 
 
-def create(db: Database, kind: str, spec: dict, name: str | None, mode: str | None = None) -> Job | Sweep:
-    with db.write() as s:
-        fields = dict(id=new_id(kind), name=name, state="QUEUED", spec=spec, created_at=now(), artifacts={},
-                      n_events=0, last_seq=0, cancel_requested=False)
-        run = Sweep(**fields) if kind == "sweep" else Job(mode=mode, **fields)
-        s.add(run)
-        append(s, run, {"type": "state", "state": "QUEUED", "message": None, "ts": now()})
+def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None = None) -> Job | Sweep:
+    """A new QUEUED run, added in the caller's write transaction: whatever else the caller writes
+    there (an idempotency key) commits with it, or nothing does."""
+    fields = dict(id=new_id(kind), name=name, state="QUEUED", spec=spec, created_at=now(), artifacts={},
+                  n_events=0, last_seq=0, cancel_requested=False)
+    run = Sweep(**fields) if kind == "sweep" else Job(mode=mode, **fields)
+    s.add(run)
+    append(s, run, {"type": "state", "state": "QUEUED", "message": None, "ts": now()})
     return run
 
 

@@ -67,7 +67,8 @@ def test_diverged_is_a_final_state_that_later_driver_states_do_not_move(dry_serv
 def test_supervisor_keeps_diverged_when_ray_reports_the_driver_failed(db):
     launcher = DryRunLauncher(Settings(api_tokens=[TOKEN]))
     sup = Supervisor(db, launcher, IngestKeys("secret"), max_running=2, interval_s=60.0, notify=lambda run_id: None)
-    diverged, silent = (store.create(db, "job", TINY_SFT, name, mode="sft").id for name in ("diverged", "silent"))
+    with db.write() as s:
+        diverged, silent = (store.create(s, "job", TINY_SFT, name, mode="sft").id for name in ("diverged", "silent"))
     sup.tick()  # admit both: dry-run Ray says RUNNING
     sup.tick()
     store.ingest(db, diverged, [{"seq": 1, "type": "state", "state": "DIVERGED", "message": COLLAPSE}])

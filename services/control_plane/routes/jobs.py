@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 from drpt_ray.config import JobSpec
 from services.control_plane import store
 from services.control_plane.db import Event, Job
-from services.control_plane.deps import ApiAuth, DbDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.errors import errors
+from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
 from services.control_plane.security import refuse_escaping_paths
@@ -22,13 +23,18 @@ MAX_LISTED_FILES = 2000
 
 
 @router.post("", status_code=201, summary="Submit a job (body: a JobSpec)")
-def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> JobPublic:
+def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
     refuse_escaping_paths({("output_dir",): spec.output_dir})
-    job = store.create(db, "job", spec.model_dump(mode="json"), spec.name, mode=spec.mode)
+    body = spec.model_dump(mode="json")
+
+    def create(s):
+        job = store.create(s, "job", body, spec.name, mode=spec.mode)
+        return JobPublic.of(job), f"/v1/jobs/{job.id}"
+
+    response = create_once(db, key, body, create)
     supervisor.wake()
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobPublic.of(job)
+    return response
 
 
 @router.get("", summary="List jobs, newest first")

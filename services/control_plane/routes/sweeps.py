@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
-from services.control_plane.deps import ApiAuth, DbDep, OffsetQuery, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, OffsetQuery, SupervisorDep
 from services.control_plane.errors import errors
+from services.control_plane.idempotency import create_once
 from services.control_plane.models import State, SweepPage, SweepPublic
 from services.control_plane.security import refuse_escaping_paths
 
@@ -22,13 +23,17 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 
 
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
-def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, response: Response) -> SweepPublic:
+def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep) -> SweepPublic:
     refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
-    sweep = store.create(db, "sweep", spec.model_dump(mode="json"), spec.name)
+    body = spec.model_dump(mode="json")
+
+    def create(s):
+        sweep = store.create(s, "sweep", body, spec.name)
+        return _public(s, sweep), f"/v1/sweeps/{sweep.id}"
+
+    response = create_once(db, key, body, create)
     supervisor.wake()
-    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
-    with db.read() as s:
-        return _public(s, sweep)
+    return response
 
 
 @router.get("", summary="List sweeps, newest first")

@@ -4,23 +4,20 @@ Chromium follows a job's stream with an EventSource from a page on another origi
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
 
 from services.control_plane.security import IngestKeys, StreamTokens
+from tests.control_plane.browser import chrome  # noqa: F401 (a fixture)
 from tests.control_plane.conftest import TOKEN, free_port, wait_for
 from tests.control_plane.test_api import TINY_SFT, sse_events
 
 PAGE_ORIGIN_HOST = "127.0.0.1"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # The page: opens the stream the test names in its query, writes each event into the document.
 PAGE = """<!doctype html><meta charset="utf-8"><title>follow</title><ol id="events"></ol><p id="status">open</p>
 <script>
@@ -109,26 +106,6 @@ def test_a_bad_cors_origin_is_refused_at_startup():
 
 # ----------------------------------------------------------------------------------------------
 # a real headless Chromium
-
-
-@pytest.fixture
-def chrome(tmp_path):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("no chromium: apt-get install -y chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
-        options.add_argument(flag)
-    # The driver Debian ships: selenium's own manager would try to download one.
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-    shutil.rmtree(tmp_path / "chrome-profile", ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,46 @@
+"""A real headless Chromium for the browser tests and scripts/ui_screenshots.py: Debian's
+`chromium` driven through its `chromedriver` (selenium's own manager would try to download one)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@contextmanager
+def headless_chromium(workdir: Path, window: tuple[int, int] = (1280, 900)) -> Iterator:
+    """A selenium driver with its own profile in `workdir` (removed at the end) and a fixed window
+    size, so pages lay out the same on every machine."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", f"--window-size={window[0]},{window[1]}", f"--user-data-dir={workdir / 'chrome-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER, log_output=str(workdir / "chromedriver.log")))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(workdir / "chrome-profile", ignore_errors=True)
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    """Import it into a test module to use it. Without chromium the test is skipped, except in CI
+    (`.ci/run` installs it), where that is a failure."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("no chromium: apt-get install -y chromium chromium-driver")
+    with headless_chromium(tmp_path) as driver:
+        yield driver
+

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
-from services.control_plane import errors
+from services.control_plane import dashboard, errors
 from services.control_plane.db import Database
 from services.control_plane.deps import ApiAuth
 from services.control_plane.launcher import Launcher, make_launcher
@@ -85,6 +85,8 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
              response_class=Response, responses={200: {"content": {"text/plain": {}}}} | errors.errors(401, 403, 413))
     def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    dashboard.mount(app)  # /ui: static pages that call the routes above with the user's token
 
     if not settings.public_docs:
         @app.get("/openapi.json", include_in_schema=False, dependencies=[ApiAuth])

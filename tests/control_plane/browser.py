@@ -44,3 +44,18 @@ def chrome(tmp_path):
     with headless_chromium(tmp_path) as driver:
         yield driver
 
+
+def open_dashboard(driver, url: str, token: str, view: str = "") -> None:
+    """Open the dashboard of the control plane at `url` on `view` (a hash: `#/job/<id>`), logging
+    in with `token` if this tab has none yet. Returns at once: the caller waits for what it expects
+    (the view, or the login box's refusal)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{url}/ui/{view}")
+    wait = WebDriverWait(driver, 30)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#main .view > *")))
+    if driver.find_elements(By.ID, "token"):
+        driver.find_element(By.ID, "token").send_keys(token)
+        driver.find_element(By.CSS_SELECTOR, "#login button").click()

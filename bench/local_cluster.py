@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from drpt_ray.client import dashboard_up
+from drpt_ray.service_cli import dashboard_up
 
 ROOT = Path(__file__).resolve().parents[1]
 

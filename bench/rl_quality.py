@@ -343,68 +343,71 @@ def part_rlhf(args, out: Path) -> None:
 
 
 def part_sweep(args, out: Path) -> None:
-    from drpt_ray.client import Client, format_sweep
+    from drpt_ray.client import Client
+    from drpt_ray.service_cli import format_sweep
     from local_cluster import start_control_plane, start_ray_head, stop_group
 
     base = job_spec(RLVR_HARD, {"feasible_set": "soft_subset"}, 0, out / "trials", args)
     del base["output_dir"]  # each trial gets <sweep output_dir>/<trial id>
     space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": list(range(args.seeds))}} if args.seeds > 1 else {})
-    sweep = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
-             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
+    spec = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
+            "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
     token = "rl-quality-" + "".join(random.choices("0123456789abcdef", k=24))
     ray_head, ray_url, ray_tmp = start_ray_head(out, num_cpus=3)
     server = None
     try:
         server, url = start_control_plane(out, ray_url, token)
-        client = Client(url, token)
-        sid = client.create_sweep(sweep)["id"]
+        sweep = Client(url, token).submit_sweep(spec)
+        sid = sweep.id
         print(f"sweep {sid} on {url} (Ray {ray_url}): {len(args.taus) * max(1, args.seeds)} trials", flush=True)
-        state = follow_sweep(client, sid, out / "sweep.log")
-        result = client.get(sid)
+        state = follow_sweep(sweep, out / "sweep.log")
+        result = sweep.refresh()
     finally:
         for proc in (server, ray_head):
             if proc is not None:
                 stop_group(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    (out / "results.json").write_text(json.dumps(result))
+    (out / "results.json").write_text(result.model_dump_json())
     print("\n" + format_sweep(result), flush=True)
     if state != "SUCCEEDED":
-        raise SystemExit(f"sweep {sid} ended {state}: {result.get('message')}")
+        raise SystemExit(f"sweep {sid} ended {state}: {result.message}")
     rows = ["| tau | trials | final held-out target reward (greedy) | best (greedy) | final held-out pass@1 (sampled) |",
             "|---|---|---|---|---|"]
     points = []
     for tau in args.taus:
-        trials = [t for t in result["trials"] if t["config"]["regularizer.tau"] == tau and t["value"] is not None]
+        trials = [t for t in result.trials if t.config["regularizer.tau"] == tau and t.value is not None]
         if not trials:
             rows.append(f"| {tau:g} | 0 | - | - | - |")
             continue
         # `metrics` holds each metric's latest value: the last step evaluates, so these are the final ones.
-        cells = [mean_se([t["value"] for t in trials]), mean_se([t["best_value"] for t in trials]),
-                 mean_se([t["metrics"]["eval/target_pass@1"] for t in trials])]
+        cells = [mean_se([t.value for t in trials]), mean_se([t.best_value for t in trials]),
+                 mean_se([t.metrics["eval/target_pass@1"] for t in trials])]
         rows.append(f"| {tau:g} | {len(trials)} | " + " | ".join(f"{m:.3f} +- {se:.3f}" for m, se in cells) + " |")
         points.append((tau, *cells))
     report(out, f"Ray Tune sweep {sid} (grid, via the control plane's REST API) of the soft subset's tau on RLVR_HARD, "
-                f"seeds={args.seeds}; best trial {result['best']['config'] if result.get('best') else None}", "\n".join(rows))
+                f"seeds={args.seeds}; best trial {result.best.config if result.best else None}", "\n".join(rows))
     plot_sweep(points, rlvr_reference(out.parent / "rlvr" / "results.json", args), out / "sweep.png")
 
 
-def follow_sweep(client, sid: str, log: Path) -> str:
+def follow_sweep(sweep, log: Path) -> str:
     """Follow the sweep's event stream to its end: trial starts and ends and state changes on stdout,
     the driver's log lines (Tune, vLLM, every trial's output) to `log`. Returns the final state."""
-    state = client.get(sid)["state"]
+    from drpt_ray.client import End, LogLine, StateChange, TrialReport
+
+    state = sweep.info.state
     with open(log, "a") as f:
-        for ev in client.follow(sid):
-            d = ev.json()
-            if ev.event == "log":
-                f.write(d.get("line", "") + "\n")
-            elif ev.event == "trial" and (d.get("state") != "RUNNING" or not d.get("metrics")):
-                value = (d.get("metrics") or {}).get("eval/target_reward")
-                print(f"trial {d['trial_id']} {d['state']} {json.dumps(d['config'])}"
-                      + (f" eval/target_reward {value:.3f}" if value is not None else ""), flush=True)
-            elif ev.event == "state":
-                print(f"[{d.get('state')}]" + (f" {d['message']}" if d.get("message") else ""), flush=True)
-            elif ev.event == "end":
-                state = d.get("state", state)
+        for ev in sweep.events():
+            match ev:
+                case LogLine():
+                    f.write(ev.line + "\n")
+                case TrialReport() if ev.state != "RUNNING" or not ev.metrics:
+                    value = ev.metrics.get("eval/target_reward")
+                    print(f"trial {ev.trial_id} {ev.state} {json.dumps(ev.config)}"
+                          + (f" eval/target_reward {value:.3f}" if value is not None else ""), flush=True)
+                case StateChange():
+                    print(f"[{ev.state}]" + (f" {ev.message}" if ev.message else ""), flush=True)
+                case End():
+                    state = ev.state
     return state
 
 

@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--root", help="cache directory (default: $DRPT_DATA_DIR/gsm8k, else ~/.cache/drpt-ray/gsm8k)")
     f.set_defaults(func=_data_fetch)
     # REST client (serve, submit, status, logs, cancel, sweep), model import, k8s render
-    from drpt_ray import client, gguf_import, k8s
+    from drpt_ray import gguf_import, k8s, service_cli
 
-    client.register(sub)
+    service_cli.register(sub)
     gguf_import.register(sub)
     k8s.register(sub)
     return p

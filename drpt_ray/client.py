@@ -1,42 +1,89 @@
-"""`drpt-ray` commands that talk to the control plane (`services/control_plane`).
+"""The control plane's Python SDK: `Client`, `Job`, `Sweep`, typed stream events and `ApiError`.
 
-    drpt-ray serve                    the control plane on 127.0.0.1:8000 (starts a local Ray with
-                                      its dashboard when RAY_ADDRESS is empty)
-    drpt-ray submit SPEC.yaml [-f]    submit a JobSpec; -f follows it
-    drpt-ray status [ID]              list jobs and sweeps, or one of them
-    drpt-ray logs [-f] ID             the driver log; -f follows the event stream with a progress bar
-    drpt-ray cancel ID                cancel a job or sweep
-    drpt-ray sweep SPEC.yaml [-f]     start a Ray Tune sweep (a SweepSpec)
+    from drpt_ray.client import ApiError, Client, MetricsReport
 
-Server and token: `--url` / `--token`, else env `DRPT_URL` / `DRPT_TOKEN`, else
-http://127.0.0.1:8000 and the token `drpt-ray serve` saved in ~/.drpt/token. Problems a user can
-cause (a bad spec, an unknown id, no server) end with a message and exit status 2 (`ClientError`
-is a ValueError, which `drpt_ray.cli.main` reports).
+    client = Client("http://127.0.0.1:8000", token)          # or DRPT_URL / DRPT_TOKEN / ~/.drpt/token
+    job = client.submit({"mode": "sft", "steps": 50}, idempotency_key="sft-50-a")  # a JobSpec or a dict
+    for ev in job.events():                                   # typed; resumes after a dropped connection
+        if isinstance(ev, MetricsReport):
+            print(ev.step, ev.metrics.get("loss"))
+    job.wait(timeout=600)                                     # "SUCCEEDED", "FAILED", "CANCELLED" or "DIVERGED"
+    history = job.metrics()                                   # one dict per reported step
+    best = client.submit_sweep(sweep_spec).best()             # a TrialPublic, or None yet
+    try:
+        client.submit({"regularizer": {"tau": -1}})
+    except ApiError as e:                                     # e.status 422, e.paths ["body.regularizer.tau"]
+        print(e.message)
+
+Responses are the control plane's own models (`services.control_plane.models`: JobPublic,
+SweepPublic, TrialPublic, ...; importing them pulls in pydantic and drpt_ray.config, not the server).
+
+The `drpt-ray` commands that use it (submit, status, logs, cancel, sweep, serve) are in
+drpt_ray/service_cli.py. Every refusal is an `ApiError` (a `ClientError`, a ValueError).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
-import secrets
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator, TypeVar
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drpt_ray.config import JobSpec, SweepSpec
+from drpt_ray.reporting import TERMINAL
+from services.control_plane import models
+from services.control_plane.models import (ErrorResponse, FieldError, JobPage, JobPublic, MetricsPage, RunPublic, State,
+                                           SweepPage, SweepPublic, TrialPublic)
 
 HOST, PORT = "127.0.0.1", 8000  # where the control plane listens unless told otherwise
 DEFAULT_URL = f"http://{HOST}:{PORT}"
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
+METRICS_PAGE = 10_000  # the most GET /v1/jobs/{id}/metrics returns at once
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound="_Run")
 
 
 class ClientError(ValueError):
-    """A request the control plane refused, or could not be sent."""
+    """A request that could not be sent, or a stream that stayed lost."""
+
+
+class ApiError(ClientError):
+    """A request the control plane refused: its status and its `ErrorResponse`.
+
+    Attributes:
+        status: the HTTP status (4xx for anything the caller can fix).
+        message: the API's one-line reason.
+        fields: the bad fields of a 422, each with its path (`loc`), `msg`, `type` and `input`.
+    """
+
+    def __init__(self, status: int, message: str, fields: list[FieldError], request: httpx.Request):
+        self.status, self.message, self.fields = status, message, fields
+        super().__init__(f"{request.method} {request.url.path}: HTTP {status}: {message}")
+
+    @property
+    def paths(self) -> list[str]:
+        """The bad fields' dotted paths: `body.regularizer.tau`, `query.offset`, `header.idempotency-key`."""
+        return [".".join(map(str, f.loc)) for f in self.fields]
+
+    @classmethod
+    def of(cls, r: httpx.Response) -> "ApiError":
+        try:
+            error = ErrorResponse.model_validate_json(r.content)
+        except ValidationError:  # not the API's shape: a proxy's page, say
+            error = ErrorResponse(message=r.text[:300])
+        message = f"{error.message} (set --token or DRPT_TOKEN)" if r.status_code == 401 else error.message
+        return cls(r.status_code, message, error.detail, r.request)
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code >= 400:
+        raise ApiError.of(r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,20 +122,82 @@ def iter_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
 
 
 # ----------------------------------------------------------------------------------------------
+# typed events: the driver's event models (models.py, one schema) as the stream delivers them
+
+# Lenient where the ingest models are strict: a client must read what an older control plane
+# stored and ignore fields a newer one adds.
+_STREAMED = ConfigDict(extra="ignore", strict=False)
+
+
+class _Streamed(BaseModel):
+    id: int | None = Field(None, description="Position in the run's stream (the SSE id; what Last-Event-ID resumes after).")
+    seq: int | None = Field(None, description="The driver's sequence number; none on the control plane's own state events.")
+
+
+class StateChange(_Streamed, models.StateEvent):
+    model_config = _STREAMED
+    state: State  # the control plane's own transitions too (QUEUED, PENDING)
+
+
+class MetricsReport(_Streamed, models.MetricsEvent):
+    model_config = _STREAMED
+
+
+class LogLine(_Streamed, models.LogEvent):
+    model_config = _STREAMED
+
+
+class Alert(_Streamed, models.AlertEvent):
+    model_config = _STREAMED
+
+
+class TrialReport(_Streamed, models.TrialEvent):
+    model_config = _STREAMED
+
+
+class SweepSummary(_Streamed, models.SweepEvent):
+    model_config = _STREAMED
+
+
+class End(BaseModel):
+    """The stream's last event: the run is terminal and every stored event was sent."""
+
+    state: State
+    message: str | None = None
+
+
+Event = StateChange | MetricsReport | LogLine | Alert | TrialReport | SweepSummary | End
+_EVENTS: dict[str, type[Event]] = {"state": StateChange, "metrics": MetricsReport, "log": LogLine, "alert": Alert,
+                                   "trial": TrialReport, "sweep": SweepSummary, "end": End}
+
+
+def parse_event(ev: SSEEvent) -> Event | None:
+    """The typed form of one streamed event; None for a type this SDK does not know (a newer server's)."""
+    model = _EVENTS.get(ev.event)
+    return None if model is None else model.model_validate(ev.json() | {"id": int(ev.id) if ev.id else None})
+
+
+# ----------------------------------------------------------------------------------------------
 # HTTP client
 
 
 class Client:
-    """Thin synchronous client of the `/v1` API."""
+    """Synchronous client of the `/v1` API. Every refusal raises `ApiError`; an unreachable server `ClientError`."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 30.0):
         self.url = (url or os.environ.get("DRPT_URL") or DEFAULT_URL).rstrip("/")
-        self.token = token or os.environ.get("DRPT_TOKEN") or _saved_token()
+        self.token = token or os.environ.get("DRPT_TOKEN") or saved_token()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -98,32 +207,40 @@ class Client:
         _raise_for(r)
         return r
 
-    def submit_job(self, spec: dict) -> dict:
-        return self.request("POST", "/v1/jobs", json=spec).json()
+    def call(self, model: type[M], method: str, path: str, **kwargs) -> M:
+        """`request`, its JSON body read into `model`."""
+        return model.model_validate_json(self.request(method, path, **kwargs).content)
 
-    def create_sweep(self, spec: dict) -> dict:
-        return self.request("POST", "/v1/sweeps", json=spec).json()
+    def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> "Job":
+        """Submit a JobSpec (or its dict). With `idempotency_key`, resending the same spec under the
+        same key within 24 h returns the first job instead of a second one: safe to retry."""
+        return self._create(Job, spec, idempotency_key)
 
-    def get(self, run_id: str) -> dict:
-        return self.request("GET", f"/v1/{_collection(run_id)}/{run_id}").json()
+    def submit_sweep(self, spec: SweepSpec | dict[str, Any], idempotency_key: str | None = None) -> "Sweep":
+        """Start a Ray Tune sweep (a SweepSpec or its dict); `idempotency_key` as in `submit`."""
+        return self._create(Sweep, spec, idempotency_key)
 
-    def cancel(self, run_id: str) -> dict:
-        return self.request("POST", f"/v1/{_collection(run_id)}/{run_id}/cancel").json()
+    def job(self, job_id: str) -> "Job":
+        return Job.fetch(self, job_id)
 
-    def list(self, collection: str = "jobs", state: str | None = None, limit: int = 50, offset: int = 0) -> dict:
-        params = {"limit": limit, "offset": offset} | ({"state": state} if state else {})
-        return self.request("GET", f"/v1/{collection}", params=params).json()
+    def sweep(self, sweep_id: str) -> "Sweep":
+        return Sweep.fetch(self, sweep_id)
 
-    def metrics(self, job_id: str, limit: int = 10000, offset: int = 0) -> dict:
-        return self.request("GET", f"/v1/jobs/{job_id}/metrics", params={"limit": limit, "offset": offset}).json()
+    def run(self, run_id: str) -> "Job | Sweep":
+        """The job or sweep with this id (sweep ids start with `swp_`)."""
+        return _handle(run_id).fetch(self, run_id)
 
-    def logs(self, job_id: str) -> str:
-        return self.request("GET", f"/v1/jobs/{job_id}/logs").text
+    def jobs(self, state: str | None = None, limit: int | None = None, offset: int = 0) -> JobPage:
+        """One page of jobs, newest first (`limit` None: the server's default page size)."""
+        return self.call(JobPage, "GET", "/v1/jobs", params=_page(state, limit, offset))
+
+    def sweeps(self, state: str | None = None, limit: int | None = None, offset: int = 0) -> SweepPage:
+        return self.call(SweepPage, "GET", "/v1/sweeps", params=_page(state, limit, offset))
 
     def follow(self, run_id: str, after: int = 0, reconnect_for_s: float = 120.0) -> Iterator[SSEEvent]:
         """The run's SSE stream to its `end` event, reconnecting with Last-Event-ID when the connection
         drops (a restarting control plane) for up to `reconnect_for_s` seconds of failed attempts."""
-        last, path, down_since = after, f"/v1/{_collection(run_id)}/{run_id}/events", None
+        last, path, down_since = after, f"{_handle(run_id).path_of(run_id)}/events", None
         while True:
             headers = {"Last-Event-ID": str(last)} if last else {}
             try:
@@ -144,296 +261,122 @@ class Client:
                     raise ClientError(f"lost the event stream of {run_id} at {self.url} ({type(e).__name__})") from None
                 time.sleep(1.0)
 
-
-def _collection(run_id: str) -> str:
-    return "sweeps" if run_id.startswith("swp_") else "jobs"
-
-
-def _raise_for(r: httpx.Response) -> None:
-    if r.status_code < 400:
-        return
-    try:
-        body = r.json()
-        msg = body.get("message") or body.get("detail")
-    except ValueError:
-        msg = r.text[:300]
-    if r.status_code == 401:
-        msg = f"{msg} (set --token or DRPT_TOKEN)"
-    raise ClientError(f"{r.request.method} {r.request.url.path}: HTTP {r.status_code}: {msg}")
+    def _create(self, handle: type[R], spec: BaseModel | dict[str, Any], idempotency_key: str | None) -> R:
+        # Only what the caller set: the server fills in the defaults, so a spec means what its
+        # server's version of the schema says.
+        body = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, BaseModel) else spec
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return handle(self, self.call(handle.public, "POST", f"/v1/{handle.collection}", json=body, headers=headers))
 
 
-def _saved_token() -> str | None:
+def _page(state: str | None, limit: int | None, offset: int) -> dict:
+    return {"offset": offset} | ({"state": state} if state else {}) | ({"limit": limit} if limit else {})
+
+
+def saved_token() -> str | None:
     return TOKEN_FILE.read_text().strip() if TOKEN_FILE.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------
-# live display
+# run handles
 
 
-def watch(client: Client, run_id: str, out=None) -> str:
-    """Follow a job or sweep until it ends, with a progress bar (jobs) or trial lines (sweeps).
-    Returns the final state; the commands that follow a run exit 1 for any but SUCCEEDED (a
-    DIVERGED job included)."""
-    from tqdm.auto import tqdm
+class _Run:
+    """What a job and a sweep handle share. `info` is the run as last fetched (`refresh()` fetches it again)."""
 
-    from drpt_ray.metrics import HEADLINE
+    collection: ClassVar[str]
+    public: ClassVar[type[RunPublic]]
 
-    out = out or sys.stdout
-    run = client.get(run_id)
-    sweep = run_id.startswith("swp_")
-    bar = None if sweep else tqdm(total=run.get("steps") or None, desc=run_id, unit="step", file=out, dynamic_ncols=True)
-    final = run["state"]
-    write = (lambda s: bar.write(s, file=out)) if bar is not None else (lambda s: print(s, file=out, flush=True))
-    try:
-        for ev in client.follow(run_id):
-            data = ev.json()
-            if ev.event == "metrics" and bar is not None:
-                m = data.get("metrics", {})
-                bar.n = int(data.get("step", bar.n))
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k in HEADLINE and isinstance(v, (int, float))}, refresh=True)
-            elif ev.event == "log":
-                write(data.get("line", ""))
-            elif ev.event == "state":
-                write(f"[{data.get('state')}]" + (f" {data['message']}" if data.get("message") else ""))
-            elif ev.event == "alert":
-                write(f"[alert] step {data.get('step')}: {data.get('message')}")
-            elif ev.event == "trial" and (data.get("state") != "RUNNING" or not data.get("metrics")):
-                write(f"trial {data.get('trial_id')} {data.get('state')} {json.dumps(data.get('config'))}")
-            elif ev.event == "sweep":
-                write(f"best trial: {data.get('best_trial_id')} {data.get('metric')}={data.get('best_value')} {json.dumps(data.get('best_config'))}")
-            elif ev.event == "end":
-                final = data.get("state", final)
-    finally:
-        if bar is not None:
-            bar.close()
-    return final
+    def __init__(self, client: Client, info: RunPublic):
+        self.client, self.info = client, info
 
+    @classmethod
+    def path_of(cls, run_id: str) -> str:
+        return f"/v1/{cls.collection}/{run_id}"
 
-# ----------------------------------------------------------------------------------------------
-# commands
+    @classmethod
+    def fetch(cls, client: Client, run_id: str):
+        return cls(client, client.call(cls.public, "GET", cls.path_of(run_id)))
 
+    @property
+    def id(self) -> str:
+        return self.info.id
 
-def _client(args) -> Client:
-    return Client(args.url, args.token)
+    @property
+    def path(self) -> str:
+        return self.path_of(self.id)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r}, state={self.info.state!r})"
 
-def _submit(args) -> int:
-    from drpt_ray.config import JobSpec, load_spec
+    def refresh(self) -> RunPublic:
+        self.info = self.client.call(self.public, "GET", self.path)
+        return self.info
 
-    spec = load_spec(args.spec, JobSpec)  # local check first: errors name the YAML's fields
-    c = _client(args)
-    job = c.submit_job(spec.model_dump(mode="json", exclude_unset=True))
-    print(job["id"])
-    if args.follow:
-        return 0 if watch(c, job["id"]) == "SUCCEEDED" else 1
-    return 0
+    def events(self, after: int = 0, reconnect_for_s: float = 120.0) -> Iterator[Event]:
+        """The run's events after stream position `after`, typed, to the `End` event. A dropped
+        connection is resumed where it broke (Last-Event-ID): no event is lost or repeated.
 
+        Raises:
+            ClientError: the server stayed unreachable for `reconnect_for_s` seconds.
+        """
+        for raw in self.client.follow(self.id, after, reconnect_for_s):
+            ev = parse_event(raw)
+            if ev is not None:
+                yield ev
 
-def _sweep(args) -> int:
-    from drpt_ray.config import SweepSpec, load_spec
+    def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> State:
+        """Block until the run ends; returns its final state (SUCCEEDED, FAILED, CANCELLED or DIVERGED).
 
-    spec = load_spec(args.spec, SweepSpec)
-    c = _client(args)
-    sweep = c.create_sweep(spec.model_dump(mode="json", exclude_unset=True))
-    print(sweep["id"])
-    if args.follow:
-        state = watch(c, sweep["id"])
-        print(format_sweep(c.get(sweep["id"])))
-        return 0 if state == "SUCCEEDED" else 1
-    return 0
+        Raises:
+            TimeoutError: still not ended after `timeout` seconds (None: wait as long as it takes).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.refresh().state not in TERMINAL:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.id} is still {self.info.state} after {timeout} s")
+            time.sleep(min(poll_s, left))
+        return self.info.state
+
+    def cancel(self) -> RunPublic:
+        """Cancel the run (409, as an ApiError, if it already ended); returns it as it is now."""
+        self.info = self.client.call(self.public, "POST", f"{self.path}/cancel")
+        return self.info
 
 
-def _status(args) -> int:
-    c = _client(args)
-    if args.id:
-        run = c.get(args.id)
-        print(format_sweep(run) if args.id.startswith("swp_") else format_job(run))
-        return 0
-    jobs, sweeps = c.list("jobs", args.state, args.limit), c.list("sweeps", args.state, args.limit)
-    rows = [(j["id"], j.get("name") or "", j["mode"], j["state"], f"{j.get('step') or 0}/{j['steps']}", j["created_at"][:19]) for j in jobs["items"]]
-    rows += [(w["id"], w.get("name") or "", "sweep", w["state"], f"{len(w['trials'])} trials", w["created_at"][:19]) for w in sweeps["items"]]
-    print(_table(("id", "name", "kind", "state", "progress", "created (UTC)"), rows))
-    print(f"{jobs['total']} job(s), {sweeps['total']} sweep(s)")
-    return 0
+class Job(_Run):
+    collection, public = "jobs", JobPublic
+    info: JobPublic
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The metrics history: one dict per reported step, in the order the driver reported them."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = self.client.call(MetricsPage, "GET", f"{self.path}/metrics",
+                                    params={"limit": METRICS_PAGE, "offset": len(rows)})
+            rows += page.items
+            if not page.items or len(rows) >= page.total:
+                return rows
+
+    def logs(self) -> str:
+        """The driver's log: Ray's full output while Ray keeps it, else the lines the driver streamed."""
+        return self.client.request("GET", f"{self.path}/logs").text
 
 
-def _logs(args) -> int:
-    c = _client(args)
-    if args.follow:
-        return 0 if watch(c, args.id) == "SUCCEEDED" else 1
-    sys.stdout.write(c.logs(args.id))
-    return 0
+class Sweep(_Run):
+    collection, public = "sweeps", SweepPublic
+    info: SweepPublic
+
+    def trials(self) -> list[TrialPublic]:
+        """The trials as they are now (configs, states, latest metrics)."""
+        return self.refresh().trials
+
+    def best(self) -> TrialPublic | None:
+        """The best trial now: the Tune driver's pick once it made one, else the best last value of
+        the sweep's metric; None before any trial reported it."""
+        return self.refresh().best
 
 
-def _cancel(args) -> int:
-    run = _client(args).cancel(args.id)
-    print(f"{run['id']} {run['state']}")
-    return 0
-
-
-def format_job(job: dict) -> str:
-    lines = [f"{job['id']}  {job['state']}  mode={job['mode']}  step {job.get('step') or 0}/{job['steps']}"]
-    if job.get("message"):
-        lines.append(f"  message: {job['message']}")
-    for key in ("output_dir", "model"):
-        if job.get("artifacts", {}).get(key):
-            lines.append(f"  {key}: {job['artifacts'][key]}")
-    return "\n".join(lines)
-
-
-def format_sweep(sweep: dict) -> str:
-    paths = sorted({p for t in sweep["trials"] for p in t["config"]})
-    rows = [(t["trial_id"], *[str(t["config"].get(p)) for p in paths], t["state"], str(t["steps"]),
-             "-" if t["value"] is None else f"{t['value']:.4g}") for t in sweep["trials"]]
-    text = [f"{sweep['id']}  {sweep['state']}  metric={sweep['metric']} ({sweep['mode']})",
-            _table(("trial", *paths, "state", "steps", f"{sweep['metric']} (last)"), rows)]
-    best = sweep.get("best")
-    text.append(f"best: {best['trial_id']} {json.dumps(best['config'])} value={best['value']}" if best else "best: none yet")
-    return "\n".join(text)
-
-
-def _table(head: tuple, rows: list[tuple]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*map(str, r)) for r in (head, *rows))
-
-
-# ----------------------------------------------------------------------------------------------
-# serve
-
-
-def ensure_token() -> str:
-    """DRPT_API_TOKENS if set, else the saved token, else a new one saved to ~/.drpt/token (0600)."""
-    if os.environ.get("DRPT_API_TOKENS"):
-        return os.environ["DRPT_API_TOKENS"].split(",")[0].strip()
-    token = _saved_token()
-    if not token:
-        token = secrets.token_urlsafe(32)
-        TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
-        TOKEN_FILE.write_text(token + "\n")
-        TOKEN_FILE.chmod(0o600)
-        print(f"drpt-ray serve: new API token saved to {TOKEN_FILE} (clients on this machine read it)")
-    os.environ["DRPT_API_TOKENS"] = token
-    return token
-
-
-def dashboard_up(url: str) -> bool:
-    """A Ray dashboard answers at `url` (401/403: up, with token auth)."""
-    try:
-        return httpx.get(f"{url}/api/version", timeout=2.0).status_code in (200, 401, 403)
-    except httpx.HTTPError:
-        return False
-
-
-def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0) -> str:
-    """Start a local Ray head with the dashboard (the Jobs API) unless one answers already; returns
-    its URL. It outlives this process, so restarting the control plane does not stop running jobs."""
-    url = f"http://127.0.0.1:{dashboard_port}"
-    if dashboard_up(url):
-        print(f"drpt-ray serve: using the local Ray dashboard at {url}")
-        return url
-    ray_bin = Path(sys.executable).with_name("ray")
-    ray_cmd = str(ray_bin) if ray_bin.exists() else shutil.which("ray")
-    if ray_cmd is None:
-        raise ValueError("cannot find the `ray` command to start a local Ray; install ray[default] or set RAY_ADDRESS")
-    # The agents' default ports (52365, ...) may be held by another Ray on this machine; a busy
-    # agent port does not fail `ray start`, it silently disables the Jobs API. Take free ones.
-    agent_ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")}
-    cmd = [ray_cmd, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    cmd += [f"--{flag}={port}" for flag, port in agent_ports.items()]
-    print("drpt-ray serve: starting a local Ray:", " ".join(cmd[1:]))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode != 0:
-        raise ValueError(f"`ray start` failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-    deadline = time.monotonic() + timeout_s
-    while not dashboard_up(url):
-        if time.monotonic() > deadline:
-            raise ValueError(f"the local Ray started but its dashboard did not answer at {url} within {timeout_s:.0f} s")
-        time.sleep(0.5)
-    print(f"drpt-ray serve: local Ray up, dashboard {url} (it keeps running after serve exits; `ray stop` ends it)")
-    return url
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(args) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from drpt_ray.config import format_validation_error
-    from services.control_plane.app import create_app
-    from services.control_plane.settings import Settings
-
-    ensure_token()
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ["RAY_ADDRESS"] = start_local_ray(args.ray_dashboard_port, args.num_cpus)
-    if not os.environ.get("DRPT_PUBLIC_URL"):
-        host = HOST if args.host in ("0.0.0.0", "::", "") else args.host
-        os.environ["DRPT_PUBLIC_URL"] = f"http://{host}:{args.port}"
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        raise ValueError(format_validation_error(e, "control-plane settings")) from None
-    docs = "docs at /docs" if settings.public_docs else "schema at /openapi.json"
-    print(f"drpt-ray serve: API on http://{args.host}:{args.port} ({docs}), Ray Jobs API at {settings.dashboard_url}, "
-          f"database {settings.database_url}", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# argparse
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help=f"control-plane URL (env DRPT_URL; default {DEFAULT_URL})")
-    p.add_argument("--token", help="API token (env DRPT_TOKEN; default: the token `drpt-ray serve` saved)")
-
-
-def register(subparsers) -> None:
-    """Add serve, submit, status, logs, cancel and sweep to `drpt-ray`'s subcommands."""
-    s = subparsers.add_parser("serve", help="run the control plane (and a local Ray when RAY_ADDRESS is empty)")
-    s.add_argument("--host", default=HOST)
-    s.add_argument("--port", type=int, default=PORT)
-    s.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1), help="CPUs of the local Ray it starts")
-    s.add_argument("--ray-dashboard-port", type=int, default=8265, help="dashboard port of the local Ray")
-    s.add_argument("--log-level", default="info")
-    s.set_defaults(func=_serve)
-
-    p = subparsers.add_parser("submit", help="submit a JobSpec to the control plane")
-    p.add_argument("spec", help="YAML file with a JobSpec")
-    p.add_argument("-f", "--follow", action="store_true", help="follow the job to its end")
-    _common(p)
-    p.set_defaults(func=_submit)
-
-    p = subparsers.add_parser("status", help="list jobs and sweeps, or show one")
-    p.add_argument("id", nargs="?", help="job or sweep id")
-    p.add_argument("--state", help="only runs in this state")
-    p.add_argument("--limit", type=int, default=20)
-    _common(p)
-    p.set_defaults(func=_status)
-
-    p = subparsers.add_parser("logs", help="a job's log; -f follows its events with a progress bar")
-    p.add_argument("id", help="job or sweep id")
-    p.add_argument("-f", "--follow", action="store_true")
-    _common(p)
-    p.set_defaults(func=_logs)
-
-    p = subparsers.add_parser("cancel", help="cancel a job or sweep")
-    p.add_argument("id")
-    _common(p)
-    p.set_defaults(func=_cancel)
-
-    p = subparsers.add_parser("sweep", help="start a Ray Tune sweep (a SweepSpec)")
-    p.add_argument("spec", help="YAML file with a SweepSpec")
-    p.add_argument("-f", "--follow", action="store_true", help="follow the sweep and print its trial table")
-    _common(p)
-    p.set_defaults(func=_sweep)
+def _handle(run_id: str) -> type[Job] | type[Sweep]:
+    return Sweep if run_id.startswith("swp_") else Job

@@ -231,7 +231,7 @@ class RayCluster:
 def ray_cluster(tmp_path_factory):
     """`ray start --head --block` in its own process group, every port chosen free; SIGTERM, then
     SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
-    from drpt_ray.client import dashboard_up
+    from drpt_ray.service_cli import dashboard_up
 
     temp_dirs: list[Path] = []
     for attempt in range(3):  # a start that fails (a port taken after all) is retried on fresh ports

@@ -256,7 +256,7 @@ def test_reporter_buffers_while_the_control_plane_is_down(server_factory):
 def test_cli_client_submit_status_cancel(dry_server, tmp_path, capsys):
     import argparse
 
-    from drpt_ray.client import register
+    from drpt_ray.service_cli import register
 
     parser = argparse.ArgumentParser(prog="drpt-ray")
     register(parser.add_subparsers(dest="command", required=True))

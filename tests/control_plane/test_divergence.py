@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drpt_ray.client import register
+from drpt_ray.service_cli import register
 from drpt_ray.reporting import EventReporter
 from drpt_ray.run import DIVERGED_EXIT, reported_run
 from services.control_plane import store

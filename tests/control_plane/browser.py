@@ -23,6 +23,7 @@ def headless_chromium(workdir: Path, window: tuple[int, int] = (1280, 900)) -> I
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})  # for console_errors
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", f"--window-size={window[0]},{window[1]}", f"--user-data-dir={workdir / 'chrome-profile'}"):
         options.add_argument(flag)
@@ -59,3 +60,15 @@ def open_dashboard(driver, url: str, token: str, view: str = "") -> None:
     if driver.find_elements(By.ID, "token"):
         driver.find_element(By.ID, "token").send_keys(token)
         driver.find_element(By.CSS_SELECTOR, "#login button").click()
+
+
+def shown(driver, css: str) -> bool:
+    """Whether the first element matching `css` is rendered (read in one call: a page that redraws
+    can replace an element between two selenium calls)."""
+    return driver.execute_script("return document.querySelector(arguments[0])?.checkVisibility() ?? false;", css)
+
+
+def console_errors(driver) -> list[str]:
+    """Errors logged in the browser's console since the last call: script errors and CSP refusals.
+    The line Chromium logs for every 4xx/5xx answer is left out: tests provoke those on purpose."""
+    return [e["message"] for e in driver.get_log("browser") if "Failed to load resource: the server responded" not in e["message"]]

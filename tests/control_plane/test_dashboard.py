@@ -10,7 +10,7 @@ import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.control_plane.browser import chrome, open_dashboard  # noqa: F401 (chrome: a fixture)
+from tests.control_plane.browser import chrome, console_errors, open_dashboard, shown  # noqa: F401 (chrome: a fixture)
 from tests.control_plane.conftest import TOKEN, make_server, wait_for
 from tests.control_plane.test_api import TINY_SFT
 from tests.control_plane.test_browser_access import ingest
@@ -27,14 +27,16 @@ def server(tmp_path_factory):
     s.stop()
 
 
-# Read in one script call each: the pages redraw while a test reads them, so an element found in
-# one call may be gone by the next.
+@pytest.fixture
+def browser(chrome):
+    """Chromium, and after the test no error in its console (a script error, a CSP refusal)."""
+    yield chrome
+    assert console_errors(chrome) == []
+
+
+# Read in one script call each, as shown(): the pages redraw while a test reads them.
 def text(driver, css: str) -> str:
     return driver.execute_script("return document.querySelector(arguments[0])?.innerText ?? '';", css)
-
-
-def shown(driver, css: str) -> bool:
-    return driver.execute_script("return document.querySelector(arguments[0])?.checkVisibility() ?? false;", css)
 
 
 def points(driver, chart: str, series: str) -> int:
@@ -62,96 +64,96 @@ def test_the_pages_are_served_without_a_token_and_hold_only_their_own_scripts(se
         assert anon.get("/ui/nothing.js").json()["message"]  # a 404 in the API's one shape
 
 
-def test_a_wrong_token_is_refused_at_the_login_box(server, chrome):
-    open_dashboard(chrome, server.url, "not-a-token-0123456789")
-    wait_for(lambda: "invalid bearer token" in text(chrome, "#login-error"), 30, "the login box to say why")
-    assert chrome.execute_script("return sessionStorage.length") == 0  # a refused token is not kept
+def test_a_wrong_token_is_refused_at_the_login_box(server, browser):
+    open_dashboard(browser, server.url, "not-a-token-0123456789")
+    wait_for(lambda: "invalid bearer token" in text(browser, "#login-error"), 30, "the login box to say why")
+    assert browser.execute_script("return sessionStorage.length") == 0  # a refused token is not kept
 
 
-def test_the_jobs_list_shows_state_and_progress(server, chrome):
+def test_the_jobs_list_shows_state_and_progress(server, browser):
     with server.http() as c:
         jid = running_job(c, TINY_SFT)
         ingest(c, jid, [{"seq": 1, "type": "metrics", "step": 4, "metrics": {"step": 4, "loss": 1.5}}])
-        open_dashboard(chrome, server.url, TOKEN)
+        open_dashboard(browser, server.url, TOKEN)
         row = f'#jobs tr[data-id="{jid}"]'
-        wait_for(lambda: "5/20" in text(chrome, row), 30, "the job's row with its progress")
-        assert "RUNNING" in text(chrome, row) and "sft" in text(chrome, row)
+        wait_for(lambda: "4/20" in text(browser, row), 30, "the job's row with its progress")
+        assert "RUNNING" in text(browser, row) and "sft" in text(browser, row)
         # the list follows the job without a reload
         ingest(c, jid, [{"seq": 2, "type": "state", "state": "SUCCEEDED"}])
-        wait_for(lambda: "SUCCEEDED" in text(chrome, row), 30, "the list to show the new state")
-    assert TOKEN not in chrome.current_url
+        wait_for(lambda: "SUCCEEDED" in text(browser, row), 30, "the list to show the new state")
+    assert TOKEN not in browser.current_url
 
 
-def test_a_running_jobs_curves_grow_as_its_metrics_arrive(server, chrome):
+def test_a_running_jobs_curves_grow_as_its_metrics_arrive(server, browser):
     with server.http() as c:
         jid = running_job(c, RL_JOB)
-        open_dashboard(chrome, server.url, TOKEN, f"#/job/{jid}")
-        wait_for(lambda: text(chrome, "#state") == "RUNNING", 30, "the job page")
-        assert shown(chrome, "#no-metrics") and not shown(chrome, '[data-chart="reward"]')
+        open_dashboard(browser, server.url, TOKEN, f"#/job/{jid}")
+        wait_for(lambda: text(browser, "#state") == "RUNNING", 30, "the job page")
+        assert shown(browser, "#no-metrics") and not shown(browser, '[data-chart="reward"]')
         for step in range(4):
             metrics = {"step": step, "reward/reward_mean": 0.2 + 0.1 * step, "reg/kept_frac_mean": 0.5, "reg/cos": 0.3 + 0.05 * step,
                        "time/gen": 0.8, "time/update": 0.2}
             if step % 2:
                 metrics["eval/target_reward"] = 0.5 + 0.1 * step
             ingest(c, jid, [{"seq": step + 1, "type": "metrics", "step": step, "metrics": metrics}])
-            wait_for(lambda: points(chrome, "reward", "reward/reward_mean") == step + 1, 30, f"the reward curve's point {step + 1}")
-        assert [points(chrome, chart, series) for chart, series in [("target", "eval/target_reward"), ("kept", "reg/kept_frac_mean"),
+            wait_for(lambda: points(browser, "reward", "reward/reward_mean") == step + 1, 30, f"the reward curve's point {step + 1}")
+        assert [points(browser, chart, series) for chart, series in [("target", "eval/target_reward"), ("kept", "reg/kept_frac_mean"),
                 ("cos", "reg/cos"), ("time", "time/gen"), ("time", "time/update")]] == [2, 4, 4, 4, 4]
-        assert not shown(chrome, '[data-chart="loss"]') and not shown(chrome, "#no-metrics")  # no loss reported: no loss chart
-        assert "4/20" in text(chrome, "#progress")
+        assert not shown(browser, '[data-chart="loss"]') and not shown(browser, "#no-metrics")  # no loss reported: no loss chart
+        assert "3/20" in text(browser, "#progress")
         ingest(c, jid, [{"seq": 5, "type": "log", "line": "step 3 <b>done</b>"}, {"seq": 6, "type": "alert", "step": 3, "message": "reward std collapsed"}])
-        wait_for(lambda: "step 3 <b>done</b>" in text(chrome, "#logs"), 30, "the log line, as text")
-        assert "step 3: reward std collapsed" in text(chrome, "#alerts")
+        wait_for(lambda: "step 3 <b>done</b>" in text(browser, "#logs"), 30, "the log line, as text")
+        assert "step 3: reward std collapsed" in text(browser, "#alerts")
 
 
-def test_the_cancel_button_cancels_the_job(server, chrome):
+def test_the_cancel_button_cancels_the_job(server, browser):
     with server.http() as c:
         jid = running_job(c, TINY_SFT)
-        open_dashboard(chrome, server.url, TOKEN, f"#/job/{jid}")
-        wait_for(lambda: text(chrome, "#state") == "RUNNING", 30, "the job page")
-        chrome.find_element(By.ID, "cancel").click()
-        wait_for(lambda: text(chrome, "#state") == "CANCELLED", 30, "the page to show CANCELLED")
+        open_dashboard(browser, server.url, TOKEN, f"#/job/{jid}")
+        wait_for(lambda: text(browser, "#state") == "RUNNING", 30, "the job page")
+        browser.find_element(By.ID, "cancel").click()
+        wait_for(lambda: text(browser, "#state") == "CANCELLED", 30, "the page to show CANCELLED")
         assert c.get(f"/v1/jobs/{jid}").json()["state"] == "CANCELLED"
-        assert not chrome.find_element(By.ID, "cancel").is_enabled()
+        assert not browser.find_element(By.ID, "cancel").is_enabled()
 
 
-def test_a_sweep_shows_its_trials_and_the_metric_against_the_strength(server, chrome):
+def test_a_sweep_shows_its_trials_and_the_metric_against_the_strength(server, browser):
     fracs, losses = [0.1, 0.3, 0.5, 0.7, 0.9], [0.9, 0.5, 0.4, 0.45, 0.7]
     with server.http() as c:
         sid = c.post("/v1/sweeps", json={"base": TINY_SFT, "metric": "eval/target_loss", "mode": "min",
                                           "space": {"regularizer.frac": {"values": fracs}}}).json()["id"]
-        open_dashboard(chrome, server.url, TOKEN, f"#/sweep/{sid}")
-        wait_for(lambda: text(chrome, "#trials") == "No trials yet.", 30, "the sweep page")
+        open_dashboard(browser, server.url, TOKEN, f"#/sweep/{sid}")
+        wait_for(lambda: text(browser, "#trials") == "No trials yet.", 30, "the sweep page")
         for i, (frac, loss) in enumerate(zip(fracs, losses)):
             ingest(c, sid, [{"seq": i + 1, "type": "trial", "trial_id": f"t{i}", "config": {"regularizer.frac": frac}, "state": "TERMINATED",
-                             "metrics": {"step": 19, "eval/target_loss": loss}}])
-        wait_for(lambda: points(chrome, "strength", "eval/target_loss") == 5, 30, "a point per trial")
-        rows = [r.text.split() for r in chrome.find_elements(By.CSS_SELECTOR, "#trials tbody tr")]
+                             "metrics": {"step": 20, "eval/target_loss": loss}}])
+        wait_for(lambda: points(browser, "strength", "eval/target_loss") == 5, 30, "a point per trial")
+        rows = [r.text.split() for r in browser.find_elements(By.CSS_SELECTOR, "#trials tbody tr")]
         assert [(r[0], float(r[1]), float(r[4])) for r in rows] == [(f"t{i}", f, loss) for i, (f, loss) in enumerate(zip(fracs, losses))]
-        assert "best: t2" in text(chrome, "#best")
+        assert "best: t2" in text(browser, "#best")
 
 
-def test_a_refused_submission_shows_each_error_next_to_its_field(server, chrome):
-    open_dashboard(chrome, server.url, TOKEN, "#/submit")
-    wait_for(lambda: shown(chrome, "#submit-form"), 30, "the submit form")
-    field = lambda path: chrome.find_element(By.ID, f"field-{path}")  # noqa: E731
+def test_a_refused_submission_shows_each_error_next_to_its_field(server, browser):
+    open_dashboard(browser, server.url, TOKEN, "#/submit")
+    wait_for(lambda: shown(browser, "#submit-form"), 30, "the submit form")
+    field = lambda path: browser.find_element(By.ID, f"field-{path}")  # noqa: E731
     field("regularizer.frac").send_keys("-0.5")
     field("json").clear()
     field("json").send_keys('{"stepz": 5, "progress": false}')
-    chrome.find_element(By.CSS_SELECTOR, "#submit-form button[type=submit]").click()
-    wait_for(lambda: text(chrome, "#error-regularizer\\.frac"), 30, "the 422 next to the field")
-    assert "greater than or equal to 0" in text(chrome, "#error-regularizer\\.frac")
+    browser.find_element(By.CSS_SELECTOR, "#submit-form button[type=submit]").click()
+    wait_for(lambda: text(browser, "#error-regularizer\\.frac"), 30, "the 422 next to the field")
+    assert "greater than or equal to 0" in text(browser, "#error-regularizer\\.frac")
     assert field("regularizer.frac").get_attribute("aria-invalid") == "true"
-    assert "stepz: Extra inputs are not permitted" in text(chrome, "#error-json")  # a path set in the JSON box: under it
-    assert "body.regularizer.frac" in text(chrome, "#summary")
-    assert text(chrome, "#error-steps") == ""
+    assert "stepz: Extra inputs are not permitted" in text(browser, "#error-json")  # a path set in the JSON box: under it
+    assert "body.regularizer.frac" in text(browser, "#summary")
+    assert text(browser, "#error-steps") == ""
     # fixed, it goes through and the page moves to the new job
     field("regularizer.frac").clear()
     field("regularizer.frac").send_keys("0.5")
     field("json").clear()
     field("json").send_keys('{"progress": false}')
-    chrome.find_element(By.CSS_SELECTOR, "#submit-form button[type=submit]").click()
-    wait_for(lambda: "#/job/job_" in chrome.current_url, 30, "the new job's page")
-    jid = chrome.current_url.rsplit("/", 1)[1]
+    browser.find_element(By.CSS_SELECTOR, "#submit-form button[type=submit]").click()
+    wait_for(lambda: "#/job/job_" in browser.current_url, 30, "the new job's page")
+    jid = browser.current_url.rsplit("/", 1)[1]
     with server.http() as c:
         assert c.get(f"/v1/jobs/{jid}").json()["spec"]["regularizer"]["frac"] == 0.5

@@ -29,8 +29,9 @@ export function stateBadge(state) {
   return h("span", {class: `state state-${state.toLowerCase()}`, "data-state": state}, state);
 }
 
+// A job's reported `step` is the number of optimizer steps done (0: the evaluation before the first).
 export function progress(step, steps) {
-  const done = step === null || step === undefined ? 0 : step + 1;  // steps count from 0
+  const done = step ?? 0;
   return h("span", {class: "progress"}, h("progress", {value: Math.min(done, steps), max: steps}), ` ${done}/${steps}`);
 }
 

@@ -34,7 +34,7 @@ function fieldRow(path, label, type) {
 export function submitPage(main) {
   const kinds = ["job", "sweep"].map(k => h("label", {}, h("input", {type: "radio", name: "kind", value: k, checked: k === "job"}), ` ${k}`));
   const fields = h("div", {class: "fields"});
-  const extra = h("textarea", {id: "field-json", rows: 12, spellcheck: "false"});
+  const extra = h("textarea", {id: "field-json", rows: 8, spellcheck: "false"});
   const extraError = h("ul", {class: "field-error", id: "error-json"});
   const summary = h("p", {class: "error", id: "summary"});
   const send = h("button", {type: "submit"}, "Submit");

@@ -105,16 +105,16 @@ def _setup(cfg: dict):
     return model, general, target, supervised_token_counts(general["labels"])
 
 
-def _one_step(model, opt, method: str, general, target, units) -> tuple[float, float]:
-    """(step seconds, capture seconds) of one learner step of `method`, hooks installed only for it."""
+def one_step(model, opt, spec: dict | None, general, target, units) -> tuple[float, float]:
+    """(step seconds, capture seconds) of one learner step with the regularizer `spec` (None: a
+    plain step without hooks), hooks installed only for it. bench/real_model.py uses it too."""
     import torch
 
     from drpt_ray.config import RegularizerSpec
     from drpt_ray.losses import token_mean_loss
     from drpt_ray.regularize import Regularizer
 
-    spec = METHODS[method]
-    reg = Regularizer(model, RegularizerSpec(frac=FRAC, **spec)) if spec is not None else None
+    reg = Regularizer(model, RegularizerSpec(**{"frac": FRAC, **spec})) if spec is not None else None
     opt.zero_grad(set_to_none=True)
     c0 = time.perf_counter()
     if reg is not None and reg.needs_refresh(0):
@@ -142,7 +142,7 @@ def time_worker(cfg: dict) -> dict:
     times: dict[str, list] = {m: [] for m in cfg["methods"]}
     for it in range(cfg["warmup"] + cfg["repeats"]):
         for m in cfg["methods"]:
-            st, ct = _one_step(model, opt, m, general, target, units)
+            st, ct = one_step(model, opt, METHODS[m], general, target, units)
             if it >= cfg["warmup"]:
                 times[m].append((st, ct))
     return {m: {"step_s": statistics.median(t[0] for t in ts), "capture_s": statistics.median(t[1] for t in ts)} for m, ts in times.items()}
@@ -156,7 +156,7 @@ def memory_worker(cfg: dict) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     rss0 = _rss_mb()
     for _ in range(2):
-        _one_step(model, opt, cfg["method"], general, target, units)
+        one_step(model, opt, METHODS[cfg["method"]], general, target, units)
     return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0}
 
 

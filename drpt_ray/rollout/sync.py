@@ -4,7 +4,9 @@ The learner puts its full HF-named weights in the Ray object store (rank 0 of th
 `LearnerAPI.weights_ref`); only the reference reaches the driver, and `push` hands it to every
 worker, which reloads in place (`RolloutEngine.update_weights`) and records the version. A worker
 that died (Ray restarts it on the initial weights, version 0) or answered with stale weights gets
-the same object again from `resend`: the weights are never copied into the driver. This is the
+the same object again from `resend`: the weights are never copied into the driver. The
+asynchronous loop pushes without waiting (`push(..., wait=False)`): the load queues behind the
+generation in flight. This is the
 place to swap in a GPU transport later (an NCCL broadcast from the learner rank, CUDA IPC handles
 for colocated workers) without touching the trainer.
 """
@@ -23,11 +25,19 @@ class WeightSync:
         self.version = 0  # the workers start on the model's initial weights
         self._weights: ray.ObjectRef | None = None
 
-    def push(self, weights: ray.ObjectRef) -> None:
-        """New weights to every worker (waits until all have loaded them); bumps the version."""
+    def push(self, weights: ray.ObjectRef, wait: bool = True) -> None:
+        """New weights to every worker; bumps the version.
+
+        `wait`: return once every worker has loaded them. Without it the loads queue behind each
+        worker's calls in flight: a Ray actor runs one caller's calls in submission order, so the
+        generation in progress finishes on the old weights (never a swap mid-sequence) and every
+        `generate` submitted after this push samples with these weights.
+        """
         self.version += 1
         self._weights = weights  # kept for `resend` until the next push
-        ray.get([w.update_weights.remote(weights, self.version) for w in self.workers])
+        loads = [w.update_weights.remote(weights, self.version) for w in self.workers]
+        if wait:
+            ray.get(loads)
 
     def resend(self, worker: ActorHandle) -> None:
         """The current weights to one (restarted or stale) worker."""

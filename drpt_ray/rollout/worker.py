@@ -48,6 +48,8 @@ class Rollout:
         text: Detokenized response, special tokens skipped.
         finish_reason: "stop" (eos or stop token) or "length" (hit `max_new_tokens`).
         weights_version: `weights_version` of the engine that sampled it.
+        engine_seconds: Wall seconds of the `generate` call that produced it (shared by the call's
+            rollouts): the worker's busy time, from which the trainer reports rollout idle time.
     """
 
     prompt_index: int
@@ -57,6 +59,7 @@ class Rollout:
     text: str
     finish_reason: str
     weights_version: int
+    engine_seconds: float = 0.0
 
 
 def engine_env(spec: RolloutSpec) -> dict[str, str]:
@@ -147,7 +150,9 @@ class RolloutEngine:
         Returns:
             `len(prompts) * sampling.n` rollouts, grouped by prompt in input order.
         """
+        start = time.perf_counter()
         outputs = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling), use_tqdm=False)
+        seconds = time.perf_counter() - start
         rollouts = [
             Rollout(
                 prompt_index=i,
@@ -157,6 +162,7 @@ class RolloutEngine:
                 text=c.text,
                 finish_reason=str(c.finish_reason),
                 weights_version=self.weights_version,
+                engine_seconds=seconds,
             )
             for i, out in enumerate(outputs)
             for c in out.outputs

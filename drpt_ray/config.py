@@ -233,6 +233,11 @@ class RolloutSpec(Spec):
         "and no sample is trained more than this many weight versions after the weights that sampled it (older ones are "
         "dropped and counted in async/dropped); algorithm.tis_cap corrects the difference. 0: the synchronous loop.",
     )
+    partial_rollouts: bool = Field(
+        False, description="Asynchronous RL: new weights reach a generation in progress at its next chunk boundary and "
+        "its sequences continue under them (each token records its version); false: weights change between generate calls only.",
+    )
+    partial_chunk_tokens: Int = Field(32, ge=1, description="Partial rollouts: tokens generated between checks for new weights.")
 
 
 class AlgorithmSpec(Spec):
@@ -400,6 +405,9 @@ class JobSpec(Spec):
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
         if self.mode != "sft" and ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        if self.rollout.partial_rollouts and not self.rollout.max_staleness:
+            raise ValueError("rollout.partial_rollouts needs rollout.max_staleness > 0: weights change during a "
+                             "generation only in the asynchronous loop")
         if self.mode != "sft" and self.rollout.max_staleness:
             if self.algorithm.tis_cap is None:
                 raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set algorithm.tis_cap "

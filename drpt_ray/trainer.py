@@ -219,10 +219,14 @@ class Pending:
     sampling: SamplingSpec
 
 
-def submit(ctx: Context, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Pending:
-    """Split prompts over the workers and start generating (returns at once)."""
+def submit(ctx: Context, prompt_ids: list[list[int]], sampling: SamplingSpec, chunked: bool = False) -> Pending:
+    """Split prompts over the workers and start generating (returns at once). With partial rollouts
+    every call names the weights version it needs (offers reach a worker in no fixed order) and
+    `chunked` (a training job) lets newer weights take over between chunks."""
     shares = [prompt_ids[i :: len(ctx.workers)] for i in range(len(ctx.workers))]
-    return Pending(shares, [w.generate.remote(s, sampling) if s else None for w, s in zip(ctx.workers, shares)], sampling)
+    rollout = ctx.spec.rollout
+    extra = (ctx.weights.version, rollout.partial_chunk_tokens if chunked else None) if rollout.partial_rollouts else ()
+    return Pending(shares, [w.generate.remote(s, sampling, *extra) if s else None for w, s in zip(ctx.workers, shares)], sampling)
 
 
 @dataclass
@@ -290,8 +294,13 @@ def _reissue(ctx: Context, worker, share, sampling) -> list[Rollout]:
 
 def sync(ctx: Context) -> None:
     """Learner weights -> object store -> every worker (the reference only passes through the driver).
-    Asynchronous: without waiting; each worker loads them after the generation it is running."""
-    ctx.weights.push(ctx.learner.weights_ref(), wait=not ctx.spec.rollout.max_staleness)
+    Asynchronous: without waiting; each worker loads them after the generation it is running, or
+    with partial rollouts at that generation's next chunk boundary."""
+    weights = ctx.learner.weights_ref()
+    if ctx.spec.rollout.partial_rollouts:
+        ctx.weights.offer(weights)
+    else:
+        ctx.weights.push(weights, wait=not ctx.spec.rollout.max_staleness)
 
 
 def _prompt_ids(ctx: Context, examples: list[Example]) -> list[list[int]]:
@@ -506,10 +515,10 @@ def fill_pipeline(ctx: Context) -> None:
         index = ctx.step + len(ctx.pipeline)
         sampling = step_sampling(spec, index)
         general = ctx.general.next()
-        job = Job(index, general, submit(ctx, _prompt_ids(ctx, general), sampling))
+        job = Job(index, general, submit(ctx, _prompt_ids(ctx, general), sampling, chunked=True))
         if ctx.learner.needs_target(index):
             job.target_examples = ctx.target.next()
-            job.target = submit(ctx, _prompt_ids(ctx, job.target_examples), sampling)
+            job.target = submit(ctx, _prompt_ids(ctx, job.target_examples), sampling, chunked=True)
         ctx.pipeline.append(job)
 
 
@@ -544,9 +553,14 @@ def async_groups(ctx: Context, m: dict, wants_target: bool) -> tuple[list[Group]
         target_groups = sample_groups(ctx, ctx.target.next(), "target", step_sampling(ctx.spec, job.index), m)
     else:
         target_groups = None
-    ages = [ctx.weights.version - r.weights_version for g in groups + (target_groups or []) for r in g.rollouts]
+    trained = [r for g in groups + (target_groups or []) for r in g.rollouts]
+    ages = [ctx.weights.version - r.weights_version for r in trained]
     m.update({"async/job": float(job.index), "async/trained": float(sum(len(g.rollouts) for g in groups)),
               "async/staleness_mean": sum(ages) / len(ages), "async/staleness_max": float(max(ages))})
+    if ctx.spec.rollout.partial_rollouts:  # a sequence's age is its oldest token's; its tokens may be younger
+        token_ages = [ctx.weights.version - v for r in trained for v in (r.token_versions or [r.weights_version] * len(r.response_ids))]
+        m["async/token_staleness_mean"] = sum(token_ages) / max(1, len(token_ages))
+        m["async/partial_frac"] = sum(len(set(r.token_versions or [])) > 1 for r in trained) / len(trained)
     m.setdefault("async/dropped", 0.0)
     return groups, target_groups
 

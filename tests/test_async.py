@@ -141,6 +141,19 @@ def test_async_job_survives_a_killed_rollout_worker(tmp_path):
     _assert_bounded_staleness(r.history, 1, 64)
 
 
+def test_partial_rollouts_job(tmp_path):
+    """`partial_rollouts`: weights reach the workers as offers, every generate names its version, and
+    a sequence's tokens may span versions; the staleness bound holds on the oldest token, and the
+    tokens are never older than their sequence."""
+    rollout = {**ASYNC["rollout"], "partial_rollouts": True, "partial_chunk_tokens": 2}
+    r = run_job(rlvr(tmp_path, steps=4, eval_every=4, warm_start_sft_steps=20, rollout=rollout, algorithm=ASYNC["algorithm"]))
+    assert r.steps == 4
+    _assert_bounded_staleness(r.history, 1, 64)
+    steps = [m for m in r.history if m["step"] > 0]
+    assert all(0 <= m["async/token_staleness_mean"] <= m["async/staleness_mean"] and 0 <= m["async/partial_frac"] <= 1 for m in steps)
+    assert "eval/target_reward" in r.history[-1]
+
+
 class _Crash(Exception):
     pass
 

@@ -6,7 +6,8 @@ worker, which reloads in place (`RolloutEngine.update_weights`) and records the 
 that died (Ray restarts it on the initial weights, version 0) or answered with stale weights gets
 the same object again from `resend`: the weights are never copied into the driver. The
 asynchronous loop pushes without waiting (`push(..., wait=False)`): the load queues behind the
-generation in flight. This is the
+generation in flight; with partial rollouts it `offer`s them, and a generation in flight takes
+them at its next chunk boundary. This is the
 place to swap in a GPU transport later (an NCCL broadcast from the learner rank, CUDA IPC handles
 for colocated workers) without touching the trainer.
 """
@@ -38,6 +39,15 @@ class WeightSync:
         loads = [w.update_weights.remote(weights, self.version) for w in self.workers]
         if wait:
             ray.get(loads)
+
+    def offer(self, weights: ray.ObjectRef) -> None:
+        """Partial rollouts: new weights offered to every worker (returns at once); a generation in
+        progress takes them at its next chunk boundary, a later call at its start
+        (`RolloutEngine.offer_weights`, in the `control` concurrency group). Bumps the version."""
+        self.version += 1
+        self._weights = weights
+        for w in self.workers:
+            w.offer_weights.options(concurrency_group="control").remote(weights, self.version)
 
     def resend(self, worker: ActorHandle) -> None:
         """The current weights to one (restarted or stale) worker."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ class Rollout:
         weights_version: `weights_version` of the engine that sampled it.
         engine_seconds: Wall seconds of the `generate` call that produced it (shared by the call's
             rollouts): the worker's busy time, from which the trainer reports rollout idle time.
+        token_versions: Partial rollouts only: the weights version that sampled each response token
+            (`weights_version` is then the first, the oldest); None when one version sampled them all.
     """
 
     prompt_index: int
@@ -60,6 +63,7 @@ class Rollout:
     finish_reason: str
     weights_version: int
     engine_seconds: float = 0.0
+    token_versions: list[int] | None = None
 
 
 def engine_env(spec: RolloutSpec) -> dict[str, str]:
@@ -132,6 +136,7 @@ class RolloutEngine:
         )
         start = time.perf_counter()
         self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)
+        self.max_model_len = spec.max_model_len
         # Every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cache has no
         # checkpoint weights to load, and outputs after a reload match the learner (tests/test_rollout.py).
         # Set after the engine starts: vLLM's logging setup resets child loggers' levels.
@@ -139,36 +144,111 @@ class RolloutEngine:
         self.start_seconds = time.perf_counter() - start
         self.weights_version = 0
         self.n_generated = 0
+        # Partial rollouts: weights offered while a generation runs (`offer_weights`, another thread),
+        # taken by the generating thread at its next chunk boundary.
+        self._offered: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._offer_cond = threading.Condition()
 
-    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec, min_version: int = 0,
+                 chunk_tokens: int | None = None) -> list[Rollout]:
         """Sample `sampling.n` responses per prompt.
 
         Args:
             prompts: Raw strings (no chat template is applied) or token-id lists.
             sampling: Temperature, top-p, length, group size `n` and optional seed.
+            min_version: Wait until weights of at least this version were offered (`offer_weights`) or
+                loaded, and start with the newest.
+            chunk_tokens: Partial rollouts: generate this many tokens at a time and take newer offered
+                weights between chunks, so a sequence continues under them (each token's version is
+                recorded). None: the whole response under one version.
 
         Returns:
             `len(prompts) * sampling.n` rollouts, grouped by prompt in input order.
         """
         start = time.perf_counter()
-        outputs = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling), use_tqdm=False)
+        self._take_offered(min_version)
+        if chunk_tokens is not None:
+            rollouts = self._generate_in_chunks(prompts, sampling, chunk_tokens)
+        else:
+            outputs = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling), use_tqdm=False)
+            rollouts = [
+                Rollout(
+                    prompt_index=i,
+                    prompt_ids=list(out.prompt_token_ids),
+                    response_ids=list(c.token_ids),
+                    response_logprobs=[lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
+                    text=c.text,
+                    finish_reason=str(c.finish_reason),
+                    weights_version=self.weights_version,
+                )
+                for i, out in enumerate(outputs)
+                for c in out.outputs
+            ]
         seconds = time.perf_counter() - start
-        rollouts = [
-            Rollout(
-                prompt_index=i,
-                prompt_ids=list(out.prompt_token_ids),
-                response_ids=list(c.token_ids),
-                response_logprobs=[lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
-                text=c.text,
-                finish_reason=str(c.finish_reason),
-                weights_version=self.weights_version,
-                engine_seconds=seconds,
-            )
-            for i, out in enumerate(outputs)
-            for c in out.outputs
-        ]
+        for r in rollouts:
+            r.engine_seconds = seconds
         self.n_generated += len(rollouts)
         return rollouts
+
+    def _generate_in_chunks(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec, chunk: int) -> list[Rollout]:
+        """Partial rollouts: the first chunk samples `n` responses per prompt; each unfinished one then
+        continues alone from its prompt + response so far, `chunk` tokens at a time, under the newest
+        offered weights. A continuation is seeded from the sampling seed, the chunk and the sequence."""
+        from vllm import SamplingParams
+
+        first = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})), use_tqdm=False)
+        seqs = [{"i": i, "prompt": list(out.prompt_token_ids), "ids": [], "lps": [], "versions": [], "finish": None}
+                for i, out in enumerate(first) for _ in out.outputs]
+        outputs = [c for out in first for c in out.outputs]
+        todo, round_ = seqs, 0
+        while True:
+            for s, c in zip(todo, outputs):
+                s["ids"] += list(c.token_ids)
+                s["lps"] += [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
+                s["versions"] += [self.weights_version] * len(c.token_ids)
+                full = len(s["ids"]) >= sampling.max_new_tokens or len(s["prompt"]) + len(s["ids"]) >= self.max_model_len
+                if str(c.finish_reason) != "length" or full:
+                    s["finish"] = str(c.finish_reason)
+            todo = [s for s in seqs if s["finish"] is None]
+            if not todo:
+                break
+            round_ += 1
+            self._take_offered()  # the chunk boundary: newer weights take over from here
+            params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0,
+                                     max_tokens=min(chunk, sampling.max_new_tokens - len(s["ids"])),
+                                     seed=None if sampling.seed is None else sampling.seed + 7919 * round_ + 104_729 * k)
+                      for k, s in enumerate(todo)]
+            outs = self._llm.generate(_as_inputs([s["prompt"] + s["ids"] for s in todo]), params, use_tqdm=False)
+            outputs = [out.outputs[0] for out in outs]
+        decode = self._llm.get_tokenizer().decode
+        return [Rollout(prompt_index=s["i"], prompt_ids=s["prompt"], response_ids=s["ids"], response_logprobs=s["lps"],
+                        text=decode(s["ids"], skip_special_tokens=True), finish_reason=s["finish"],
+                        weights_version=s["versions"][0] if s["versions"] else self.weights_version,
+                        token_versions=s["versions"])
+                for s in seqs]
+
+    def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Newer weights for the engine to take at its next safe point: a chunk boundary of the
+        generation in progress (partial rollouts) or the start of the next call. Meant to run beside
+        `generate` (`PartialRolloutWorker`'s `control` concurrency group): it only stores them."""
+        _check_plain_hf(state_dict)
+        with self._offer_cond:
+            if self._offered is None or version > self._offered[0]:
+                self._offered = (version, state_dict)
+            self._offer_cond.notify_all()
+
+    def _take_offered(self, min_version: int = 0, timeout: float = 600.0) -> None:
+        """Load the newest offered weights, first waiting (up to `timeout` s) until some of at least
+        `min_version` were offered when the loaded ones are older."""
+        def ready() -> bool:
+            return max(self.weights_version, self._offered[0] if self._offered else -1) >= min_version
+
+        with self._offer_cond:
+            if not self._offer_cond.wait_for(ready, timeout):
+                raise TimeoutError(f"no weights of version >= {min_version} offered within {timeout:.0f} s")
+            offered, self._offered = self._offered, None
+        if offered is not None and offered[0] > self.weights_version:
+            self.update_weights(offered[1], offered[0])
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Score given sequences: log p(response[t] | prompt, response[:t]) under the current weights.
@@ -234,6 +314,10 @@ class RolloutEngine:
 
 
 RolloutWorker = ray.remote(RolloutEngine)
+# Partial rollouts: `offer_weights` runs in the `control` group beside a `generate` in progress. A
+# threaded actor does not keep submission order between calls, so weights reach it only as offers
+# and each `generate` names the version it needs (`min_version`).
+PartialRolloutWorker = ray.remote(concurrency_groups={"control": 1})(RolloutEngine)
 
 # A call that was running when its actor died is retried once on the restarted actor: enough for a transient
 # death (OOM kill, lost node), while an input that crashes the engine deterministically fails fast instead of
@@ -255,8 +339,12 @@ def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[
         num_cpus=spec.num_cpus_per_worker,
         num_gpus=spec.num_gpus_per_worker,
         max_restarts=spec.max_restarts,
-        max_task_retries=_MAX_TASK_RETRIES,
+        # Partial rollouts: not retried. A restarted worker has lost the offered weights, so a retried
+        # call would wait for a version nobody offers again; failing at once lets the trainer re-sync
+        # the worker and re-issue the share (trainer._reissue).
+        max_task_retries=0 if spec.partial_rollouts else _MAX_TASK_RETRIES,
         runtime_env={"env_vars": engine_env(spec)},
     )
-    return [RolloutWorker.options(**options).remote(model_path, spec, seed + i) for i in range(spec.num_workers)]
+    cls = PartialRolloutWorker if spec.partial_rollouts else RolloutWorker
+    return [cls.options(**options).remote(model_path, spec, seed + i) for i in range(spec.num_workers)]
 

@@ -1,4 +1,5 @@
-"""Asynchronous RL: the synchronous loop against `rollout.max_staleness` 1 and 2, in one run.
+"""Asynchronous RL: the synchronous loop against `rollout.max_staleness` 1 and 2 (and 1 with partial
+rollouts), in one run.
 
     .venv/bin/python bench/async_rl.py --part demo --seeds 5 --out bench/out/async_rl
     .venv/bin/python bench/async_rl.py --part real --out bench/out/async_rl   # needs runs/smollm2
@@ -9,7 +10,8 @@ demo: the README demo (tiny model, scarce_target, GRPO + layer-wise) per seed an
     of the training loop (steps / the sum of `time/step`; evaluations excluded), the loop's seconds
     until the greedy held-out reward first reaches --reach, learner and rollout idle fractions (from
     `time/gen` and `time/rollout_busy`), final held-out reward and pass@1, and whether the run met
-    tests/test_async.py's learning checks.
+    tests/test_async.py's learning checks. "trained age": the mean age, in weight versions, of the
+    trained samples (of their tokens with partial rollouts).
 real: SmolLM2-135M-Instruct + LoRA on GSM8K, examples/gsm8k_smollm2.yaml cut to a few short steps
     (fewer samples and tokens, no warm start: throughput only; at this length every reward is 0).
 
@@ -41,13 +43,16 @@ sys.path.insert(0, str(ROOT))
 
 from drpt_ray.demo import RLVR_DEMO, mean_se  # noqa: E402
 
-STALENESS = (0, 1, 2)
+# label -> (rollout.max_staleness, rollout.partial_rollouts)
+MODES = {"sync": (0, False), "1": (1, False), "2": (2, False), "1 + partial": (1, True)}
 QUIET = {"progress": False, "tensorboard": False, "checkpoint": {"resume": False}}
 TIS_CAP = 2.0
 
 
-def with_staleness(base: dict, k: int) -> dict:
-    return base | {"rollout": base["rollout"] | {"max_staleness": k}, "algorithm": base["algorithm"] | {"tis_cap": TIS_CAP}}
+def with_mode(base: dict, mode: str) -> dict:
+    k, partial = MODES[mode]
+    return base | {"rollout": base["rollout"] | {"max_staleness": k, "partial_rollouts": partial},
+                   "algorithm": base["algorithm"] | {"tis_cap": TIS_CAP}}
 
 
 def loop_figures(h: list[dict], workers: int) -> dict:
@@ -78,11 +83,11 @@ def learned(h: list[dict], k: int) -> bool:
             and min(series("reward/reward_mean")) > 0.2 and sum(series("reward/response_len")[-10:]) / 10 < 6.0)
 
 
-def demo_run(k: int, seed: int, out: Path, args) -> dict:
+def demo_run(mode: str, seed: int, out: Path, args) -> dict:
     from drpt_ray.config import JobSpec
     from drpt_ray.trainer import run_job
 
-    spec = with_staleness(RLVR_DEMO, k) | QUIET | {"seed": seed, "eval_every": args.eval_every, "output_dir": str(out / f"k{k}" / f"seed{seed}")}
+    spec = with_mode(RLVR_DEMO, mode) | QUIET | {"seed": seed, "eval_every": args.eval_every, "output_dir": str(out / slug(mode) / f"seed{seed}")}
     if args.steps:
         spec["steps"] = args.steps
     if args.warm_start_steps is not None:
@@ -95,10 +100,11 @@ def demo_run(k: int, seed: int, out: Path, args) -> dict:
         if reached is None and m.get("eval/target_reward", -1) >= args.reach:
             reached = loop_s
     return {**loop_figures(h, 1), "reach_s": reached, "final": evals[-1]["eval/target_reward"], "start": evals[0]["eval/target_reward"],
-            "pass@1": evals[-1].get("eval/target_pass@1"), "learned": learned(h, k) if not args.steps else None}
+            "pass@1": evals[-1].get("eval/target_pass@1"), "learned": learned(h, MODES[mode][0]) if not args.steps else None,
+            **token_staleness(h)}
 
 
-def real_run(k: int, seed: int, out: Path, args) -> dict:
+def real_run(mode: str, seed: int, out: Path, args) -> dict:
     import yaml
 
     from drpt_ray.config import JobSpec
@@ -108,26 +114,38 @@ def real_run(k: int, seed: int, out: Path, args) -> dict:
     base["rollout"]["sampling"] |= {"n": 4, "max_new_tokens": args.real_tokens}
     base |= {"warm_start_sft_steps": 0, "eval_before_warm_start": False, "steps": args.steps or 4, "batch_size": 2,
              "target_batch_size": 1, "eval_every": 1000, "eval_size": 2, "eval_samples": 0}
-    spec = with_staleness(base, k) | QUIET | {"seed": seed, "output_dir": str(out / f"k{k}")}
+    spec = with_mode(base, mode) | QUIET | {"seed": seed, "output_dir": str(out / slug(mode))}
     spec["model"]["path"] = str(ROOT / spec["model"]["path"])
     h = run_job(JobSpec.model_validate(spec)).history
-    return {**loop_figures(h, 1), "phases": {p: statistics.fmean(m[f"time/{p}"] for m in h if f"time/{p}" in m)
-                                             for p in ("gen", "logprob", "regularize", "update", "sync")}}
+    return {**loop_figures(h, 1), **token_staleness(h),
+            "phases": {p: statistics.fmean(m[f"time/{p}"] for m in h if f"time/{p}" in m) for p in ("gen", "logprob", "regularize", "update", "sync")}}
+
+
+def token_staleness(h: list[dict]) -> dict:
+    """Mean age of the trained tokens (partial rollouts) or samples, in weight versions."""
+    steps = [m for m in h if "async/staleness_mean" in m]
+    if not steps:
+        return {"token_age": 0.0}
+    return {"token_age": statistics.fmean(m.get("async/token_staleness_mean", m["async/staleness_mean"]) for m in steps)}
+
+
+def slug(mode: str) -> str:
+    return "k" + mode.replace(" + ", "_")
 
 
 def run_all(part: str, seeds: int, out: Path, settings: dict, run_one) -> list[dict]:
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    done = {(r["k"], r["seed"]): r for r in old.get("runs", []) if old.get("settings") == settings}
+    done = {(r["mode"], r["seed"]): r for r in old.get("runs", []) if old.get("settings") == settings}
     results = []
     for seed in range(seeds):
-        for k in STALENESS:
-            if (k, seed) not in done:
+        for mode in MODES:
+            if (mode, seed) not in done:
                 t0 = time.perf_counter()
-                done[k, seed] = {"k": k, "seed": seed, **run_one(k, seed), "seconds": time.perf_counter() - t0}
-                print(f"{part} k={k} seed {seed}: " + ", ".join(f"{key} {v:.3f}" for key, v in done[k, seed].items()
-                                                               if isinstance(v, float)), flush=True)
-            results.append(done[k, seed])
+                done[mode, seed] = {"mode": mode, "seed": seed, **run_one(mode, seed), "seconds": time.perf_counter() - t0}
+                print(f"{part} {mode} seed {seed}: " + ", ".join(f"{key} {v:.3f}" for key, v in done[mode, seed].items()
+                                                                 if isinstance(v, float)), flush=True)
+            results.append(done[mode, seed])
             path.write_text(json.dumps({"settings": settings, "runs": results}, default=str))
     return results
 
@@ -138,18 +156,19 @@ def fmt(xs: list[float], digits: int = 2) -> str:
 
 
 def table(results: list[dict], part: str) -> str:
-    sync = [r for r in results if r["k"] == 0]
+    sync = [r for r in results if r["mode"] == "sync"]
     # what separate devices would give: the synchronous phase times, overlapped
     projected = statistics.fmean((r["gen_s"] + r["rest_s"]) / max(r["gen_s"], r["rest_s"]) for r in sync)
     base = statistics.fmean(r["steps_per_s"] for r in sync)
     lines = [f"# Asynchronous RL ({part}), measured on this 2-core CPU machine", "",
-             "| max_staleness | steps/s | x sync | steady s/step | learner idle | rollout idle | "
+             "| max_staleness | steps/s | x sync | steady s/step | learner idle | rollout idle | trained age | "
              + ("loop s to reach | held-out final | pass@1 | learned |" if part == "demo" else "gen / logprob / regularize / update / sync s |"),
-             "|---|---|---|---|---|---|---|" + ("---|---|---|" if part == "demo" else "")]
-    for k in STALENESS:
-        rs = [r for r in results if r["k"] == k]
-        row = [str(k), fmt([r["steps_per_s"] for r in rs], 3), f"{statistics.fmean(r['steps_per_s'] for r in rs) / base:.2f}",
-               fmt([r["steady_step_s"] for r in rs]), fmt([r["learner_idle"] for r in rs]), fmt([r["rollout_idle"] for r in rs])]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if part == "demo" else "")]
+    for mode in MODES:
+        rs = [r for r in results if r["mode"] == mode]
+        row = [mode, fmt([r["steps_per_s"] for r in rs], 3), f"{statistics.fmean(r['steps_per_s'] for r in rs) / base:.2f}",
+               fmt([r["steady_step_s"] for r in rs]), fmt([r["learner_idle"] for r in rs]), fmt([r["rollout_idle"] for r in rs]),
+               fmt([r["token_age"] for r in rs])]
         if part == "demo":
             reached = [r["reach_s"] for r in rs if r["reach_s"] is not None]
             row += [f"{fmt(reached, 1)} ({len(reached)}/{len(rs)} reached)" if reached else f"0/{len(rs)} reached",

@@ -566,14 +566,17 @@ def async_groups(ctx: Context, m: dict, wants_target: bool) -> tuple[list[Group]
 
 
 def _saved_job(ctx: Context, job: Job) -> dict:
-    """A job for a checkpoint: its prompts and its rollouts (waits for them; a dead worker's share is
-    generated again, as in training)."""
+    """A job for a checkpoint: its prompts and its rollouts. Waits for them (a dead worker's share is
+    generated again, as in training) and keeps them in the job, which then trains on them."""
+    k = ctx.spec.rollout.max_staleness
+    if isinstance(job.general, Pending):
+        job.general = collect(ctx, job.general, max_age=k).rollouts
+    if isinstance(job.target, Pending):
+        job.target = collect(ctx, job.target, max_age=k).rollouts
     out: dict = {"index": job.index}
-    for name, examples, part in (("general", job.general_examples, job.general), ("target", job.target_examples, job.target)):
-        if part is None:
-            continue
-        rollouts = part if isinstance(part, list) else collect(ctx, part, max_age=ctx.spec.rollout.max_staleness).rollouts
-        out[name] = {"examples": [e.__dict__ for e in examples], "rollouts": [r.__dict__ for r in rollouts]}
+    for name, examples, rollouts in (("general", job.general_examples, job.general), ("target", job.target_examples, job.target)):
+        if rollouts is not None:
+            out[name] = {"examples": [e.__dict__ for e in examples], "rollouts": [r.__dict__ for r in rollouts]}
     return out
 
 

@@ -50,3 +50,25 @@ def test_every_searched_value_is_checked_not_only_the_first():
         SweepSpec.model_validate({"space": {"output_dir": {"values": ["a", "b"]}}})
     ok = SweepSpec.model_validate({"scheduler": "random", "space": {"batch_size": {"low": 1.5, "high": 8.0}}})
     assert ok.space["batch_size"].probes(ok.base.batch_size) == [2, 8]  # the integers Tune draws between
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("mode: rlvr\nrollout: {max_staleness: 1}\n", "set algorithm.tis_cap"),
+    ("mode: rlvr\nrollout: {max_staleness: 1}\nalgorithm: {tis_cap: 2.0, target_objective: reward}\n",
+     "algorithm.target_objective 'reward' has no importance weights"),
+    ("mode: rlvr\nrollout: {partial_rollouts: true}\n", "rollout.partial_rollouts needs rollout.max_staleness > 0"),
+    ("mode: rlvr\nrollout: {max_staleness: -1}\n", "rollout.max_staleness: Input should be greater than or equal to 0"),
+])
+def test_asynchronous_rl_settings_that_cannot_run_name_the_key(tmp_path, text, needle):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_spec(p, JobSpec)
+    assert needle in str(e.value)
+
+
+def test_asynchronous_rl_settings_that_can_run(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("mode: rlvr\nrollout: {max_staleness: 2, partial_rollouts: true}\nalgorithm: {tis_cap: 2.0}\n")
+    spec = load_spec(p, JobSpec)
+    assert (spec.rollout.max_staleness, spec.rollout.partial_rollouts, spec.rollout.partial_chunk_tokens) == (2, True, 32)

@@ -15,10 +15,12 @@ demo: the README demo (tiny model, scarce_target, GRPO + layer-wise) per seed an
 real: SmolLM2-135M-Instruct + LoRA on GSM8K, examples/gsm8k_smollm2.yaml cut to a few short steps
     (fewer samples and tokens, no warm start: throughput only; at this length every reward is 0).
 
-Both modes share this machine's 2 cores: the learner and the vLLM worker compete for them, so the
-overlap can only fill the cores' idle time. "separate devices" is what the same phase times would
-give if each side had its own: a synchronous step costs gen + the rest, an overlapped one
-max(gen, the rest); it is computed from the synchronous runs, not measured.
+Unpinned, both sides share this machine's 2 cores: the learner and the vLLM worker compete for
+them, so the overlap can only fill the cores' idle time. `--pin` gives each side one core of its
+own (taskset on every thread of the rollout engine and of the learner rank, once the job has
+started): the closest this machine comes to separate devices. The table's last line also computes
+what the synchronous runs' phase times would give on separate devices (a synchronous step costs
+gen + the rest, an overlapped one max(gen, the rest)); computed, not measured.
 
 Each part writes <out>/<part>/results.json (after every run; a rerun with the same settings reuses
 the finished runs) and table.md.
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,7 +95,7 @@ def demo_run(mode: str, seed: int, out: Path, args) -> dict:
         spec["steps"] = args.steps
     if args.warm_start_steps is not None:
         spec["warm_start_sft_steps"] = args.warm_start_steps
-    h = run_job(JobSpec.model_validate(spec)).history
+    h = run_job(JobSpec.model_validate(spec), on_metrics=pin_at_start if args.pin else None).history
     evals = [m for m in h if "eval/target_reward" in m]
     loop_s, reached = 0.0, None
     for m in h:
@@ -116,9 +119,23 @@ def real_run(mode: str, seed: int, out: Path, args) -> dict:
              "target_batch_size": 1, "eval_every": 1000, "eval_size": 2, "eval_samples": 0}
     spec = with_mode(base, mode) | QUIET | {"seed": seed, "output_dir": str(out / slug(mode))}
     spec["model"]["path"] = str(ROOT / spec["model"]["path"])
-    h = run_job(JobSpec.model_validate(spec)).history
+    h = run_job(JobSpec.model_validate(spec), on_metrics=pin_at_start if args.pin else None).history
     return {**loop_figures(h, 1), **token_staleness(h),
             "phases": {p: statistics.fmean(m[f"time/{p}"] for m in h if f"time/{p}" in m) for p in ("gen", "logprob", "regularize", "update", "sync")}}
+
+
+def pin_at_start(m: dict) -> None:
+    """--pin: when the job logs its step 0, give the rollout engine CPU 0 and the learner rank CPU 1
+    (every thread of each process): each side on its own core, as on separate devices."""
+    if m["step"] != 0:
+        return
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        core = 0 if title.startswith("ray::RolloutEngine") else 1 if title.startswith("ray::RayTrainWorker") else None
+        if core is not None:
+            subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(p.pid)], check=True, capture_output=True)
 
 
 def token_staleness(h: list[dict]) -> dict:
@@ -192,9 +209,10 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--reach", type=float, default=0.9, help="demo: the held-out greedy reward to time")
     ap.add_argument("--real-tokens", type=int, default=128, help="real: max_new_tokens")
+    ap.add_argument("--pin", action="store_true", help="the rollout engine on CPU 0, the learner on CPU 1 (results under <part>_pinned)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "async_rl")
     args = ap.parse_args()
-    out = args.out / args.part
+    out = args.out / (args.part + ("_pinned" if args.pin else ""))
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds")}
     runner = demo_run if args.part == "demo" else real_run

@@ -496,8 +496,9 @@ class Job:
 
     A worker runs its calls in submission order, so a job submitted after a weight push samples
     with those weights, and a push submitted after a job waits for it (weights never change
-    mid-sequence). `general`/`target` hold a `Pending` while generating, the rollouts once a
-    checkpoint saved them.
+    mid-sequence; with partial rollouts they are offered and taken at chunk boundaries, and each
+    call names its version). `general`/`target` hold a `Pending` while generating, the rollouts
+    once a checkpoint saved them.
     """
 
     index: int  # the step (0-based) that trains on it

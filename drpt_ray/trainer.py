@@ -482,6 +482,7 @@ def step(ctx: Context) -> dict:
         # A batch generated during the previous step counts in the step that trains on it.
         m["async/learner_idle_frac"] = m["time/gen"] / m["time/step"]
         m["async/rollout_idle_frac"] = max(0.0, 1 - m.get("time/rollout_busy", 0.0) / (len(ctx.workers) * m["time/step"]))
+        m["async/steps_per_s"] = 1 / m["time/step"]
     ctx.step += 1
     return m
 

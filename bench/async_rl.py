@@ -152,13 +152,13 @@ def slug(mode: str) -> str:
     return "k" + mode.replace(" + ", "_")
 
 
-def run_all(part: str, seeds: int, out: Path, settings: dict, run_one) -> list[dict]:
+def run_all(part: str, modes: list[str], seeds: int, out: Path, settings: dict, run_one) -> list[dict]:
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     done = {(r["mode"], r["seed"]): r for r in old.get("runs", []) if old.get("settings") == settings}
     results = []
     for seed in range(seeds):
-        for mode in MODES:
+        for mode in modes:
             if (mode, seed) not in done:
                 t0 = time.perf_counter()
                 done[mode, seed] = {"mode": mode, "seed": seed, **run_one(mode, seed), "seconds": time.perf_counter() - t0}
@@ -177,7 +177,7 @@ def fmt(xs: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} +- {se:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
-def table(results: list[dict], part: str) -> str:
+def table(results: list[dict], part: str, modes: list[str]) -> str:
     sync = [r for r in results if r["mode"] == "sync"]
     # what separate devices would give: the synchronous phase times, overlapped
     projected = statistics.fmean((r["gen_s"] + r["rest_s"]) / max(r["gen_s"], r["rest_s"]) for r in sync)
@@ -186,7 +186,7 @@ def table(results: list[dict], part: str) -> str:
              "| max_staleness | steps/s | x sync | steady s/step | learner idle | rollout idle | trained age | "
              + ("loop s to reach | held-out final | pass@1 | learned |" if part == "demo" else "gen / logprob / regularize / update / sync s |"),
              "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if part == "demo" else "")]
-    for mode in MODES:
+    for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
         row = [mode, fmt([r["steps_per_s"] for r in rs], 3), f"{statistics.fmean(r['steps_per_s'] for r in rs) / base:.2f}",
                fmt([r["steady_step_s"] for r in rs]), fmt([r["learner_idle"] for r in rs]), fmt([r["rollout_idle"] for r in rs]),
@@ -214,15 +214,19 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--reach", type=float, default=0.9, help="demo: the held-out greedy reward to time")
     ap.add_argument("--real-tokens", type=int, default=128, help="real: max_new_tokens")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {list(MODES)}")
     ap.add_argument("--pin", action="store_true", help="the rollout engine on CPU 0, the learner on CPU 1 (results under <part>_pinned)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "async_rl")
     args = ap.parse_args()
     out = args.out / (args.part + ("_pinned" if args.pin else ""))
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "modes")}
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        ap.error(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
     runner = demo_run if args.part == "demo" else real_run
-    results = run_all(args.part, args.seeds if args.part == "demo" else 1, out, settings, lambda k, seed: runner(k, seed, out, args))
-    text = table(results, args.part)
+    results = run_all(args.part, modes, args.seeds if args.part == "demo" else 1, out, settings, lambda k, seed: runner(k, seed, out, args))
+    text = table(results, args.part, modes)
     (out / "table.md").write_text(text)
     print(text)
 

@@ -165,8 +165,8 @@ class RolloutEngine:
         Returns:
             `len(prompts) * sampling.n` rollouts, grouped by prompt in input order.
         """
+        self._take_offered(min_version)  # before the clock: waiting for weights is not generating
         start = time.perf_counter()
-        self._take_offered(min_version)
         if chunk_tokens is not None:
             rollouts = self._generate_in_chunks(prompts, sampling, chunk_tokens)
         else:

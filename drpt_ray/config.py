@@ -153,44 +153,105 @@ class RegularizerSpec(Spec):
 # Data
 
 
+class ReasoningGymDataset(Spec):
+    """One procedural dataset of the `reasoning-gym` package and its generator settings."""
+
+    name: str = Field(description="A reasoning-gym dataset name (reasoning_gym.factory.DATASETS), e.g. chain_sum.")
+    config: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="Its config dataclass's fields (difficulty knobs), e.g. {min_terms: 2, max_digits: 1}."
+    )
+
+    @model_validator(mode="after")
+    def _known_to_reasoning_gym(self) -> "ReasoningGymDataset":
+        from drpt_ray.data.reasoning_gym import check_dataset  # imports reasoning_gym only for this task
+
+        check_dataset(self.name, self.config)  # ValueError listing the valid names / keys
+        return self
+
+
+class ReasoningGymSpec(Spec):
+    """data.task 'reasoning_gym': target, general and eval pools from reasoning-gym's generators.
+
+    Target and eval use `target` and are scored by the strict verifier (the demanded answer format);
+    the general pool uses `general` (None: the target's datasets) and `general_verifier`.
+    """
+
+    target: list[ReasoningGymDataset] = Field(
+        default_factory=lambda: [ReasoningGymDataset(name="chain_sum", config={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})],
+        min_length=1, max_length=16, description="Datasets of the scarce target pool and the held-out eval pool.",
+    )
+    general: list[ReasoningGymDataset] | None = Field(
+        None, min_length=1, max_length=16,
+        description="Datasets of the general pool; None: the target's (the 'format' setting), else e.g. other tasks ('task mix').",
+    )
+    general_verifier: Literal["strict", "lenient"] = Field(
+        "lenient", description="How general rollouts are scored: strict (the demanded format) or lenient (the right answer "
+        "anywhere in the reply). Target and eval are always strict.",
+    )
+    answer_format: Literal["answer_tag", "last_line"] = Field(
+        "answer_tag", description="The format the strict verifier demands: <answer>...</answer>, or the reply's last line."
+    )
+    instruction: str | None = Field(
+        None, max_length=1000, description="Text after each question; None: the answer format's own wording."
+    )
+
+
 class DataSpec(Spec):
-    task: Literal["scarce_target", "arithmetic", "gsm8k"] | None = Field(
+    task: str | None = Field(
         "scarce_target",
-        description="Built-in task (scarce_target: synthetic letter maps, SFT and RL; arithmetic: synthetic, RL with math "
-        "answers; gsm8k: real GSM8K problems, 100 originals and generated variants, after `drpt-ray data fetch gsm8k`); "
-        "None means the paths below.",
+        description="Built-in task, one of drpt_ray.tasks.TASKS (scarce_target: synthetic letter maps, SFT and RL; "
+        "arithmetic: synthetic, RL with math answers; gsm8k: real GSM8K problems, after `drpt-ray data fetch gsm8k`; "
+        "reasoning_gym: procedural tasks of the reasoning-gym package, see data.reasoning_gym); None means the paths below.",
     )
     general_path: str | None = Field(None, description="jsonl/parquet of general examples (prompt, response).")
     target_path: str | None = Field(None, description="jsonl/parquet of the scarce target pool.")
     eval_path: str | None = Field(None, description="jsonl/parquet of held-out target examples.")
     prompt_key: str = Field("prompt", description="Column holding the prompt.")
     response_key: str = Field("response", description="Column holding the response.")
-    n_target: Int = Field(16, ge=1, description="Built-in task: size of the target pool.")
+    n_target: Int = Field(16, ge=1, le=1_000_000, description="Built-in task: size of the target pool.")
     n_general: Int = Field(
-        4000, ge=1, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
+        4000, ge=1, le=1_000_000, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
     )
     n_eval: Int = Field(
-        256, ge=1, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
+        256, ge=1, le=1_000_000, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
     )
     p_clean: float = Field(0.3, ge=0, le=1, description="scarce_target: fraction of fully correct general examples.")
+    reasoning_gym: ReasoningGymSpec | None = Field(
+        None, description="data.task 'reasoning_gym': datasets, verifiers and answer format; None: ReasoningGymSpec's defaults."
+    )
     chat_template: bool | None = Field(
         None,
-        description="Render prompts as a user turn with the model's chat template; None: on for gsm8k, off for the "
-        "synthetic tasks and files.",
+        description="Render prompts as a user turn with the model's chat template; None: the task's default (on for gsm8k "
+        "and reasoning_gym, off for the synthetic tasks and files).",
     )
     max_len: Int = Field(64, ge=4, description="Max tokens of prompt + response.")
     seed: Seed = Field(0, description="Data seed (task generation and shuffling).")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is not None:
+            from drpt_ray.tasks import get_task
+
+            get_task(v)  # ValueError listing the valid names
+        return v
 
     @model_validator(mode="after")
     def _paths_when_no_task(self) -> "DataSpec":
         if self.task is None and not (self.general_path and self.target_path):
             raise ValueError("data.task is null, so data.general_path and data.target_path are required")
+        if self.reasoning_gym is not None and self.task != "reasoning_gym":
+            raise ValueError(f"data.reasoning_gym configures data.task 'reasoning_gym', but data.task is {self.task!r}")
         return self
 
     @property
     def uses_chat_template(self) -> bool:
-        """`chat_template`, with None resolved: real-problem tasks are chat prompts, synthetic ones are not."""
-        return self.chat_template if self.chat_template is not None else self.task == "gsm8k"
+        """`chat_template`, with None resolved by the task: real-problem tasks are chat prompts, synthetic ones are not."""
+        if self.chat_template is not None:
+            return self.chat_template
+        from drpt_ray.tasks import get_task
+
+        return self.task is not None and get_task(self.task).chat
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +426,12 @@ class JobSpec(Spec):
     steps: Int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
     batch_size: Int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
     target_batch_size: Int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
-    warm_start_sft_steps: Int = Field(0, ge=0, description="RL: SFT steps on the general pool before RL starts.")
+    warm_start_sft_steps: Int = Field(0, ge=0, description="RL: SFT steps on warm_start_pool before RL starts.")
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
-    warm_start_batch_size: Int = Field(16, ge=1, description="RL: general examples per warm-start SFT step.")
+    warm_start_batch_size: Int = Field(16, ge=1, description="RL: examples per warm-start SFT step.")
+    warm_start_pool: Literal["general", "target"] = Field(
+        "general", description="RL: the pool the warm-start SFT steps train on (target: teach the scarce target's format)."
+    )
     eval_before_warm_start: bool = Field(
         False, description="RL: also evaluate the model as loaded, before the warm start (logged at step 0 as eval_base/...)."
     )

@@ -321,7 +321,7 @@ def score_groups(ctx: Context, examples: list[Example], rollouts: list[Rollout],
     """The reward phase for `n` rollouts per example, grouped by example."""
     with timer(metrics, "reward"):
         scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
-                            [examples[r.prompt_index].response for r in rollouts], split)
+                            [examples[r.prompt_index].scored_against for r in rollouts], split)
     return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
             for i, e in enumerate(examples)]
 
@@ -671,9 +671,10 @@ def shutdown(ctx: Context) -> None:
 
 
 def warm_start(ctx: Context) -> float:
-    """RL only: plain SFT on the general pool's (prompt, response) pairs before RL begins."""
+    """RL only: plain SFT on the (prompt, response) pairs of `warm_start_pool` before RL begins."""
     spec = ctx.spec
-    sampler = BatchSampler(ctx.splits.general, spec.warm_start_batch_size, spec.seed + 7)
+    pool = ctx.splits.target if spec.warm_start_pool == "target" else ctx.splits.general
+    sampler = BatchSampler(pool, spec.warm_start_batch_size, spec.seed + 7)
     batches = [tokenize_sft(ctx.tokenizer, sampler.next(), spec.data.max_len) for _ in range(spec.warm_start_sft_steps)]
     return ctx.learner.warm_start(batches, spec.warm_start_lr)
 

@@ -18,11 +18,18 @@ class Example:
     """One supervised example: the model is conditioned on `prompt` and trained to emit `response`.
 
     The text is concatenated as-is (no separator is inserted), so any space between the two
-    belongs at the start of `response`.
+    belongs at the start of `response`. `reference` is what a verifier scores a generated reply
+    against when that is not the response itself (a reasoning-gym entry, as JSON).
     """
 
     prompt: str
     response: str
+    reference: str | None = None
+
+    @property
+    def scored_against(self) -> str:
+        """The verifier's reference: `reference`, else the response."""
+        return self.response if self.reference is None else self.reference
 
 
 @dataclass

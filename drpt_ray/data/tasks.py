@@ -6,18 +6,15 @@ from dataclasses import replace
 from typing import Any
 
 from drpt_ray.config import DataSpec
-from drpt_ray.data import gsm8k
 from drpt_ray.data.examples import Example, TaskSplits, load_examples
-from drpt_ray.data.synthetic import arithmetic_task, scarce_target_task
 
 
 def load_task(spec: DataSpec) -> TaskSplits:
     """Build the general, target and eval pools that `spec` describes.
 
-    With `spec.task` "scarce_target" or "arithmetic" the built-in synthetic task is generated
-    from the `n_*` and `seed` fields (and `p_clean` for scarce_target) and the paths are ignored;
-    "gsm8k" reads the cache of `drpt-ray data fetch gsm8k` (`drpt_ray.data.gsm8k.load`).
-    With `spec.task is None` the pools are read from `general_path`, `target_path` and
+    With `spec.task` set, the registered task's loader builds them (`drpt_ray.tasks.TASKS`: the
+    synthetic tasks from the `n_*` and `seed` fields, "gsm8k" from the cache of `drpt-ray data
+    fetch gsm8k`, "reasoning_gym" from its generators) and the paths are ignored. With `spec.task is None` the pools are read from `general_path`, `target_path` and
     `eval_path`; when `eval_path` is None the target pool doubles as the eval pool, so the
     reported "held-out" loss is then a training-set loss on the target pool.
 
@@ -28,17 +25,13 @@ def load_task(spec: DataSpec) -> TaskSplits:
         The three pools.
 
     Raises:
-        ValueError: A file cannot be loaded (see `load_examples`), or the gsm8k sizes or cache
-            are wrong (see `gsm8k.load`).
+        ValueError: A file cannot be loaded (see `load_examples`), or the task's sizes or data
+            are wrong (see its loader).
     """
-    if spec.task == "scarce_target":
-        return scarce_target_task(
-            n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, p_clean=spec.p_clean, seed=spec.seed
-        )
-    if spec.task == "arithmetic":
-        return arithmetic_task(n_general=spec.n_general, n_target=spec.n_target, n_eval=spec.n_eval, seed=spec.seed)
-    if spec.task == "gsm8k":
-        return gsm8k.load(n_target=spec.n_target, n_eval=spec.n_eval, n_general=spec.n_general, seed=spec.seed)
+    if spec.task is not None:
+        from drpt_ray.tasks import get_task  # the registry imports this package's loaders
+
+        return get_task(spec.task).load(spec)
     # DataSpec's validator guarantees both paths when task is None.
     keys = {"prompt_key": spec.prompt_key, "response_key": spec.response_key}
     general = load_examples(spec.general_path, **keys)
@@ -66,7 +59,7 @@ def render_chat(splits: TaskSplits, tokenizer: Any) -> TaskSplits:
     """
     if not tokenizer.chat_template:
         raise ValueError(
-            "data.chat_template is on (the default for data.task 'gsm8k') but the model's tokenizer has no chat "
+            "data.chat_template is on (the default for real-problem tasks) but the model's tokenizer has no chat "
             "template; set data.chat_template: false to train on the plain prompts"
         )
     bos = tokenizer.bos_token

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from drpt_ray.config import RewardSpec
 from drpt_ray.rewards.model import ModelReward, RewardModelScorer, RewardModelWorker, tiny_reward_model
-from drpt_ray.rewards.tasks import TASK_VERIFIERS
 from drpt_ray.rewards.user import FunctionReward, resolve_function
 from drpt_ray.rewards.verifiable import (
     Reward,
@@ -38,7 +37,6 @@ from drpt_ray.rewards.verifiable import (
 from drpt_ray.topology import REWARD_MODEL_CPUS
 
 __all__ = [
-    "TASK_VERIFIERS",
     "FunctionReward",
     "ModelReward",
     "Reward",
@@ -69,12 +67,14 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
             whose function cannot be resolved (names `reward.function`); kind 'model' whose
             `reward.model_path` is not a directory.
     """
-    if spec.target_kind == "task" and task not in TASK_VERIFIERS.names():
+    from drpt_ray.tasks import TASKS  # the task registry imports this package
+
+    if spec.target_kind == "task" and task not in TASKS:
         raise ValueError(f"reward.target_kind 'task' scores with a built-in task's verifier, but data.task is {task!r}")
-    if spec.kind == "task" and task not in TASK_VERIFIERS.names():
+    if spec.kind == "task" and task not in TASKS:
         raise ValueError(
             f"reward.kind 'task' scores with a built-in task's verifier, but data.task is {task!r}; "
-            f"set data.task to one of {TASK_VERIFIERS.names()} or choose reward.kind "
+            f"set data.task to one of {sorted(TASKS)} or choose reward.kind "
             "'exact_match', 'math', 'function' or 'model'"
         )
     if spec.kind == "function":
@@ -117,8 +117,11 @@ def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cp
 
 
 def _verifier(kind: str, task: str | None) -> VerifierReward:
-    fn = {"task": lambda: TASK_VERIFIERS.get(task), "exact_match": lambda: exact_match_verifier, "math": lambda: math_verifier}[kind]()
-    return VerifierReward(fn)
+    if kind == "task":
+        from drpt_ray.tasks import get_task
+
+        return VerifierReward(get_task(task).verifier)
+    return VerifierReward({"exact_match": exact_match_verifier, "math": math_verifier}[kind])
 
 
 class SplitReward(Reward):

@@ -1,4 +1,4 @@
-"""Verifiers of the built-in tasks (reward.kind 'task'), one per `data.task`.
+"""Verifiers of the built-in tasks (reward.kind 'task'); `drpt_ray.tasks.TASKS` pairs each with its task.
 
 The general and target splits are scored differently on purpose. For `scarce_target` the general
 reward is a lenient proxy (right letters in either layout, partial credit per field) while the
@@ -10,18 +10,17 @@ the scarce high-fidelity target signal of the paper. Eval prompts are scored as 
 | scarce_target | 0.5 per right field, "a,b" or "a;b." layout    | 1.0 iff exactly `solve(prompt)`        |
 | arithmetic    | math-verify against the reference              | math-verify against the reference      |
 | gsm8k         | math-verify: answer after the last '####' vs N | the same (N: the reference's '#### N') |
+| reasoning_gym | reasoning-gym's `score_answer`, by the verifier each example names (lenient or strict; drpt_ray/data/reasoning_gym.py) | strict |
 """
 
 from __future__ import annotations
 
 import re
 
-from drpt_ray.algorithms.registry import Registry
+from drpt_ray.data import reasoning_gym
 from drpt_ray.data.gsm8k import final_answer
 from drpt_ray.data.synthetic import solve
-from drpt_ray.rewards.verifiable import ScoreFn, Split, math_score, required_reference
-
-TASK_VERIFIERS: Registry[ScoreFn] = Registry("task verifier")
+from drpt_ray.rewards.verifiable import Split, math_score, required_reference
 
 # The two layouts the lenient scarce_target reward accepts: the target "a,b" and the general
 # pool's conflicting "a;b.".
@@ -37,7 +36,6 @@ def _fields(text: str) -> tuple[str, str] | None:
     return None
 
 
-@TASK_VERIFIERS.register("scarce_target")
 def scarce_target_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
     """Score a scarce_target response: lenient on the general split, strict on the target split.
 
@@ -66,7 +64,6 @@ def scarce_target_verifier(prompt: str, response: str, reference: str | None, sp
     return 0.5 * sum(g == w for g, w in zip(got, _fields(answer)))
 
 
-@TASK_VERIFIERS.register("arithmetic")
 def arithmetic_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
     """Score an arithmetic response with math-verify against the reference answer, on both splits.
 
@@ -76,7 +73,6 @@ def arithmetic_verifier(prompt: str, response: str, reference: str | None, split
     return math_score(response, required_reference(reference, "task"))
 
 
-@TASK_VERIFIERS.register("gsm8k")
 def gsm8k_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
     """Score a gsm8k response: its final answer against the reference solution's, on both splits.
 
@@ -94,3 +90,14 @@ def gsm8k_verifier(prompt: str, response: str, reference: str | None, split: Spl
         ValueError: `reference` is None.
     """
     return math_score(final_answer(response), final_answer(required_reference(reference, "task")))
+
+
+def reasoning_gym_verifier(prompt: str, response: str, reference: str | None, split: Split) -> float:
+    """Score a reasoning_gym response with its dataset's own `score_answer`, strictly or leniently as
+    the example's reference says (target and eval examples say strict; `data.reasoning_gym.general_verifier`
+    decides the general pool's).
+
+    Raises:
+        ValueError: `reference` is None or not a reasoning_gym example's.
+    """
+    return reasoning_gym.score(response, required_reference(reference, "task"))

@@ -188,6 +188,10 @@ class ReasoningGymSpec(Spec):
         "lenient", description="How general rollouts are scored: strict (the demanded format) or lenient (the right answer "
         "anywhere in the reply). Target and eval are always strict.",
     )
+    general_format_frac: float = Field(
+        0.5, ge=0, le=1, description="Fraction of lenient general examples whose SFT response (read by SFT and warm "
+        "starts only) is in the demanded format; the rest answer in a plain sentence, as data of mixed provenance does.",
+    )
     answer_format: Literal["answer_tag", "last_line"] = Field(
         "answer_tag", description="The format the strict verifier demands: <answer>...</answer>, or the reply's last line."
     )
@@ -342,7 +346,7 @@ class AlgorithmSpec(Spec):
     def _known_advantage(cls, v: str) -> str:
         from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS
 
-        ADVANTAGE_ESTIMATORS.get(v)  # raises ValueError listing the valid names
+        ADVANTAGE_ESTIMATORS.check(v)  # lists the valid names; imports nothing (see Registry.check)
         return v
 
     @field_validator("policy_loss")
@@ -350,7 +354,7 @@ class AlgorithmSpec(Spec):
     def _known_loss(cls, v: str) -> str:
         from drpt_ray.algorithms import POLICY_LOSSES
 
-        POLICY_LOSSES.get(v)
+        POLICY_LOSSES.check(v)
         return v
 
 
@@ -405,6 +409,10 @@ class ResourcesSpec(Spec):
         "PACK", description="Placement of the learner workers' bundles."
     )
     fsdp: bool = Field(False, description="Shard the policy with torch FSDP (fully_shard) across learner workers (GPU).")
+
+
+# The fields that may name user code as 'package.module:function' (imported where the job runs).
+CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"), ("reward", "function"))
 
 
 class JobSpec(Spec):
@@ -467,8 +475,8 @@ class JobSpec(Spec):
                              "SFT has none: use layerwise_subset, global_subset or soft_subset")
         if self.regularizer.target_mode == "merged" and self.mode != "sft":
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
-        if self.mode != "sft" and ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups and self.rollout.sampling.n < 2:
-            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        if ":" not in self.algorithm.advantage:  # a user estimator's metadata is read where it runs (preflight)
+            self.check_groups(ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups)
         if self.rollout.partial_rollouts and not self.rollout.max_staleness:
             raise ValueError("rollout.partial_rollouts needs rollout.max_staleness > 0: weights change during a "
                              "generation only in the asynchronous loop")
@@ -483,6 +491,20 @@ class JobSpec(Spec):
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         self._check_learner_layout()
         return self
+
+    def check_groups(self, needs_groups: bool) -> None:
+        """Refuse an advantage estimator that normalises within groups when there is no group.
+
+        Raises:
+            ValueError: naming algorithm.advantage and rollout.sampling.n.
+        """
+        if self.mode != "sft" and needs_groups and self.rollout.sampling.n < 2:
+            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+
+    def user_code(self) -> dict[tuple[str, ...], str]:
+        """The `module:function` paths this job would import and run, by field location."""
+        values = {loc: get_path(self.model_dump(), ".".join(loc)) for loc in CODE_FIELDS}
+        return {loc: v for loc, v in values.items() if isinstance(v, str) and ":" in v}
 
     def _check_learner_layout(self) -> None:
         """What the data-parallel / FSDP learner cannot run (drpt_ray/learner/fsdp.py says why)."""
@@ -581,6 +603,14 @@ class SweepSpec(Spec):
             for value in probes:  # every value, so no trial fails later on a value refused here
                 _check_trial_value(base, path, value)
         return self
+
+    def user_code(self) -> dict[tuple[str, ...], str]:
+        """The `module:function` paths any trial would import and run, by field location (base and space)."""
+        out = {("base", *loc): path for loc, path in self.base.user_code().items()}
+        for path, dim in self.space.items():
+            if tuple(path.split(".")) in CODE_FIELDS:
+                out |= {("space", path, "values", i): v for i, v in enumerate(dim.values or []) if isinstance(v, str) and ":" in v}
+        return out
 
 
 TRIAL_OWNED = ("output_dir", "progress")  # drpt_ray.tune.trial_spec sets these for every trial

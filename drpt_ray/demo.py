@@ -37,8 +37,10 @@ RLVR_DEMO = {
 # 'format' setting on a real model. SmolLM2-135M-Instruct + LoRA; reasoning-gym's chain_sum (two
 # terms of 1-2 digits); 16 target prompts scored strictly (<answer>N</answer>), 2,000 general ones
 # scored leniently (the right number anywhere), 200 held out. SmolLM2 never writes the tag
-# unprompted (0 of 400 samples, measured), so a short SFT warm start on the 16 target examples
-# makes the strict format reachable; then GRPO with the layer-wise regularizer.
+# unprompted (0 of 400 samples, measured), so a short SFT warm start on general examples (half of
+# them in the tag format, half in a plain sentence) makes the strict format reachable; warming up
+# on the 16 target examples instead memorised them (SFT loss 0.007, every target reward 1, so the
+# target's GRPO advantages and g_T were 0: measured). Then GRPO with the layer-wise regularizer.
 REAL_DEMO = {
     "mode": "rlvr",
     "name": "reasoning-gym-format-smollm2",
@@ -49,16 +51,16 @@ REAL_DEMO = {
     # 2 CPUs for the engine: the synchronous loop's learner waits while it generates, so it may use both cores.
     "rollout": {"max_model_len": 256, "num_cpus_per_worker": 2.0, "sampling": {"n": 4, "max_new_tokens": 12, "temperature": 0.7}},
     "reward": {"kind": "task"},
-    "optim": {"lr": 2e-4, "warmup_frac": 0.0, "schedule": "constant"},
+    "optim": {"lr": 3e-4, "warmup_frac": 0.0, "schedule": "constant"},
+    "resources": {"learner_num_cpus": 2.0},  # likewise: the learner's phases run while the engine waits
     "warm_start_sft_steps": 24,
-    "warm_start_pool": "target",
     "warm_start_batch_size": 8,
     "warm_start_lr": 5e-4,
     "eval_before_warm_start": True,
     "steps": 16,
     "batch_size": 8,
     "target_batch_size": 4,
-    "eval_every": 8,
+    "eval_every": 16,
     "eval_size": 200,
     "eval_samples": 4,
     "eval_k": 4,

@@ -193,6 +193,17 @@ def dashboard_up(url: str) -> bool:
         return False
 
 
+# The control plane's own secrets. Every Ray job driver inherits the environment of the `ray start`
+# that began its cluster, so they must not be in it: a driver gets its run's ingest token and the
+# settings the launcher passes (services/control_plane/launcher.py driver_env), nothing else.
+CONTROL_PLANE_SECRETS = ("DRPT_API_TOKENS", "DRPT_TOKEN", "DRPT_INGEST_SECRET", "DRPT_RAY_AUTH_TOKEN", "DATABASE_URL")
+
+
+def ray_env() -> dict[str, str]:
+    """This process's environment without the control plane's secrets: what a local Ray starts with."""
+    return {k: v for k, v in os.environ.items() if k not in CONTROL_PLANE_SECRETS}
+
+
 def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0) -> str:
     """Start a local Ray head with the dashboard (the Jobs API) unless one answers already; returns
     its URL. It outlives this process, so restarting the control plane does not stop running jobs."""
@@ -212,7 +223,7 @@ def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0)
            f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
     cmd += [f"--{flag}={port}" for flag, port in agent_ports.items()]
     print("drpt-ray serve: starting a local Ray:", " ".join(cmd[1:]))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=ray_env())
     if done.returncode != 0:
         raise ValueError(f"`ray start` failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
     deadline = time.monotonic() + timeout_s

@@ -145,6 +145,20 @@ class Context:
 
 def preflight(spec: JobSpec) -> TaskSplits:
     """Every check a user's spec can fail, before any actor starts; errors name the field."""
+    if spec.mode != "sft":
+        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+        # User code named by import path: the spec's own validation imports nothing (Registry.check),
+        # so this is where such a path first resolves, and where a user estimator's metadata is read.
+        try:
+            POLICY_LOSSES.get(spec.algorithm.policy_loss)
+        except ValueError as e:
+            raise ValueError(f"algorithm.policy_loss: {e}") from None
+        try:
+            needs_groups = ADVANTAGE_ESTIMATORS.meta(spec.algorithm.advantage).needs_groups
+        except ValueError as e:
+            raise ValueError(f"algorithm.advantage: {e}") from None
+        spec.check_groups(needs_groups)
     if spec.model.path is not None:
         model_dir(spec.model, spec.output_dir)  # raises ValueError naming model.path
     splits = load_task(spec.data)

@@ -67,6 +67,23 @@ class Registry(Generic[F]):
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()} or 'module:function'") from None
 
+    def check(self, name: str) -> None:
+        """Refuse what `get` could never return, importing nothing: an unknown registered name, or an
+        import path that is not `package.module:function` in form. A spec is validated where it is
+        submitted (the control plane's API process), and a request must never make that process
+        import a module it names: whether the path resolves is checked where the job runs
+        (`drpt_ray.trainer.preflight`).
+
+        Raises:
+            ValueError: as `get`, for the same names (a malformed path: naming the expected form).
+        """
+        if ":" in name:
+            module, _, attr = name.partition(":")
+            if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
+                raise ValueError(f"{self.kind} {name!r} must look like 'package.module:function'")
+            return
+        self.get(name)
+
     def meta(self, name: str) -> Any:
         """The metadata of `name` (as `get` finds it): the fields its function carries as
         attributes, the dataclass defaults for the rest.

@@ -15,7 +15,10 @@ reply is the answer:
 
 Target and eval examples are judged strictly; general ones by `general_verifier`: the scarce-target
 structure of the paper with a format the general signal does not demand (the 'format' setting),
-or other tasks altogether (the 'task mix' setting).
+or other tasks altogether (the 'task mix' setting). SFT responses (SFT jobs, warm starts) are in the
+demanded format for strict pools; lenient general examples use it with probability
+`general_format_frac` and otherwise answer in a plain sentence: general data of mixed provenance,
+from which a warm start makes the strict format reachable without touching the scarce target.
 
 Target, general and eval pools come from disjoint generator seeds, and a question never appears in
 two pools (eval drops the target's questions, general drops both): a held-out prompt is never
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import re
 from dataclasses import fields
 from typing import Any
@@ -122,10 +126,10 @@ def score(reply: str, reference: str) -> float:
     return max((float(ds.score_answer(c, entry)) for c in lenient_candidates(reply, fmt)), default=0.0)
 
 
-def sft_response(answer: str, verifier: str, answer_format: str) -> str:
-    """The response an SFT step trains on: the demanded format for strict pools, a plain sentence for
-    lenient ones (right, but not in the target's format: the general data's misalignment)."""
-    if verifier == "lenient":
+def sft_response(answer: str, answer_format: str, demanded: bool) -> str:
+    """The response an SFT step trains on: the demanded format, or a plain sentence (right, but not in
+    the target's format: the general data's misalignment)."""
+    if not demanded:
         return f"The answer is {answer}."
     return f"<answer>{answer}</answer>" if answer_format == "answer_tag" else answer
 
@@ -140,6 +144,7 @@ def _pool(datasets: list, n: int, seed: int, verifier: str, spec, exclude: set[s
     streams = [(d, rg.create_dataset(d.name, size=per * _DRAW_FACTOR + _DRAW_EXTRA, seed=seed * 1009 + i, **d.config), [0])
                for i, d in enumerate(datasets)]
     out, seen = [], set(exclude)
+    formats = random.Random(seed)  # which lenient examples' responses use the demanded format
     while len(out) < n and streams:
         for stream in list(streams):
             d, ds, pos = stream
@@ -154,7 +159,8 @@ def _pool(datasets: list, n: int, seed: int, verifier: str, spec, exclude: set[s
             ref = {"dataset": d.name, "config": d.config, "entry": entry, "verifier": verifier,
                    "answer_format": spec.answer_format}
             out.append(Example(prompt=f"{entry['question']}\n{instruction}",
-                               response=sft_response(str(entry["answer"]), verifier, spec.answer_format),
+                               response=sft_response(str(entry["answer"]), spec.answer_format, verifier == "strict"
+                                                     or formats.random() < spec.general_format_frac),
                                reference=json.dumps(ref, sort_keys=True, default=str)))
             if len(out) == n:
                 break

@@ -14,6 +14,9 @@
   whether or not the client sent `Content-Length`.
 * `refuse_escaping_paths`: where a run writes is the control plane's choice (its own directory
   DRPT_RUNS_DIR/<id>), not the submitter's.
+* `refuse_unallowed_code`: a job runs only code the operator allowed. A `module:function` a spec
+  names is checked against DRPT_USER_CODE / DRPT_USER_CODE_MODULES by its name alone: nothing a
+  request names is ever imported in this process (the spec's own validation imports nothing either).
 """
 
 from __future__ import annotations
@@ -114,6 +117,22 @@ def refuse_escaping_paths(paths: dict[tuple[str, ...], str]) -> None:
          "msg": "must be a relative path inside the run's own directory (DRPT_RUNS_DIR/<id>): no absolute path, no '..'"}
         for loc, path in paths.items() if PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts
     ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def refuse_unallowed_code(code: dict[tuple[str, ...], str], allowed: bool, modules: list[str]) -> None:
+    """422 naming every body field (location -> 'module:function') whose code the operator did not
+    allow: any, when `allowed` (DRPT_USER_CODE) is off; else a module outside the `modules` prefixes."""
+    def permitted(path: str) -> bool:
+        module = path.partition(":")[0]
+        return allowed and any(module == m or module.startswith(m + ".") for m in modules)
+
+    why = ("this server runs built-in code only: a job may not name its own 'module:function' (the operator's "
+           "DRPT_USER_CODE is off); use a registered name") if not allowed else (
+           f"module not allowed: job code must come from the operator's DRPT_USER_CODE_MODULES {modules}")
+    errors = [{"loc": ("body", *loc), "type": "value_error", "input": path, "msg": why}
+              for loc, path in code.items() if not permitted(path)]
     if errors:
         raise RequestValidationError(errors)
 

@@ -61,9 +61,14 @@ class Settings(BaseSettings):
 
     public_docs: bool = _env("DRPT_PUBLIC_DOCS", "Serve the interactive docs and the OpenAPI schema without a token.", False)
     cors_origins: Annotated[list[str], NoDecode] = _env("DRPT_CORS_ORIGINS", "Origins allowed to call the API from a browser (CORS).", default_factory=list)
+    user_code: bool = _env("DRPT_USER_CODE", "Accept jobs that name their own code (a 'module:function' in algorithm.advantage, "
+                           "algorithm.policy_loss or reward.function), from DRPT_USER_CODE_MODULES only; off: built-in names only.", False)
+    user_code_modules: Annotated[list[str], NoDecode] = _env(
+        "DRPT_USER_CODE_MODULES", "Comma-separated module prefixes job code may come from when DRPT_USER_CODE is on "
+        "(e.g. mycompany.rl allows mycompany.rl and mycompany.rl.*); the operator installs them on the cluster.", default_factory=list)
     stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S", "Lifetime of a stream token (opening, or reopening, a run's stream).", 900.0, gt=0, le=86400)
 
-    @field_validator("api_tokens", "cors_origins", mode="before")
+    @field_validator("api_tokens", "cors_origins", "user_code_modules", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -78,6 +83,14 @@ class Settings(BaseSettings):
         for t in v:
             if len(t) < 16 or t.lower() in PLACEHOLDER_TOKENS:
                 raise ValueError(f"DRPT_API_TOKENS: token {t[:4]}... is too weak; use >= 16 random characters")
+        return v
+
+    @field_validator("user_code_modules")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not all(p.isidentifier() for p in m.split(".")):
+                raise ValueError(f"DRPT_USER_CODE_MODULES: {m!r} is not a module name (dotted identifiers, e.g. mycompany.rl)")
         return v
 
     @field_validator("cors_origins")

@@ -16,16 +16,17 @@ from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
-from services.control_plane.security import refuse_escaping_paths
+from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth])
 MAX_LISTED_FILES = 2000
 
 
 @router.post("", status_code=201, summary="Submit a job (body: a JobSpec)")
-def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep) -> JobPublic:
+def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
     refuse_escaping_paths({("output_dir",): spec.output_dir})
+    refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
     body = spec.model_dump(mode="json")
 
     def create(s):

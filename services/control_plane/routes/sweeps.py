@@ -8,11 +8,11 @@ from sqlalchemy import select
 from drpt_ray.config import SweepSpec
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
-from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, OffsetQuery, SupervisorDep
+from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.models import State, SweepPage, SweepPublic
-from services.control_plane.security import refuse_escaping_paths
+from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth])
 
@@ -23,8 +23,9 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 
 
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
-def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep) -> SweepPublic:
+def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep) -> SweepPublic:
     refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
+    refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
     body = spec.model_dump(mode="json")
 
     def create(s):

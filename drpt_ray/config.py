@@ -604,6 +604,13 @@ class SweepSpec(Spec):
                 _check_trial_value(base, path, value)
         return self
 
+    def trial_count(self) -> int:
+        """How many trials the sweep runs, computed without enumerating them: grid: the product of the
+        value counts x num_samples (Tune repeats the grid); random / asha: num_samples."""
+        if self.scheduler != "grid":
+            return self.num_samples
+        return math.prod(len(d.values) for d in self.space.values()) * self.num_samples
+
     def user_code(self) -> dict[tuple[str, ...], str]:
         """The `module:function` paths any trial would import and run, by field location (base and space)."""
         out = {("base", *loc): path for loc, path in self.base.user_code().items()}

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     user_code_modules: Annotated[list[str], NoDecode] = _env(
         "DRPT_USER_CODE_MODULES", "Comma-separated module prefixes job code may come from when DRPT_USER_CODE is on "
         "(e.g. mycompany.rl allows mycompany.rl and mycompany.rl.*); the operator installs them on the cluster.", default_factory=list)
+    max_sweep_trials: int = _env("DRPT_MAX_SWEEP_TRIALS", "Most trials one sweep may run (grid: product of the value "
+                                 "counts x num_samples); a bigger sweep is refused at submission (422).", 256, ge=1)
     stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S", "Lifetime of a stream token (opening, or reopening, a run's stream).", 900.0, gt=0, le=86400)
 
     @field_validator("api_tokens", "cors_origins", "user_code_modules", mode="before")

@@ -84,3 +84,20 @@ def test_a_local_ray_starts_without_the_control_planes_secrets(monkeypatch):
     env = ray_env()
     assert not {"DRPT_API_TOKENS", "DATABASE_URL", "DRPT_INGEST_SECRET"} & set(env)
     assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["PATH"] == os.environ["PATH"]  # the rest passes through
+
+
+def test_a_sweep_is_sized_without_enumerating_it_and_bounded(server_factory):
+    """10^9 grid points are refused at once (issue 22, item 5: counted, never enumerated)."""
+    import time
+
+    s = server_factory(DRPT_LAUNCHER="dry-run", DRPT_MAX_SWEEP_TRIALS="8")
+    values = {"values": [float(i) / 1000 + 0.001 for i in range(1000)]}
+    huge = {"base": RL, "space": {"optim.lr": values, "regularizer.tau": values, "algorithm.kl_coef": values}}
+    with s.http() as c:
+        t = time.perf_counter()
+        r = c.post("/v1/sweeps", json=huge)
+        assert r.status_code == 422 and "1000000000 trials" in r.text and "DRPT_MAX_SWEEP_TRIALS" in r.text, r.text
+        assert time.perf_counter() - t < 10  # validating 3 x 1000 values, never the 10^9 points
+        small = {"base": RL, "space": {"optim.lr": {"values": [1e-3, 2e-3]}}, "num_samples": 4}
+        assert c.post("/v1/sweeps", json=small).status_code == 201  # 2 x 4 = 8 trials: at the limit
+        assert c.post("/v1/sweeps", json=small | {"num_samples": 5}).status_code == 422

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
@@ -26,6 +27,10 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep) -> SweepPublic:
     refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
     refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
+    if spec.trial_count() > settings.max_sweep_trials:  # counted, never enumerated: 1000^3 grid points cost nothing here
+        raise RequestValidationError([{"loc": ("body", "space"), "type": "value_error", "input": None,
+                                       "msg": f"the sweep would run {spec.trial_count()} trials; this server allows at most "
+                                              f"{settings.max_sweep_trials} (DRPT_MAX_SWEEP_TRIALS)"}])
     body = spec.model_dump(mode="json")
 
     def create(s):

@@ -31,6 +31,7 @@ from sse_starlette import EventSourceResponse
 
 from drpt_ray.config import INT64_MAX
 from drpt_ray.reporting import TERMINAL
+from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Database
 from services.control_plane.deps import ApiAuth, DbDep, HubDep, SupervisorDep
@@ -39,7 +40,7 @@ from services.control_plane.models import IngestAck, IngestBatch, StreamToken
 from services.control_plane.notify import Hub
 from services.control_plane.security import bearer, bearer_token, require_api_token, token_matches
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=StrictJSONRoute)
 PAGE = 500
 SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events (see the module docstring)."}}
 # Event ids are checked before the stream starts: a bad one is a 422, never a stream that breaks mid-way.

@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import func, select
 
 from drpt_ray.config import JobSpec
+from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Event, Job
 from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
@@ -18,7 +19,7 @@ from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
 from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 MAX_LISTED_FILES = 2000
 
 

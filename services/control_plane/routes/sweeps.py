@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
+from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
 from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
@@ -15,7 +16,7 @@ from services.control_plane.idempotency import create_once
 from services.control_plane.models import State, SweepPage, SweepPublic
 from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 
-router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth])
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 
 
 def _public(s, sweep: Sweep) -> SweepPublic:

@@ -1,5 +1,6 @@
-"""A job runs only code the operator allowed, and the API process never imports what a request names
-(issue 22, item 1), on a real uvicorn server (dry-run launcher), on SQLite and Postgres.
+"""What a shared server lets a token holder do (issue 22), on a real uvicorn server (dry-run
+launcher), on SQLite and Postgres: a job runs only code the operator allowed and the API process
+never imports what a request names; sweeps are sized without enumeration; bodies are strict JSON.
 
 The probe module writes a marker file when it is imported; it sits on the server's PYTHONPATH, so
 any import of it by the API process (validation, a registry lookup, an allow-list check) leaves the
@@ -101,3 +102,19 @@ def test_a_sweep_is_sized_without_enumerating_it_and_bounded(server_factory):
         small = {"base": RL, "space": {"optim.lr": {"values": [1e-3, 2e-3]}}, "num_samples": 4}
         assert c.post("/v1/sweeps", json=small).status_code == 201  # 2 x 4 = 8 trials: at the limit
         assert c.post("/v1/sweeps", json=small | {"num_samples": 5}).status_code == 422
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"mode": "sft", "steps": 10, "steps": 10000}', "duplicate key 'steps'"),
+    (b'{"mode": "sft", "regularizer": {"frac": 0.5, "frac": 1.0}}', "duplicate key 'frac'"),
+    ('{"mode": "sft", "steps": 10}'.encode("utf-16"), "UTF-8"),
+    ('{"mode": "sft", "steps": 10}'.encode("utf-32"), "UTF-8"),
+])
+def test_bodies_are_utf8_json_with_each_key_once(server_factory, raw, why):
+    s = server_factory(DRPT_LAUNCHER="dry-run")
+    with s.http() as c:
+        r = c.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and why in r.json()["message"], r.text
+        assert c.post("/v1/sweeps", content=raw, headers={"Content-Type": "application/json"}).status_code == 422
+        assert c.get("/v1/jobs").json()["total"] == 0
+        assert c.post("/v1/jobs", content=b'{"mode": "sft", "steps": 10}', headers={"Content-Type": "application/json"}).status_code == 201

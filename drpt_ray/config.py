@@ -9,8 +9,10 @@ that repeats a key is refused.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,6 +40,36 @@ class Spec(BaseModel):
     (a NaN learning rate trains to a NaN loss; JSON cannot even carry it)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, v, info):
+        # Text with a NUL cannot be stored by Postgres (the control plane keeps every spec) nor passed
+        # in a process's environment or argv (a job's spec travels in both). A nested spec checks its
+        # own fields, so the error names the exact path.
+        if _has_nul(v) and not _holds_spec(cls.model_fields[info.field_name].annotation):
+            raise ValueError("text may not contain a NUL character (\\x00)")
+        return v
+
+
+@functools.lru_cache(maxsize=None)  # annotations are few and hashable; this runs for every field validated
+def _holds_spec(annotation) -> bool:
+    """Whether a field's type is, or contains, a Spec model."""
+    if isinstance(annotation, type) and issubclass(annotation, Spec):
+        return True
+    return any(_holds_spec(a) for a in typing.get_args(annotation))
+
+
+def _has_nul(v) -> bool:
+    if isinstance(v, (bool, int, float)) or v is None:  # most values: return at once
+        return False
+    if isinstance(v, str):
+        return "\x00" in v
+    if isinstance(v, dict):
+        return any(_has_nul(k) or _has_nul(x) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return any(_has_nul(x) for x in v)
+    return False
 
 
 # --------------------------------------------------------------------------------------------

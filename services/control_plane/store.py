@@ -10,6 +10,7 @@ idempotent by the driver's `seq`.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ class Conflict(Exception):
     pass
 
 
+RUN_ID = re.compile(r"(job|swp)_[0-9a-f]{16}")  # what new_id makes
+
+
 def new_id(kind: str) -> str:
     return f"{'swp' if kind == 'sweep' else 'job'}_{secrets.token_hex(8)}"
 
@@ -38,8 +42,11 @@ def model_of(run_id: str) -> type[Job] | type[Sweep]:
 
 
 def get_run(s: Session, run_id: str, for_update: bool = False, kind: str | None = None) -> Job | Sweep:
-    """The job or sweep `run_id` (of `kind` when given); NotFound otherwise."""
+    """The job or sweep `run_id` (of `kind` when given); NotFound otherwise. An id that `new_id` could
+    not have made never reaches the database (Postgres refuses a NUL in text with an error, not a miss)."""
     model = {"job": Job, "sweep": Sweep}.get(kind) or model_of(run_id)
+    if not RUN_ID.fullmatch(run_id):
+        raise NotFound(f"no {'sweep' if model is Sweep else 'job'} with id {run_id!r}")
     run = s.get(model, run_id, with_for_update=for_update or None)
     if run is None:
         raise NotFound(f"no {'sweep' if model is Sweep else 'job'} with id {run_id!r}")

@@ -118,3 +118,18 @@ def test_bodies_are_utf8_json_with_each_key_once(server_factory, raw, why):
         assert c.post("/v1/sweeps", content=raw, headers={"Content-Type": "application/json"}).status_code == 422
         assert c.get("/v1/jobs").json()["total"] == 0
         assert c.post("/v1/jobs", content=b'{"mode": "sft", "steps": 10}', headers={"Content-Type": "application/json"}).status_code == 201
+
+
+def test_nul_in_text_or_ids_is_a_4xx_on_both_databases(server_factory):
+    """Postgres refuses a NUL in text with an error (it was a 500 there): a body field with one is a
+    422 naming it, an id path with one a 404, like any id the server never made."""
+    s = server_factory(DRPT_LAUNCHER="dry-run")
+    with s.http() as c:
+        for body, field in (({"name": "a\u0000b"}, "body.name"),
+                            ({"regularizer": {"exclude": ["mlp\u0000"]}}, "body.regularizer.exclude")):
+            r = c.post("/v1/jobs", json={"mode": "sft"} | body)
+            assert r.status_code == 422 and [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == [field], r.text
+        for path in ("/v1/jobs/job_%00", "/v1/jobs/job_%00/metrics", "/v1/sweeps/swp_%00", "/v1/jobs/job_0123456789abcdeg",
+                     "/v1/ingest/job_%00"):
+            assert c.get(path).status_code == 404, path
+        assert c.post("/v1/jobs/job_%00/cancel").status_code == 404

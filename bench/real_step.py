@@ -5,7 +5,8 @@ Runs the spec of `drpt-ray demo --real` (drpt_ray.demo.REAL_DEMO: SmolLM2-135M-I
 with the learner and the vLLM engine on one Ray CPU each (each then runs one thread) and once with
 two each: the synchronous loop runs one phase at a time, so the phase that runs may use both cores.
 Prints the per-phase medians over steps 2..N (step 1 pays one-off costs), tokens per second, and
-GFLOP/s against the fp32 matmul rate measured here at the model's shapes.
+GFLOP/s against the fp32 matmul rate measured here at the model's shapes, and the bf16 rate beside
+it (a CPU without AVX512-BF16 or AMX emulates bf16, so the learner and vLLM stay in fp32 there).
 
 FLOP accounting (2 x 134.5M parameters per token for a forward): `logprob` is a forward over the
 general and target rollouts; `regularize` (the g_T capture) and `update` are a forward and the
@@ -35,10 +36,10 @@ FWD_GFLOP_PER_TOKEN = 2 * 134.5e6 / 1e9
 PHASES = ("gen", "logprob", "regularize", "update", "sync", "step")
 
 
-def matmul_gflops(threads: int) -> float:
-    """fp32 GEMM rate at a SmolLM2 MLP shape (tokens x 576 @ 576 x 1536), `threads` threads."""
+def matmul_gflops(threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """GEMM rate at a SmolLM2 MLP shape (tokens x 576 @ 576 x 1536), `threads` threads."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     t = time.perf_counter()
@@ -82,7 +83,9 @@ def main() -> None:
     spec = JobSpec.model_validate(REAL_DEMO)
     n_gen = spec.batch_size * spec.rollout.sampling.n
     n_tgt = spec.target_batch_size * spec.rollout.sampling.n
-    print(f"fp32 matmul here: {peak[1]:.0f} GFLOP/s on 1 thread, {peak[2]:.0f} on 2; mean prompt {p_len:.1f} tokens")
+    bf16 = matmul_gflops(1, torch.bfloat16)
+    print(f"fp32 matmul here: {peak[1]:.0f} GFLOP/s on 1 thread, {peak[2]:.0f} on 2; bf16 on 1 thread: {bf16:.0f} "
+          f"({torch.backends.cpu.get_cpu_capability()}); mean prompt {p_len:.1f} tokens")
     table = {}
     for cpus in (1.0, 2.0):
         rows = run(cpus, args.steps, Path(args.out))

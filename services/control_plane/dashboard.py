@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from starlette.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().with_name("ui")
@@ -32,4 +32,11 @@ class _Pages(StaticFiles):
 
 def mount(app: FastAPI) -> None:
     """Serve `ui/` at `/ui/` (`/ui` redirects there; index.html is the one page, routed by its hash)."""
+
+    @app.get("/ui", include_in_schema=False)
+    def ui_slash() -> Response:
+        # A relative Location: Starlette's own slash redirect builds an absolute URL from the Host
+        # header, which a client controls.
+        return Response(status_code=307, headers={"Location": "/ui/"})
+
     app.mount("/ui", _Pages(directory=UI_DIR, html=True), name="ui")

@@ -133,3 +133,11 @@ def test_nul_in_text_or_ids_is_a_4xx_on_both_databases(server_factory):
                      "/v1/ingest/job_%00"):
             assert c.get(path).status_code == 404, path
         assert c.post("/v1/jobs/job_%00/cancel").status_code == 404
+
+
+def test_the_ui_redirect_is_relative_whatever_the_host_header(server_factory):
+    s = server_factory(DRPT_LAUNCHER="dry-run")
+    with s.http() as c:
+        r = c.get("/ui", headers={"Host": "evil.example"}, follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == "/ui/"
+        assert c.get("/ui/").status_code == 200

@@ -30,7 +30,9 @@ class Conflict(Exception):
     pass
 
 
-RUN_ID = re.compile(r"(job|swp)_[0-9a-f]{16}")  # what new_id makes
+# Any id a version of the store could have written (new_id makes `job_` + 16 hex digits); anything else,
+# a NUL above all, is a miss before it reaches the database.
+RUN_ID = re.compile(r"(job|swp)_[A-Za-z0-9_-]{1,64}")
 
 
 def new_id(kind: str) -> str:
@@ -42,8 +44,8 @@ def model_of(run_id: str) -> type[Job] | type[Sweep]:
 
 
 def get_run(s: Session, run_id: str, for_update: bool = False, kind: str | None = None) -> Job | Sweep:
-    """The job or sweep `run_id` (of `kind` when given); NotFound otherwise. An id that `new_id` could
-    not have made never reaches the database (Postgres refuses a NUL in text with an error, not a miss)."""
+    """The job or sweep `run_id` (of `kind` when given); NotFound otherwise. An id no version of the store
+    could have written never reaches the database (Postgres refuses a NUL in text with an error, not a miss)."""
     model = {"job": Job, "sweep": Sweep}.get(kind) or model_of(run_id)
     if not RUN_ID.fullmatch(run_id):
         raise NotFound(f"no {'sweep' if model is Sweep else 'job'} with id {run_id!r}")

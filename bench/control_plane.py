@@ -45,9 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 from drpt_ray.client import iter_sse  # noqa: E402
 from drpt_ray.reporting import EventReporter  # noqa: E402
+from services.control_plane.security import IngestKeys  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 H = {"Authorization": f"Bearer {TOKEN}"}
+INGEST_SECRET = "bench-ingest-secret-0123456789abcdef"
+
+
+def driver_token(jid: str) -> str:
+    """The job's ingest token, as the launcher gives it to the job's driver (ingest takes no other)."""
+    return IngestKeys(INGEST_SECRET).token(jid)
 SPEC = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}
 METRICS = {"loss": 1.2345, "lr": 0.001, "reg/kept_frac_mean": 0.5, "reg/cos": 0.12, "time/step": 0.2, "grad_norm": 0.9}
 
@@ -60,7 +67,7 @@ def free_port() -> int:
 
 def start_server(workdir: Path, database_url: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, DRPT_API_TOKENS=TOKEN, DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS="1",
+    env = dict(os.environ, DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET, DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS="1",
                DATABASE_URL=database_url or f"sqlite:///{workdir / 'bench.sqlite'}", DRPT_RUNS_DIR=str(workdir / "runs"),
                DRPT_PUBLIC_URL=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "services.control_plane", "--port", str(port), "--log-level", "error"],
@@ -91,13 +98,13 @@ def pct(xs: list[float], q: float) -> float:
 
 def bench_ingest(url: str, n: int) -> dict:
     jid = new_job(url)
-    rep = EventReporter(url, jid, TOKEN)
+    rep = EventReporter(url, jid, driver_token(jid))
     t0 = time.perf_counter()
     for i in range(n):
         rep.on_metrics({"step": i, **METRICS})
     ok = rep.close(timeout=600)
     dt = time.perf_counter() - t0
-    last = httpx.get(f"{url}/v1/ingest/{jid}", headers=H, timeout=30).json()["last_seq"]
+    last = httpx.get(f"{url}/v1/ingest/{jid}", headers={"Authorization": f"Bearer {driver_token(jid)}"}, timeout=30).json()["last_seq"]
     assert ok and last == n, (ok, last, n)
     return {"events": n, "seconds": dt, "events_per_s": n / dt}
 
@@ -129,7 +136,7 @@ async def _fanout(url: str, clients: int, m: int, rate: float | None) -> dict:
     async with httpx.AsyncClient(limits=limits) as client:
         tasks = [asyncio.create_task(_follow(client, url, jid, lat)) for _ in range(clients)]
         await asyncio.sleep(1.0)  # let every stream attach (they first replay the few stored events)
-        rep = EventReporter(url, jid, TOKEN)
+        rep = EventReporter(url, jid, driver_token(jid))
         t0 = time.perf_counter()
 
         def produce():

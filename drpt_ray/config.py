@@ -27,10 +27,16 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1  # SQLite's INTEGER; offsets and event ids in the REST API stop here
 NAME_MAX_LEN = 200  # a job's or sweep's `name`: the control plane's name column is VARCHAR(200)
 MAX_SEARCH_VALUES = 1000  # values of one sweep dimension; each is validated at submission
+MAX_SWEEP_TRIALS = 100_000  # trials of any sweep, checked before its values are (a server may allow fewer)
 
 # Every integer setting fits 32 bits: steps end up in the control plane's Integer columns (int32 on
 # Postgres), and no count or size is meaningful beyond that.
 Int = Annotated[int, annotated_types.Le(INT32_MAX)]
+# A Field(le=...) on an Int does not tighten Int's own bound (pydantic keeps the type's), so a
+# tighter bound is a type of its own.
+MAX_WORKERS = 4096  # rollout or learner workers of one job: beyond any cluster's, and a plan of them stays cheap to build
+WorkerCount = Annotated[int, annotated_types.Ge(1), annotated_types.Le(MAX_WORKERS)]
+PoolSize = Annotated[int, annotated_types.Ge(1), annotated_types.Le(1_000_000)]
 Seed = Annotated[int, annotated_types.Ge(0), annotated_types.Le(INT32_MAX)]  # numpy takes 0 <= seed < 2**32
 
 
@@ -244,12 +250,12 @@ class DataSpec(Spec):
     eval_path: str | None = Field(None, description="jsonl/parquet of held-out target examples.")
     prompt_key: str = Field("prompt", description="Column holding the prompt.")
     response_key: str = Field("response", description="Column holding the response.")
-    n_target: Int = Field(16, ge=1, le=1_000_000, description="Built-in task: size of the target pool.")
-    n_general: Int = Field(
-        4000, ge=1, le=1_000_000, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
+    n_target: PoolSize = Field(16, description="Built-in task: size of the target pool.")
+    n_general: PoolSize = Field(
+        4000, description="Built-in task: size of the general pool (gsm8k: at most this many variants)."
     )
-    n_eval: Int = Field(
-        256, ge=1, le=1_000_000, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
+    n_eval: PoolSize = Field(
+        256, description="Built-in task: held-out target examples (gsm8k: n_target + n_eval <= 100)."
     )
     p_clean: float = Field(0.3, ge=0, le=1, description="scarce_target: fraction of fully correct general examples.")
     reasoning_gym: ReasoningGymSpec | None = Field(
@@ -316,7 +322,7 @@ class SamplingSpec(Spec):
 
 
 class RolloutSpec(Spec):
-    num_workers: Int = Field(1, ge=1, description="RolloutWorker actors, each owning one vLLM engine.")
+    num_workers: WorkerCount = Field(1, description="RolloutWorker actors, each owning one vLLM engine.")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs reserved per worker (0 on CPU vLLM).")
     kv_cache_gib: Int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU (GiB).")
@@ -434,7 +440,7 @@ class DivergenceSpec(Spec):
 
 
 class ResourcesSpec(Spec):
-    learner_num_workers: Int = Field(1, ge=1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
+    learner_num_workers: WorkerCount = Field(1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
     learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner worker.")
     learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -445,6 +451,9 @@ class ResourcesSpec(Spec):
 
 # The fields that may name user code as 'package.module:function' (imported where the job runs).
 CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"), ("reward", "function"))
+# The fields that name a file or directory a job reads (a server admits only paths under its read roots).
+PATH_FIELDS: tuple[tuple[str, ...], ...] = (("model", "path"), ("data", "general_path"), ("data", "target_path"),
+                                            ("data", "eval_path"), ("reward", "model_path"))
 
 
 class JobSpec(Spec):
@@ -622,6 +631,8 @@ class SweepSpec(Spec):
             raise ValueError("space must name at least one field")
         if self.scheduler == "grid" and any(d.values is None for d in self.space.values()):
             raise ValueError("scheduler 'grid' needs values for every space entry")
+        if self.trial_count() > MAX_SWEEP_TRIALS:  # before the (per-value, ~1 ms each) checks below
+            raise ValueError(f"space: the sweep would run {self.trial_count()} trials; a sweep runs at most {MAX_SWEEP_TRIALS}")
         base = self.base.model_dump()
         for path, dim in self.space.items():
             if path in TRIAL_OWNED:

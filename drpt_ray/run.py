@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from drpt_ray.cli import main
+from drpt_ray.config import PATH_FIELDS
 from drpt_ray.errors import DIVERGED_EXIT
 
 def entry(argv: list[str] | None = None) -> int:
@@ -59,6 +60,13 @@ def reported_run(a: argparse.Namespace) -> int:
     from drpt_ray.config import JobSpec, load_spec
     from drpt_ray.reporting import EventReporter, run_reported
 
+    from drpt_ray.service_cli import CONTROL_PLANE_SECRETS
+
+    # Names only: what the control plane passed, and whether any of its own secrets came along.
+    leaked = sorted(k for k in CONTROL_PLANE_SECRETS if k in os.environ)
+    print("drpt-ray driver: environment has " + ", ".join(sorted(k for k in os.environ if k.startswith("DRPT_")))
+          + f"; control-plane secrets: {', '.join(leaked) or 'none'}", file=sys.stderr)
+
     reporter = EventReporter(a.report_url, a.job_id, os.environ.get("DRPT_INGEST_TOKEN"))
 
     def body() -> int:
@@ -79,9 +87,6 @@ def reported_run(a: argparse.Namespace) -> int:
         return 0
 
     return run_reported(reporter, "drpt-ray", body)
-
-
-PATH_FIELDS = (("model", "path"), ("data", "general_path"), ("data", "target_path"), ("data", "eval_path"), ("reward", "model_path"))
 
 
 def absolute_paths(spec):

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -173,7 +174,7 @@ def _table(head: tuple, rows: list[tuple]) -> str:
 def ensure_token() -> str:
     """DRPT_API_TOKENS if set, else the saved token, else a new one saved to ~/.drpt/token (0600)."""
     if os.environ.get("DRPT_API_TOKENS"):
-        return os.environ["DRPT_API_TOKENS"].split(",")[0].strip()
+        return os.environ["DRPT_API_TOKENS"].split(",")[0].strip().rpartition(":")[2]  # `tenant:token` or `token`
     token = saved_token()
     if not token:
         token = secrets.token_urlsafe(32)
@@ -199,9 +200,9 @@ def dashboard_up(url: str) -> bool:
 CONTROL_PLANE_SECRETS = ("DRPT_API_TOKENS", "DRPT_TOKEN", "DRPT_INGEST_SECRET", "DRPT_RAY_AUTH_TOKEN", "DATABASE_URL")
 
 
-def ray_env() -> dict[str, str]:
-    """This process's environment without the control plane's secrets: what a local Ray starts with."""
-    return {k: v for k, v in os.environ.items() if k not in CONTROL_PLANE_SECRETS}
+def ray_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`environ` (this process's) without the control plane's secrets: what a local Ray starts with."""
+    return {k: v for k, v in environ.items() if k not in CONTROL_PLANE_SECRETS}
 
 
 def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0) -> str:
@@ -254,6 +255,8 @@ def _serve(args) -> int:
     ensure_token()
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = start_local_ray(args.ray_dashboard_port, args.num_cpus)
+        # A job that needs more than this Ray has would wait on it forever: refuse it at submission.
+        os.environ.setdefault("DRPT_MAX_RUN_CPUS", str(args.num_cpus))
     if not os.environ.get("DRPT_PUBLIC_URL"):
         host = HOST if args.host in ("0.0.0.0", "::", "") else args.host
         os.environ["DRPT_PUBLIC_URL"] = f"http://{host}:{args.port}"

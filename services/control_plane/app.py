@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None, launcher: Launcher | None = Non
     keys = IngestKeys.load(db, settings.ingest_secret)
     launcher = launcher or make_launcher(settings)
     hub = Hub()
-    supervisor = Supervisor(db, launcher, keys, settings.max_running_jobs, settings.poll_interval_s, hub.notify)
+    supervisor = Supervisor(db, launcher, keys, settings.max_running_jobs, settings.poll_interval_s, hub.notify,
+                            settings.max_running_per_tenant)
     metrics = Metrics(db)
 
     @asynccontextmanager

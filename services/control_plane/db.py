@@ -23,6 +23,7 @@ from drpt_ray.config import NAME_MAX_LEN
 from services.control_plane import migrate
 
 ACTIVE = ("PENDING", "RUNNING")  # submitted to Ray, holding a slot
+DEFAULT_TENANT = "default"  # the tenant of a bare API token, and of every run stored before tenants existed
 
 
 class Base(DeclarativeBase):
@@ -33,6 +34,7 @@ class RunColumns:
     """What jobs and sweeps share: identity, lifecycle, the Ray submission and stream counters."""
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, server_default=DEFAULT_TENANT)  # the submitting token's
     name: Mapped[str | None] = mapped_column(String(NAME_MAX_LEN))
     state: Mapped[str] = mapped_column(String(16), index=True)  # drpt_ray.reporting.STATES; no CHECK, so a new state needs no migration
     message: Mapped[str | None] = mapped_column(Text)

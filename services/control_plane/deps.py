@@ -12,13 +12,13 @@ from services.control_plane.db import Database
 from services.control_plane.idempotency import DESCRIPTION as IDEMPOTENCY_DESCRIPTION, HEADER as IDEMPOTENCY_HEADER, IdempotencyKey
 from services.control_plane.launcher import Launcher
 from services.control_plane.notify import Hub
-from services.control_plane.security import bearer, bearer_token, require_api_token
+from services.control_plane.security import Caller, bearer, bearer_token, require_api_token
 from services.control_plane.settings import Settings
 from services.control_plane.supervisor import Supervisor
 
 
-def _api_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    require_api_token(request, creds)
+def _api_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    return require_api_token(request, creds)
 
 
 def _idempotency_key(
@@ -50,6 +50,7 @@ def _supervisor(request: Request) -> Supervisor:
 
 
 ApiAuth = Depends(_api_token)
+CallerDep = Annotated[Caller, Depends(_api_token)]  # the same dependency: FastAPI runs it once per request
 DbDep = Annotated[Database, Depends(_db)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 LauncherDep = Annotated[Launcher, Depends(_launcher)]

@@ -24,6 +24,7 @@ def _ts(x: float | None) -> datetime | None:
 
 class RunPublic(BaseModel):
     id: str
+    tenant: str = Field(description="The tenant of the token that submitted it.")
     name: str | None
     state: State
     message: str | None = Field(description="Why the run is in its state (a failure's reason).")
@@ -37,7 +38,7 @@ class RunPublic(BaseModel):
     @staticmethod
     def _common(run: Job | Sweep) -> dict:
         return dict(
-            id=run.id, name=run.name, state=run.state, message=run.message, created_at=_ts(run.created_at),
+            id=run.id, tenant=run.tenant, name=run.name, state=run.state, message=run.message, created_at=_ts(run.created_at),
             started_at=_ts(run.started_at), finished_at=_ts(run.finished_at), ray_job_id=run.ray_job_id,
             events=run.n_events, artifacts=run.artifacts or {},
         )

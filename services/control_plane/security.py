@@ -1,7 +1,9 @@
 """Bearer-token auth, per-run ingest tokens and the request body limit.
 
 * API tokens (`DRPT_API_TOKENS`) guard every route but `/healthz`: no `Authorization: Bearer`
-  header -> 401 (with `WWW-Authenticate: Bearer`), a token that is not one of them -> 403.
+  header -> 401 (with `WWW-Authenticate: Bearer`), a token that is not one of them -> 403. Each
+  token belongs to a tenant; a `Caller` sees and cancels its tenant's runs only (another tenant's
+  run is a 404, as if it did not exist), unless its tenant is in DRPT_ADMIN_TENANTS.
 * A run's ingest token is `HMAC-SHA256(secret, run_id)`: the job driver gets it in its runtime
   env and may only post events for its own run. Nothing per run needs storing, and a restarted
   control plane (same database, hence same secret) still recognises it.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from fastapi import HTTPException, Request, status
@@ -41,11 +44,25 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def token_matches(given: str, accepted: list[str]) -> bool:
-    """Constant-time membership test (every candidate is compared)."""
-    found = False
-    for t in accepted:
-        found |= hmac.compare_digest(given.encode(), t.encode())
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the tenant of its API token; `scope` is what it may see (None: every tenant)."""
+
+    tenant: str
+    admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        return None if self.admin else self.tenant
+
+
+def tenant_of(given: str, tokens: list[tuple[str, str]]) -> str | None:
+    """The tenant of the API token `given` among (token, tenant) pairs, or None; constant time in
+    which one matches (every candidate is compared)."""
+    found = None
+    for token, tenant in tokens:
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = tenant
     return found
 
 
@@ -101,10 +118,12 @@ class StreamTokens:
         return self._keys.token(f"stream:{run_id}:{expires}")
 
 
-def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> None:
-    token = bearer_token(creds)
-    if not token_matches(token, request.app.state.settings.api_tokens):
+def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> Caller:
+    settings = request.app.state.settings
+    tenant = tenant_of(bearer_token(creds), settings.token_tenants())
+    if tenant is None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid bearer token")
+    return Caller(tenant, admin=tenant in settings.admin_tenants)
 
 
 def refuse_escaping_paths(paths: dict[tuple[str, ...], str]) -> None:

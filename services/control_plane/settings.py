@@ -2,7 +2,13 @@
 
 | env var | meaning (default) |
 |---|---|
-| `DRPT_API_TOKENS` | comma-separated bearer tokens accepted on every route but `/healthz` (required, each >= 16 chars) |
+| `DRPT_API_TOKENS` | comma-separated bearer tokens accepted on every route but `/healthz` (required, each >= 16 chars); `tenant:token` gives the token's tenant (a bare token: tenant `default`) |
+| `DRPT_ADMIN_TENANTS` | tenants whose tokens see and cancel every tenant's runs (none) |
+| `DRPT_MAX_RUNNING_PER_TENANT` | a tenant's runs on Ray at once; its other runs wait QUEUED while other tenants' start (no limit) |
+| `DRPT_READ_ROOTS` | comma-separated directories server jobs may read models and data from (none: no host path) |
+| `DRPT_MAX_RUN_CPUS`, `DRPT_MAX_RUN_GPUS` | most CPUs / GPUs one job (one sweep trial) may reserve (no limit but the cluster's) |
+| `DRPT_MAX_KV_CACHE_GIB` | most vLLM KV cache one job may ask for over its rollout workers (64) |
+| `DRPT_MAX_BATCH_SIZE` | largest batch_size / target_batch_size a job may ask for (4096) |
 | `DATABASE_URL` | SQLAlchemy URL (`sqlite:///./drpt-control-plane.sqlite`); Postgres in production |
 | `RAY_ADDRESS` | Ray dashboard URL for the Jobs API (`http://head:8265`); empty: the local Ray `drpt-ray serve` starts |
 | `DRPT_RAY_AUTH_TOKEN` | Ray token-auth token; unset: `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`, then `~/.ray/auth_token` |
@@ -22,6 +28,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,8 +39,11 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from drpt_ray.client import DEFAULT_URL
+from drpt_ray.config import MAX_SWEEP_TRIALS
+from services.control_plane.db import DEFAULT_TENANT
 
 PLACEHOLDER_TOKENS = {"changethis", "changeme", "secret", "token", "password"}
+TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def _env(name: str, description: str, default=PydanticUndefined, **kw):
@@ -45,7 +55,18 @@ def _env(name: str, description: str, default=PydanticUndefined, **kw):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    api_tokens: Annotated[list[str], NoDecode] = _env("DRPT_API_TOKENS", "Bearer tokens accepted by the API.", default_factory=list)
+    api_tokens: Annotated[list[str], NoDecode] = _env("DRPT_API_TOKENS", "Bearer tokens accepted by the API, each "
+                                                      "`token` (tenant 'default') or `tenant:token`.", default_factory=list)
+    admin_tenants: Annotated[list[str], NoDecode] = _env("DRPT_ADMIN_TENANTS", "Tenants whose tokens see and cancel every tenant's runs.",
+                                                         default_factory=list)
+    max_running_per_tenant: int | None = _env("DRPT_MAX_RUNNING_PER_TENANT", "Runs of one tenant on Ray at once (None: "
+                                              "only DRPT_MAX_RUNNING_JOBS).", None, ge=1)
+    read_roots: Annotated[list[Path], NoDecode] = _env("DRPT_READ_ROOTS", "Directories server jobs may read models, data "
+                                                       "and reward models from (symlinks resolved); empty: none.", default_factory=list)
+    max_run_cpus: float | None = _env("DRPT_MAX_RUN_CPUS", "Most CPUs one job or sweep trial may reserve (None: the cluster's).", None, gt=0)
+    max_run_gpus: float | None = _env("DRPT_MAX_RUN_GPUS", "Most GPUs one job or sweep trial may reserve (None: the cluster's).", None, ge=0)
+    max_kv_cache_gib: float = _env("DRPT_MAX_KV_CACHE_GIB", "Most vLLM KV cache (GiB, over its rollout workers) one job may ask for.", 64.0, gt=0)
+    max_batch_size: int = _env("DRPT_MAX_BATCH_SIZE", "Largest batch_size and target_batch_size a job may ask for.", 4096, ge=1)
     database_url: str = _env("DATABASE_URL", "SQLAlchemy database URL.", "sqlite:///./drpt-control-plane.sqlite")
     ray_address: str = _env("RAY_ADDRESS", "Ray dashboard (Jobs API) URL; empty: http://127.0.0.1:8265, the local Ray `drpt-ray serve` starts.", "")
     ray_auth_token: str | None = _env("DRPT_RAY_AUTH_TOKEN", "Ray token-auth token for the Jobs API (see launcher.ray_auth_token for the fallbacks).", None)
@@ -67,10 +88,10 @@ class Settings(BaseSettings):
         "DRPT_USER_CODE_MODULES", "Comma-separated module prefixes job code may come from when DRPT_USER_CODE is on "
         "(e.g. mycompany.rl allows mycompany.rl and mycompany.rl.*); the operator installs them on the cluster.", default_factory=list)
     max_sweep_trials: int = _env("DRPT_MAX_SWEEP_TRIALS", "Most trials one sweep may run (grid: product of the value "
-                                 "counts x num_samples); a bigger sweep is refused at submission (422).", 256, ge=1)
+                                 "counts x num_samples); a bigger sweep is refused at submission (422).", 256, ge=1, le=MAX_SWEEP_TRIALS)
     stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S", "Lifetime of a stream token (opening, or reopening, a run's stream).", 900.0, gt=0, le=86400)
 
-    @field_validator("api_tokens", "cors_origins", "user_code_modules", mode="before")
+    @field_validator("api_tokens", "admin_tenants", "cors_origins", "user_code_modules", "read_roots", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -82,10 +103,30 @@ class Settings(BaseSettings):
     def _strong(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("DRPT_API_TOKENS is empty: set at least one bearer token (e.g. `openssl rand -hex 24`)")
-        for t in v:
+        for entry in v:
+            tenant, t = _split_token(entry)
+            if not TENANT.fullmatch(tenant):
+                raise ValueError(f"DRPT_API_TOKENS: tenant {tenant!r} is not a tenant name (lower-case letters, digits, '_', '-')")
             if len(t) < 16 or t.lower() in PLACEHOLDER_TOKENS:
                 raise ValueError(f"DRPT_API_TOKENS: token {t[:4]}... is too weak; use >= 16 random characters")
         return v
+
+    @field_validator("admin_tenants")
+    @classmethod
+    def _tenant_names(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not TENANT.fullmatch(t):
+                raise ValueError(f"DRPT_ADMIN_TENANTS: {t!r} is not a tenant name (lower-case letters, digits, '_', '-')")
+        return v
+
+    @field_validator("read_roots")
+    @classmethod
+    def _real_dirs(cls, v: list[Path]) -> list[Path]:
+        return [Path(os.path.realpath(Path(p).expanduser())) for p in v]
+
+    def token_tenants(self) -> list[tuple[str, str]]:
+        """(token, tenant) of every configured API token."""
+        return [_split_token(e)[::-1] for e in self.api_tokens]
 
     @field_validator("user_code_modules")
     @classmethod
@@ -121,3 +162,9 @@ class Settings(BaseSettings):
     @property
     def dashboard_url(self) -> str:
         return self.ray_address or "http://127.0.0.1:8265"
+
+
+def _split_token(entry: str) -> tuple[str, str]:
+    """`tenant:token` -> (tenant, token); a bare token belongs to DEFAULT_TENANT."""
+    tenant, sep, token = entry.partition(":")
+    return (tenant, token) if sep else (DEFAULT_TENANT, entry)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from drpt_ray.config import INT32_MAX
 from drpt_ray.reporting import STATES, TERMINAL, best_trial as best_of, running_best
-from services.control_plane.db import ACTIVE, Database, Event, Job, Sweep, Trial, now
+from services.control_plane.db import ACTIVE, DEFAULT_TENANT, Database, Event, Job, Sweep, Trial, now
 
 
 class NotFound(Exception):
@@ -43,14 +43,16 @@ def model_of(run_id: str) -> type[Job] | type[Sweep]:
     return Sweep if run_id.startswith("swp_") else Job
 
 
-def get_run(s: Session, run_id: str, for_update: bool = False, kind: str | None = None) -> Job | Sweep:
-    """The job or sweep `run_id` (of `kind` when given); NotFound otherwise. An id no version of the store
-    could have written never reaches the database (Postgres refuses a NUL in text with an error, not a miss)."""
+def get_run(s: Session, run_id: str, for_update: bool = False, kind: str | None = None, scope: str | None = None) -> Job | Sweep:
+    """The job or sweep `run_id` (of `kind` when given, of tenant `scope` when given: a route passes
+    its caller's); NotFound otherwise, the same for another tenant's run as for no run. An id no
+    version of the store could have written never reaches the database (Postgres refuses a NUL in
+    text with an error, not a miss)."""
     model = {"job": Job, "sweep": Sweep}.get(kind) or model_of(run_id)
     if not RUN_ID.fullmatch(run_id):
         raise NotFound(f"no {'sweep' if model is Sweep else 'job'} with id {run_id!r}")
     run = s.get(model, run_id, with_for_update=for_update or None)
-    if run is None:
+    if run is None or (scope is not None and run.tenant != scope):
         raise NotFound(f"no {'sweep' if model is Sweep else 'job'} with id {run_id!r}")
     return run
 
@@ -81,10 +83,10 @@ def transition(s: Session, run: Job | Sweep, state: str, message: str | None = N
 # creation and cancel
 
 
-def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None = None) -> Job | Sweep:
-    """A new QUEUED run, added in the caller's write transaction: whatever else the caller writes
-    there (an idempotency key) commits with it, or nothing does."""
-    fields = dict(id=new_id(kind), name=name, state="QUEUED", spec=spec, created_at=now(), artifacts={},
+def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None = None, tenant: str = DEFAULT_TENANT) -> Job | Sweep:
+    """A new QUEUED run of `tenant`, added in the caller's write transaction: whatever else the caller
+    writes there (an idempotency key) commits with it, or nothing does."""
+    fields = dict(id=new_id(kind), tenant=tenant, name=name, state="QUEUED", spec=spec, created_at=now(), artifacts={},
                   n_events=0, last_seq=0, cancel_requested=False)
     run = Sweep(**fields) if kind == "sweep" else Job(mode=mode, **fields)
     s.add(run)
@@ -92,10 +94,10 @@ def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None
     return run
 
 
-def request_cancel(db: Database, run_id: str, kind: str | None = None) -> tuple[Job | Sweep, str | None]:
+def request_cancel(db: Database, run_id: str, kind: str | None = None, scope: str | None = None) -> tuple[Job | Sweep, str | None]:
     """Mark the run CANCELLED; returns it and the Ray job to stop (None if it never reached Ray)."""
     with db.write() as s:
-        run = get_run(s, run_id, for_update=True, kind=kind)
+        run = get_run(s, run_id, for_update=True, kind=kind, scope=scope)
         if run.state in TERMINAL:
             raise Conflict(f"{run_id} is already {run.state}; only QUEUED, PENDING or RUNNING runs can be cancelled")
         run.cancel_requested = True
@@ -176,11 +178,14 @@ def _apply_trial(s: Session, sweep: Sweep, e: dict) -> None:
 # queries
 
 
-def list_runs(s: Session, model, state: str | None, limit: int, offset: int):
+def list_runs(s: Session, model, state: str | None, limit: int, offset: int, scope: str | None = None):
+    """A page of runs, newest first, with the total; of tenant `scope` only when given."""
     q = select(model)
     count = select(func.count()).select_from(model)
     if state:
         q, count = q.where(model.state == state), count.where(model.state == state)
+    if scope is not None:
+        q, count = q.where(model.tenant == scope), count.where(model.tenant == scope)
     items = s.scalars(q.order_by(model.created_at.desc(), model.id).limit(limit).offset(offset)).all()
     return items, s.scalar(count)
 
@@ -194,8 +199,14 @@ def events_after(s: Session, run_id: str, after: int, limit: int, types: tuple[s
     return list(s.scalars(q.order_by(Event.pos).limit(limit)))
 
 
-def count_active(s: Session) -> int:
-    return sum(s.scalar(select(func.count()).select_from(m).where(m.state.in_(ACTIVE))) for m in (Job, Sweep))
+def count_active(s: Session) -> dict[str, int]:
+    """Runs holding a slot (submitted to Ray, PENDING or RUNNING), by tenant."""
+    out: dict[str, int] = {}
+    for m in (Job, Sweep):
+        q = select(m.tenant, func.count()).where(m.state.in_(ACTIVE), m.ray_job_id.is_not(None)).group_by(m.tenant)
+        for tenant, n in s.execute(q):
+            out[tenant] = out.get(tenant, 0) + n
+    return out
 
 
 def best_trial(sweep: Sweep, trials: list[Trial]) -> Trial | None:

@@ -7,9 +7,12 @@ previous control-plane process died are matched against Ray before anything new 
 * reconcile: for every run Ray holds (PENDING/RUNNING, or CANCELLED while Ray has not stopped it
   yet), ask Ray for its status. Ray RUNNING -> RUNNING; Ray SUCCEEDED/FAILED and the driver did not
   report it -> the same state with Ray's message; Ray STOPPED -> CANCELLED (if requested) else
-  FAILED; Ray has no such job -> FAILED. A CANCELLED run still alive on Ray is stopped again.
+  FAILED; Ray has no such job -> FAILED. A CANCELLED run still alive on Ray is stopped again. A
+  run RUNNING with no Ray job behind it (only events posted with its ingest token can move a run
+  before its submission) holds no slot and fails after ORPHAN_GRACE_TICKS poll intervals.
 * admit: while fewer than `DRPT_MAX_RUNNING_JOBS` runs are PENDING/RUNNING, submit the oldest
-  QUEUED job or sweep. Ray unreachable -> they stay QUEUED and the next tick retries.
+  QUEUED job or sweep whose tenant has fewer than `DRPT_MAX_RUNNING_PER_TENANT` on Ray (the others
+  wait, and a later tenant's run goes first). Ray unreachable -> they stay QUEUED and the next tick retries.
 """
 
 from __future__ import annotations
@@ -21,18 +24,21 @@ from typing import Callable
 from sqlalchemy import select
 
 from services.control_plane import store
-from services.control_plane.db import ACTIVE, Database, Job, Sweep
+from services.control_plane.db import ACTIVE, Database, Job, Sweep, now
 from services.control_plane.launcher import RAY_TERMINAL, Launcher, LauncherUnavailable
 from services.control_plane.security import IngestKeys
 
 log = logging.getLogger("drpt.control_plane")
+ADMIT_LOOKAHEAD = 1000  # queued runs read per tick beyond the free slots
+ORPHAN_GRACE_TICKS = 100  # a run RUNNING with no Ray job fails after this many poll intervals
 
 
 class Supervisor:
     def __init__(self, db: Database, launcher: Launcher, keys: IngestKeys, max_running: int, interval_s: float,
-                 notify: Callable[[str], None]):
+                 notify: Callable[[str], None], max_per_tenant: int | None = None):
         self.db, self.launcher, self.keys = db, launcher, keys
         self.max_running, self.interval_s, self.notify = max_running, interval_s, notify
+        self.max_per_tenant = max_per_tenant
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="drpt-supervisor", daemon=True)
@@ -50,10 +56,10 @@ class Supervisor:
     def wake(self) -> None:
         self._wake.set()
 
-    def cancel(self, run_id: str, kind: str) -> Job | Sweep:
-        """Mark a run CANCELLED and stop its Ray job; if Ray cannot be reached now, the next
-        reconcile stops it (the run's `cancel_requested` stays set). Returns the run."""
-        run, ray_job_id = store.request_cancel(self.db, run_id, kind=kind)
+    def cancel(self, run_id: str, kind: str, scope: str | None) -> Job | Sweep:
+        """Mark a run (of tenant `scope`, when given) CANCELLED and stop its Ray job; if Ray cannot be
+        reached now, the next reconcile stops it (the run's `cancel_requested` stays set). Returns the run."""
+        run, ray_job_id = store.request_cancel(self.db, run_id, kind=kind, scope=scope)
         if ray_job_id is not None:
             try:
                 self.launcher.stop(ray_job_id)
@@ -86,6 +92,18 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
+        # Runs RUNNING with no Ray job: they hold no slot (store.count_active), and after a grace
+        # period (a test or a late driver may still finish them) they fail.
+        cutoff = now() - ORPHAN_GRACE_TICKS * self.interval_s
+        with self.db.read() as s:
+            orphans = [run_id for model in (Job, Sweep) for run_id in s.scalars(
+                select(model.id).where(model.state.in_(ACTIVE), model.ray_job_id.is_(None), model.started_at < cutoff))]
+        for run_id in orphans:
+            with self.db.write() as s:
+                run = store.get_run(s, run_id, for_update=True)
+                changed = store.transition(s, run, "FAILED", "reported running with no Ray job behind it (not submitted by this control plane)")
+            if changed:
+                self.notify(run_id)
         with self.db.read() as s:
             todo = []
             for model in (Job, Sweep):
@@ -124,14 +142,21 @@ class Supervisor:
 
     def admit(self) -> None:
         with self.db.read() as s:
-            free = self.max_running - store.count_active(s)
+            active = store.count_active(s)
+            free = self.max_running - sum(active.values())
             if free <= 0:
                 return
             queued = []
-            for model in (Job, Sweep):
-                queued += s.execute(select(model.id, model.created_at, model.spec).where(model.state == "QUEUED")
-                                    .order_by(model.created_at).limit(free)).all()
-        for run_id, _, spec in sorted(queued, key=lambda r: r[1])[:free]:
+            for model in (Job, Sweep):  # enough to look past the runs of tenants at their limit
+                queued += s.execute(select(model.id, model.created_at, model.spec, model.tenant).where(model.state == "QUEUED")
+                                    .order_by(model.created_at).limit(free + ADMIT_LOOKAHEAD)).all()
+        for run_id, _, spec, tenant in sorted(queued, key=lambda r: r[1]):
+            if free <= 0:
+                break
+            if self.max_per_tenant is not None and active.get(tenant, 0) >= self.max_per_tenant:
+                continue
+            free -= 1
+            active[tenant] = active.get(tenant, 0) + 1
             kind = "sweep" if store.model_of(run_id) is Sweep else "job"
             try:
                 ray_job_id = self.launcher.submit(run_id, kind, spec, self.keys.token(run_id))

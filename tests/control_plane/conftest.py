@@ -32,6 +32,18 @@ from tests.control_plane.postgres import PostgresServer, bindir
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 H = {"Authorization": f"Bearer {TOKEN}"}
+INGEST_SECRET = "test-ingest-secret-0123456789abcdef"  # every test server's: a test can act as a run's driver
+
+
+def ingest_token(run_id: str) -> str:
+    """The run's ingest token on a test server, as its driver gets it (the only token ingest accepts)."""
+    from services.control_plane.security import IngestKeys
+
+    return IngestKeys(INGEST_SECRET).token(run_id)
+
+
+def ingest_headers(run_id: str) -> dict:
+    return {"Authorization": f"Bearer {ingest_token(run_id)}"}
 
 
 _TAKEN: set[int] = set()
@@ -169,6 +181,7 @@ def make_server(workdir: Path, database: str | None = None, **env_extra) -> Serv
     env.pop("RAY_ADDRESS", None)
     env.update({
         "DRPT_API_TOKENS": TOKEN,
+        "DRPT_INGEST_SECRET": INGEST_SECRET,
         "DATABASE_URL": database or f"sqlite:///{workdir / 'control_plane.sqlite'}",
         "DRPT_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "DRPT_RUNS_DIR": str(workdir / "runs"),
@@ -231,7 +244,7 @@ class RayCluster:
 def ray_cluster(tmp_path_factory):
     """`ray start --head --block` in its own process group, every port chosen free; SIGTERM, then
     SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
-    from drpt_ray.service_cli import dashboard_up
+    from drpt_ray.service_cli import dashboard_up, ray_env
 
     temp_dirs: list[Path] = []
     for attempt in range(3):  # a start that fails (a port taken after all) is retried on fresh ports
@@ -246,7 +259,10 @@ def ray_cluster(tmp_path_factory):
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        # As `drpt-ray serve` starts its Ray: from an environment holding the control plane's secrets,
+        # through the filter it uses (test_ray_jobs checks that no job driver sees them).
+        env = ray_env(dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
+                           DATABASE_URL="sqlite:////nonexistent/leaked.sqlite"))
         env.pop("RAY_ADDRESS", None)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{ports['dashboard-port']}"

@@ -14,7 +14,7 @@ import pytest
 from drpt_ray.client import ClientError, iter_sse
 from drpt_ray.reporting import EventReporter
 from services.control_plane.models import ErrorResponse
-from tests.control_plane.conftest import H, TOKEN, wait_for
+from tests.control_plane.conftest import H, TOKEN, ingest_headers, ingest_token, wait_for
 
 TINY_SFT = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}
 
@@ -41,6 +41,7 @@ def test_healthz_needs_no_token_and_openapi_documents_v1(dry_server):
 
 
 INGEST = "/v1/ingest/job_0000000000000000"
+HI = ingest_headers("job_0000000000000000")  # that run's driver
 BAD = [
     # (name, method, path, body, headers, status, words the message must contain)
     ("no token", "GET", "/v1/jobs", None, {}, 401, ["bearer"]),
@@ -69,13 +70,13 @@ BAD = [
     ("unknown job metrics", "GET", "/v1/jobs/job_0000000000000000/metrics", None, H, 404, ["no job"]),
     ("unknown sweep", "GET", "/v1/sweeps/swp_0000000000000000", None, H, 404, ["no sweep"]),
     ("bad ingest token", "GET", "/v1/ingest/job_0000000000000000", None, {"Authorization": "Bearer not-the-ingest-token"}, 403, ["ingest token"]),
-    ("alert without message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3}]}, H, 422,
+    ("alert without message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3}]}, HI, 422,
      ["body.events.0.alert.message", "field required"]),
-    ("alert with a blank message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3, "message": " "}]}, H, 422,
+    ("alert with a blank message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3, "message": " "}]}, HI, 422,
      ["body.events.0.alert.message", "pattern"]),
     ("alert with a text step", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": "abc", "message": "x"}]},
-     H, 422, ["body.events.0.alert.step", "integer", "'abc'"]),
-    ("unknown driver state", "POST", INGEST, {"events": [{"seq": 1, "type": "state", "state": "EXPLODED"}]}, H, 422,
+     HI, 422, ["body.events.0.alert.step", "integer", "'abc'"]),
+    ("unknown driver state", "POST", INGEST, {"events": [{"seq": 1, "type": "state", "state": "EXPLODED"}]}, HI, 422,
      ["body.events.0.state.state", "DIVERGED", "'EXPLODED'"]),
     # issue 13, "what an outside client found": each was a 500, a broken stream, or accepted
     ("huge offset, jobs", "GET", f"/v1/jobs?offset={2**63}", None, H, 422, ["query.offset", "less than or equal to 9223372036854775807"]),
@@ -112,17 +113,17 @@ BAD = [
      H, 422, ["body.base.output_dir", "no '..'"]),
     ("output_dir searched by a sweep", "POST", "/v1/sweeps", {"space": {"output_dir": {"values": ["/etc"]}}}, H, 422,
      ["'output_dir'", "cannot be searched"]),
-    ("ingest seq past int32", "POST", INGEST, {"events": [{"seq": 2**70, "type": "log", "line": "x"}]}, H, 422,
+    ("ingest seq past int32", "POST", INGEST, {"events": [{"seq": 2**70, "type": "log", "line": "x"}]}, HI, 422,
      ["body.events.0.log.seq", "less than or equal to 2147483647"]),
-    ("metrics step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": "abc", "metrics": {}}]}, H, 422,
+    ("metrics step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": "abc", "metrics": {}}]}, HI, 422,
      ["body.events.0.metrics.step", "valid integer", "'abc'"]),
-    ("metrics' own step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"step": "abc"}}]}, H, 422,
+    ("metrics' own step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"step": "abc"}}]}, HI, 422,
      ["body.events.0.metrics.metrics", "`step` must be an integer", "'abc'"]),
-    ("NaN metric", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"loss": float("nan")}}]}, H, 422,
+    ("NaN metric", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"loss": float("nan")}}]}, HI, 422,
      ["body.events.0.metrics.metrics.loss", "finite number"]),
-    ("log without line", "POST", INGEST, {"events": [{"seq": 1, "type": "log"}]}, H, 422, ["body.events.0.log.line", "field required"]),
-    ("unknown event type", "POST", INGEST, {"events": [{"seq": 1, "type": "gossip"}]}, H, 422, ["body.events.0", "'gossip'", "'metrics'"]),
-    ("unknown event field", "POST", INGEST, {"events": [{"seq": 1, "type": "log", "line": "x", "lvl": 3}]}, H, 422,
+    ("log without line", "POST", INGEST, {"events": [{"seq": 1, "type": "log"}]}, HI, 422, ["body.events.0.log.line", "field required"]),
+    ("unknown event type", "POST", INGEST, {"events": [{"seq": 1, "type": "gossip"}]}, HI, 422, ["body.events.0", "'gossip'", "'metrics'"]),
+    ("unknown event field", "POST", INGEST, {"events": [{"seq": 1, "type": "log", "line": "x", "lvl": 3}]}, HI, 422,
      ["body.events.0.log.lvl", "not permitted"]),
 ]
 
@@ -175,7 +176,7 @@ def test_50_concurrent_submissions_are_recorded_once_and_queued(server_factory):
         # a job never submitted has no launcher log: its log is the driver's streamed lines, `tail` the last ones
         queued = next(j["id"] for j in c.get("/v1/jobs", params={"state": "QUEUED"}).json()["items"])
         lines = [{"seq": i + 1, "type": "log", "line": f"line {i}"} for i in range(3)]
-        assert c.post(f"/v1/ingest/{queued}", json={"events": lines}).json()["stored"] == 3
+        assert c.post(f"/v1/ingest/{queued}", headers=ingest_headers(queued), json={"events": lines}).json()["stored"] == 3
         assert c.get(f"/v1/jobs/{queued}").json()["ray_job_id"] is None
         assert c.get(f"/v1/jobs/{queued}/logs").text == "line 0\nline 1\nline 2\n"
         assert c.get(f"/v1/jobs/{queued}/logs", params={"tail": 2}).text == "line 1\nline 2\n"
@@ -197,10 +198,10 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
         batch = [{"seq": 1, "type": "state", "state": "RUNNING"}] + [
             {"seq": i + 2, "type": "metrics", "step": i, "metrics": {"step": i, "loss": 1.0 / (i + 1)}} for i in range(5)
         ]
-        assert c.post(f"/v1/ingest/{jid}", json={"events": batch}).json() == {"stored": 6, "last_seq": 6}
+        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": batch}).json() == {"stored": 6, "last_seq": 6}
         again = batch[3:] + [{"seq": 7, "type": "log", "line": "hello"}]  # a retried batch overlapping the first
-        assert c.post(f"/v1/ingest/{jid}", json={"events": again}).json() == {"stored": 1, "last_seq": 7}
-        assert c.get(f"/v1/ingest/{jid}").json()["last_seq"] == 7
+        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": again}).json() == {"stored": 1, "last_seq": 7}
+        assert c.get(f"/v1/ingest/{jid}", headers=ingest_headers(jid)).json()["last_seq"] == 7
         steps = [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics").json()["items"]]
         assert steps == [0, 1, 2, 3, 4]
         assert [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics", params={"offset": 3, "limit": 10}).json()["items"]] == [3, 4]
@@ -216,7 +217,7 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
         got: list = []
         t = threading.Thread(target=lambda: got.extend(sse_events(c, f"/v1/jobs/{jid}/events", headers={"Last-Event-ID": str(ids[-1])})))
         t.start()
-        c.post(f"/v1/ingest/{jid}", json={"events": [{"seq": 8, "type": "state", "state": "SUCCEEDED", "message": None,
+        c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": [{"seq": 8, "type": "state", "state": "SUCCEEDED", "message": None,
                                                        "artifacts": {"output_dir": "/nonexistent/out"}}]})
         t.join(30)
         assert not t.is_alive()
@@ -234,7 +235,7 @@ def test_reporter_buffers_while_the_control_plane_is_down(server_factory):
     with s.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
     s.kill()
-    reporter = EventReporter(s.url, jid, TOKEN)
+    reporter = EventReporter(s.url, jid, ingest_token(jid))
     reporter.state("RUNNING")
     for i in range(300):
         reporter.on_metrics({"step": i, "loss": float(i)})
@@ -242,7 +243,7 @@ def test_reporter_buffers_while_the_control_plane_is_down(server_factory):
     s.start()  # same port, same database
     assert reporter.close(timeout=30)
     # a restarted driver continues the sequence instead of reusing numbers
-    second = EventReporter(s.url, jid, TOKEN)
+    second = EventReporter(s.url, jid, ingest_token(jid))
     second.state("SUCCEEDED")
     assert second.close(timeout=30)
     with s.http() as c:

@@ -14,7 +14,7 @@ import pytest
 
 from services.control_plane.security import IngestKeys, StreamTokens
 from tests.control_plane.browser import chrome  # noqa: F401 (a fixture)
-from tests.control_plane.conftest import TOKEN, free_port, wait_for
+from tests.control_plane.conftest import TOKEN, free_port, ingest_headers, wait_for
 from tests.control_plane.test_api import TINY_SFT, sse_events
 
 PAGE_ORIGIN_HOST = "127.0.0.1"
@@ -39,7 +39,7 @@ ONE_BACKEND = pytest.mark.parametrize("server_factory", ["sqlite"], indirect=Tru
 
 
 def ingest(c: httpx.Client, jid: str, events: list[dict]) -> None:
-    r = c.post(f"/v1/ingest/{jid}", json={"events": events})
+    r = c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": events})
     assert r.status_code == 200, r.text
 
 

@@ -14,13 +14,13 @@ import pytest
 from drpt_ray import cli
 from drpt_ray.client import ApiError, Client, ClientError, End, MetricsReport, StateChange, SweepSummary, TrialReport
 from drpt_ray.config import JobSpec
-from tests.control_plane.conftest import TOKEN, free_port
+from tests.control_plane.conftest import TOKEN, free_port, ingest_headers
 from tests.control_plane.test_api import TINY_SFT
 
 
 def drive(http: httpx.Client, run_id: str, events: list[dict]) -> None:
     """Post events to the run's ingest route, as its driver would."""
-    r = http.post(f"/v1/ingest/{run_id}", json={"events": events})
+    r = http.post(f"/v1/ingest/{run_id}", headers=ingest_headers(run_id), json={"events": events})
     assert r.status_code == 200 and r.json()["stored"] == len(events), r.text
 
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from services.control_plane.models import ErrorResponse
-from tests.control_plane.conftest import H
+from tests.control_plane.conftest import H, ingest_headers
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
 BODY_ROUTES = ["/v1/jobs", "/v1/sweeps", "/v1/ingest/job_0000000000000000"]
@@ -40,7 +40,8 @@ def test_every_route_declares_its_error_statuses_with_the_one_error_shape(dry_se
 def test_a_body_that_is_not_a_json_object_is_a_422_on_every_route(dry_server, path, body):
     # FastAPI's own answer to a non-UTF-8 body was a 400 while a JSON syntax error was a 422
     with httpx.Client(base_url=dry_server.url, timeout=30) as c:
-        r = c.post(path, content=body, headers=H | {"Content-Type": "application/json"})
+        auth = ingest_headers(path.rpartition("/")[2]) if path.startswith("/v1/ingest/") else H  # the driver's token there
+        r = c.post(path, content=body, headers=auth | {"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     err = ErrorResponse.model_validate(r.json())
     assert [d.loc for d in err.detail] == [["body"]] and err.message.startswith("body: ")

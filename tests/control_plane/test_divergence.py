@@ -15,7 +15,7 @@ from services.control_plane.launcher import DryRunLauncher
 from services.control_plane.security import IngestKeys
 from services.control_plane.settings import Settings
 from services.control_plane.supervisor import Supervisor
-from tests.control_plane.conftest import TOKEN
+from tests.control_plane.conftest import TOKEN, ingest_headers, ingest_token
 from tests.control_plane.test_api import TINY_SFT, sse_events
 
 COLLAPSE = "batch reward std < 1e-06 for 3 consecutive steps (zero_variance_steps=3): every advantage is 0, nothing is learned"
@@ -29,13 +29,13 @@ def _diverged_job(c, jid: str) -> None:
         {"seq": 3, "type": "alert", "step": 3, "message": COLLAPSE},
         {"seq": 4, "type": "state", "state": "DIVERGED", "message": COLLAPSE, "artifacts": {"output_dir": "/nonexistent/out"}},
     ]
-    assert c.post(f"/v1/ingest/{jid}", json={"events": batch}).json() == {"stored": 4, "last_seq": 4}
+    assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": batch}).json() == {"stored": 4, "last_seq": 4}
 
 
 def test_reporter_alert_is_stored_and_streamed_as_an_alert_event(dry_server):
     with dry_server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
-    reporter = EventReporter(dry_server.url, jid, TOKEN)
+    reporter = EventReporter(dry_server.url, jid, ingest_token(jid))
     reporter.state("RUNNING")
     reporter.alert(7, COLLAPSE)
     assert reporter.close(timeout=30)
@@ -52,7 +52,7 @@ def test_diverged_is_a_final_state_that_later_driver_states_do_not_move(dry_serv
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
         _diverged_job(c, jid)
         later = [{"seq": 5, "type": "state", "state": "RUNNING"}, {"seq": 6, "type": "state", "state": "SUCCEEDED", "message": None}]
-        assert c.post(f"/v1/ingest/{jid}", json={"events": later}).json()["stored"] == 2
+        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": later}).json()["stored"] == 2
         job = c.get(f"/v1/jobs/{jid}").json()
         assert job["state"] == "DIVERGED" and job["message"] == COLLAPSE and job["finished_at"] is not None
         assert job["artifacts"]["output_dir"] == "/nonexistent/out"
@@ -112,11 +112,11 @@ def test_driver_reports_diverged_with_artifacts_and_exits_3(dry_server, tmp_path
         raise trainer.Diverged(3, COLLAPSE)
 
     monkeypatch.setattr(trainer, "run_job", collapsing_run_job)
-    monkeypatch.setenv("DRPT_INGEST_TOKEN", TOKEN)
     spec = tmp_path / "job.yaml"
     spec.write_text(f"mode: sft\nsteps: 20\neval_every: 10\nprogress: false\noutput_dir: {tmp_path / 'out'}\n")
     with dry_server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
+    monkeypatch.setenv("DRPT_INGEST_TOKEN", ingest_token(jid))  # what the launcher gives the job's driver
     args = argparse.Namespace(spec=str(spec), address=None, output_dir=None, job_id=jid, report_url=dry_server.url)
     assert reported_run(args) == DIVERGED_EXIT == 3
     with dry_server.http() as c:

@@ -15,7 +15,7 @@ from drpt_ray.reporting import EventReporter
 from drpt_ray.run import DIVERGED_EXIT, reported_run
 from services.control_plane import store
 from services.control_plane.db import Database
-from tests.control_plane.conftest import TOKEN, wait_for
+from tests.control_plane.conftest import ingest_headers, ingest_token, wait_for
 from tests.control_plane.test_api import TINY_SFT, sse_events
 
 
@@ -27,7 +27,7 @@ def strict_loads(text: str):
 
 
 def report(c, jid: str, seq: int, output_dir: str) -> None:
-    r = c.post(f"/v1/ingest/{jid}", json={"events": [{"seq": seq, "type": "state", "state": "RUNNING", "artifacts": {"output_dir": output_dir}}]})
+    r = c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": [{"seq": seq, "type": "state", "state": "RUNNING", "artifacts": {"output_dir": output_dir}}]})
     assert r.status_code == 200, r.text
 
 
@@ -53,7 +53,7 @@ def test_artifacts_are_listed_only_inside_the_jobs_own_directory(dry_server):
 def test_the_stream_is_strict_json_and_a_nan_metric_arrives_as_null(dry_server):
     with dry_server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
-    reporter = EventReporter(dry_server.url, jid, TOKEN)
+    reporter = EventReporter(dry_server.url, jid, ingest_token(jid))
     reporter.on_metrics({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
     reporter.state("FAILED", "step 1: non-finite loss")
     assert reporter.close(timeout=30)
@@ -110,12 +110,12 @@ def test_what_stays_valid_is_still_accepted(dry_server):
 def test_a_nan_loss_ends_the_job_diverged_naming_the_step(dry_server, tmp_path, monkeypatch):
     """The real driver and trainer on a tiny SFT run whose learning rate blows the weights up: the
     loss is NaN at step 2, the run stops there, and the job is not a success."""
-    monkeypatch.setenv("DRPT_INGEST_TOKEN", TOKEN)
     spec = tmp_path / "job.yaml"
     spec.write_text("mode: sft\nsteps: 20\neval_every: 10\nprogress: false\ntensorboard: false\n"
                     f"optim: {{lr: 1e30, warmup_frac: 0.0, schedule: constant}}\noutput_dir: {tmp_path / 'out'}\n")
     with dry_server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
+    monkeypatch.setenv("DRPT_INGEST_TOKEN", ingest_token(jid))  # what the launcher gives the job's driver
     args = argparse.Namespace(spec=str(spec), address=None, output_dir=None, job_id=jid, report_url=dry_server.url)
     assert reported_run(args) == DIVERGED_EXIT
     with dry_server.http() as c:

@@ -4,18 +4,19 @@ and a database made before Alembic (create_all, no alembic_version) upgrades in 
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, inspect, select
+from sqlalchemy import Engine, MetaData, create_engine, inspect, select, text
 
 from services.control_plane import migrate, store
 from services.control_plane.db import Base, Database, engine_url
 from tests.control_plane.conftest import BACKENDS, database_url
 
-# The tables every version before Alembic made with create_all: revision 0001's schema. (Their
-# models have not changed since; a revision that changes one must freeze the old form here.)
+# The tables every version before Alembic made with create_all: revision 0001's schema, made here by
+# upgrading to 0001 and dropping alembic_version (today's models have more columns, e.g. tenant).
 PRE_ALEMBIC_TABLES = ("jobs", "sweeps", "trials", "events", "meta")
 HEAD = ScriptDirectory.from_config(Config(str(migrate.INI))).get_current_head()
 
@@ -37,8 +38,18 @@ def test_a_new_database_is_at_head_with_exactly_the_models_schema(db):
 def test_a_pre_alembic_database_upgrades_in_place_with_its_rows(request, backend, tmp_path):
     url = database_url(request, backend, tmp_path)
     legacy = create_engine(engine_url(url))
-    Base.metadata.create_all(legacy, tables=[table(t) for t in PRE_ALEMBIC_TABLES])
-    assert "alembic_version" not in inspect(legacy).get_table_names()
+    with legacy.begin() as conn:
+        cfg = Config(str(migrate.INI))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, migrate.BASELINE)
+        conn.execute(text("DROP TABLE alembic_version"))
+    old = MetaData()
+    old.reflect(legacy)
+    assert "alembic_version" not in inspect(legacy).get_table_names() and "tenant" not in old.tables["jobs"].columns
+
+    def table(name: str):  # the old schema's
+        return old.tables[name]
+
     with legacy.begin() as conn:  # rows as the old version wrote them
         run = dict(state="RUNNING", message=None, created_at=1.0e9, started_at=1.0e9 + 5, finished_at=None, ray_job_id="raysubmit_1",
                    ray_status="RUNNING", cancel_requested=False, last_seq=2, n_events=3, artifacts={"output_dir": "runs/api/x"})
@@ -49,25 +60,26 @@ def test_a_pre_alembic_database_upgrades_in_place_with_its_rows(request, backend
         conn.execute(table("events").insert(), [dict(run_id="job_old", pos=i + 1, seq=i or None, type=t, data={"type": t}, created_at=1.0e9)
                                                 for i, t in enumerate(("state", "state", "metrics"))])
         conn.execute(table("meta").insert(), [dict(key="ingest_secret", value="kept")])
-    before = snapshot(legacy)
+    before = snapshot(legacy, old)
     legacy.dispose()
 
     db = Database(url)  # the new version starting on the old database
     try:
         assert_at_head_with_the_models_schema(db.engine)
-        assert snapshot(db.engine) == before
-        with db.read() as s:  # the new version reads them
-            assert store.get_run(s, "job_old").state == "RUNNING"
+        assert snapshot(db.engine, old) == before  # the old columns' values, untouched
+        with db.read() as s:  # the new version reads them, as the default tenant's
+            assert store.get_run(s, "job_old", scope="default").state == "RUNNING"
+            assert store.get_run(s, "swp_old", scope="default").tenant == "default"
             assert [e.type for e in store.events_after(s, "job_old", 0, 10)] == ["state", "state", "metrics"]
     finally:
         db.dispose()
 
 
-def table(name: str):
-    return Base.metadata.tables[name]
-
-
-def snapshot(engine: Engine) -> dict[str, list]:
-    """Every row of the pre-Alembic tables, ordered by primary key."""
+def snapshot(engine: Engine, old: MetaData) -> dict[str, list]:
+    """Every row of the pre-Alembic tables, the old schema's columns only, ordered by primary key."""
     with engine.connect() as conn:
-        return {t: [tuple(r) for r in conn.execute(select(table(t)).order_by(*table(t).primary_key.columns))] for t in PRE_ALEMBIC_TABLES}
+        out = {}
+        for t in PRE_ALEMBIC_TABLES:
+            cols = [Base.metadata.tables[t].columns[c.name] for c in old.tables[t].columns]
+            out[t] = [tuple(r) for r in conn.execute(select(*cols).order_by(*Base.metadata.tables[t].primary_key.columns))]
+        return out

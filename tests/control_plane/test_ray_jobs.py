@@ -36,7 +36,10 @@ def watchdog():
 
 @pytest.fixture(scope="module")
 def ray_server(ray_cluster, tmp_path_factory):
-    s = make_server(tmp_path_factory.mktemp("raycp"), RAY_ADDRESS=ray_cluster.dashboard_url, DRPT_MAX_RUNNING_JOBS=1).start()
+    workdir = tmp_path_factory.mktemp("raycp")
+    (workdir / "data").mkdir()
+    (workdir / "data" / "broken.jsonl").write_text("this line is not JSON\n")  # readable, but no dataset
+    s = make_server(workdir, RAY_ADDRESS=ray_cluster.dashboard_url, DRPT_MAX_RUNNING_JOBS=1, DRPT_READ_ROOTS=str(workdir / "data")).start()
     yield s
     s.stop()
 
@@ -96,7 +99,11 @@ def test_rlvr_job_succeeds_and_20_sse_clients_each_get_every_event(ray_server, r
         artifacts = c.get(f"/v1/jobs/{jid}/artifacts").json()
         assert artifacts["model"] and artifacts["model"].endswith("/model")
         assert any(f["path"] == "metrics.jsonl" for f in artifacts["files"])
-        assert "summary (first -> last)" in c.get(f"/v1/jobs/{jid}/logs").text
+        logs = c.get(f"/v1/jobs/{jid}/logs").text
+        assert "summary (first -> last)" in logs
+        # the driver's real environment (issue 22, item 2): its run's ingest token, none of the control plane's secrets
+        (line,) = [x for x in logs.splitlines() if x.startswith("drpt-ray driver: environment has")]
+        assert "DRPT_INGEST_TOKEN" in line and line.endswith("; control-plane secrets: none"), line
         wait_for(lambda: ray_cluster.job_status(done["ray_job_id"]) == "SUCCEEDED", 60, "the Ray job to exit 0")
 
 
@@ -114,14 +121,15 @@ def test_cancel_a_running_job_stops_its_ray_job(ray_server, ray_cluster):
 
 
 def test_a_failing_job_reports_failed_with_its_reason(ray_server):
-    bad = SFT | {"steps": 5, "data": {"task": None, "general_path": "/nonexistent/general.jsonl", "target_path": "/nonexistent/target.jsonl"}}
+    broken = str(ray_server.workdir / "data" / "broken.jsonl")  # under the server's read roots, so admitted
+    bad = SFT | {"steps": 5, "data": {"task": None, "general_path": broken, "target_path": broken}}
     with ray_server.http() as c:
         jid = c.post("/v1/jobs", json=bad).json()["id"]
         events = sse_events(c, f"/v1/jobs/{jid}/events")
         job = c.get(f"/v1/jobs/{jid}").json()
     assert events[-1].json()["state"] == job["state"] == "FAILED"
-    assert "/nonexistent/general.jsonl" in job["message"]
-    assert any(e.event == "log" and "/nonexistent/general.jsonl" in e.json()["line"] for e in events)
+    assert broken in job["message"]
+    assert any(e.event == "log" and broken in e.json()["line"] for e in events)
 
 
 def test_a_collapsing_rlvr_job_ends_diverged_with_an_alert(ray_server, ray_cluster):

@@ -13,7 +13,9 @@ DRPT_SSE_HEARTBEAT_S.
 A browser's EventSource cannot send the `Authorization` header: it opens the `events_url` of
 `POST /v1/{jobs,sweeps}/{id}/stream-token`, whose `stream_token` reads that one run for
 DRPT_STREAM_TOKEN_TTL_S (security.StreamTokens). An API token in the header wins over one in the
-query, so a client that sends both is judged by its header.
+query, so a client that sends both is judged by its header. With an API token, another tenant's
+run is a 404; a stream token opens the one run it was minted for. Ingest takes only the run's own
+ingest token (the driver's): an API token cannot post events into a run.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from drpt_ray.reporting import TERMINAL
 from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Database
-from services.control_plane.deps import ApiAuth, DbDep, HubDep, SupervisorDep
+from services.control_plane.deps import CallerDep, DbDep, HubDep, SupervisorDep
 from services.control_plane.errors import errors
 from services.control_plane.models import IngestAck, IngestBatch, StreamToken
 from services.control_plane.notify import Hub
-from services.control_plane.security import bearer, bearer_token, require_api_token, token_matches
+from services.control_plane.security import bearer, bearer_token, require_api_token
 
 router = APIRouter(tags=["events"], route_class=StrictJSONRoute)
 PAGE = 500
@@ -84,9 +86,10 @@ def _strict_json(data) -> str:
         return json.dumps(json.loads(json.dumps(data), parse_constant=lambda _: None))
 
 
-def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after: int | None, last_event_id: int | None, follow: bool):
+def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, scope: str | None, after: int | None,
+         last_event_id: int | None, follow: bool):
     with db.read() as s:
-        store.get_run(s, run_id, kind=kind)  # 404 before the stream starts
+        store.get_run(s, run_id, kind=kind, scope=scope)  # 404 before the stream starts
     start = after if after is not None else last_event_id or 0
     return EventSourceResponse(
         _stream(db, hub, run_id, kind, start, follow), ping=request.app.state.settings.sse_heartbeat_s,
@@ -95,34 +98,35 @@ def _sse(request: Request, db: Database, hub: Hub, run_id: str, kind: str, after
 
 
 def _stream_reader(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                   stream_token: Annotated[str | None, Depends(stream_token_query)]) -> None:
-    """An API token in the header, or a stream token for this run (the route's one path parameter)."""
+                   stream_token: Annotated[str | None, Depends(stream_token_query)]) -> str | None:
+    """An API token in the header (returns its caller's scope), or a stream token for this run (the
+    route's one path parameter; it was minted for a caller who could see the run: scope None)."""
     if stream_token is not None and creds is None:
         (run_id,) = request.path_params.values()
         if not request.app.state.stream_tokens.check(run_id, stream_token, time.time()):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"invalid or expired stream token for {run_id}: mint a new one")
-        return
-    require_api_token(request, creds)
+        return None
+    return require_api_token(request, creds).scope
 
 
-StreamReader = Depends(_stream_reader)
+StreamScope = Annotated[str | None, Depends(_stream_reader)]
 
 
-@router.get("/v1/jobs/{job_id}/events", dependencies=[StreamReader], responses=SSE_DOC | errors(404), summary="Follow a job (SSE)")
-def job_events(job_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
-               last_event_id: LastEventIdHeader = None):
-    return _sse(request, db, hub, job_id, "job", after, last_event_id, follow)
+@router.get("/v1/jobs/{job_id}/events", responses=SSE_DOC | errors(404), summary="Follow a job (SSE)")
+def job_events(job_id: str, request: Request, db: DbDep, hub: HubDep, scope: StreamScope, after: AfterQuery = None,
+               follow: FollowQuery = True, last_event_id: LastEventIdHeader = None):
+    return _sse(request, db, hub, job_id, "job", scope, after, last_event_id, follow)
 
 
-@router.get("/v1/sweeps/{sweep_id}/events", dependencies=[StreamReader], responses=SSE_DOC | errors(404), summary="Follow a sweep (SSE)")
-def sweep_events(sweep_id: str, request: Request, db: DbDep, hub: HubDep, after: AfterQuery = None, follow: FollowQuery = True,
-                 last_event_id: LastEventIdHeader = None):
-    return _sse(request, db, hub, sweep_id, "sweep", after, last_event_id, follow)
+@router.get("/v1/sweeps/{sweep_id}/events", responses=SSE_DOC | errors(404), summary="Follow a sweep (SSE)")
+def sweep_events(sweep_id: str, request: Request, db: DbDep, hub: HubDep, scope: StreamScope, after: AfterQuery = None,
+                 follow: FollowQuery = True, last_event_id: LastEventIdHeader = None):
+    return _sse(request, db, hub, sweep_id, "sweep", scope, after, last_event_id, follow)
 
 
-def _mint(request: Request, db: Database, run_id: str, kind: str) -> StreamToken:
+def _mint(request: Request, db: Database, run_id: str, kind: str, scope: str | None) -> StreamToken:
     with db.read() as s:
-        store.get_run(s, run_id, kind=kind)  # 404 for an unknown id
+        store.get_run(s, run_id, kind=kind, scope=scope)  # 404 for an unknown id or another tenant's run
     token, expires = request.app.state.stream_tokens.mint(run_id, time.time())
     return StreamToken(token=token, expires_at=datetime.fromtimestamp(expires, tz=timezone.utc),
                        events_url=f"/v1/{kind}s/{run_id}/events?{urlencode({'stream_token': token})}")
@@ -131,16 +135,16 @@ def _mint(request: Request, db: Database, run_id: str, kind: str) -> StreamToken
 STREAM_TOKEN_DOC = "A token that opens this run's event stream from a browser's EventSource (`?stream_token=`), for DRPT_STREAM_TOKEN_TTL_S."
 
 
-@router.post("/v1/jobs/{job_id}/stream-token", dependencies=[ApiAuth], responses=errors(404), summary="Mint a stream token for a job",
+@router.post("/v1/jobs/{job_id}/stream-token", responses=errors(404), summary="Mint a stream token for a job",
              description=STREAM_TOKEN_DOC)
-def job_stream_token(job_id: str, request: Request, db: DbDep) -> StreamToken:
-    return _mint(request, db, job_id, "job")
+def job_stream_token(job_id: str, request: Request, db: DbDep, caller: CallerDep) -> StreamToken:
+    return _mint(request, db, job_id, "job", caller.scope)
 
 
-@router.post("/v1/sweeps/{sweep_id}/stream-token", dependencies=[ApiAuth], responses=errors(404), summary="Mint a stream token for a sweep",
+@router.post("/v1/sweeps/{sweep_id}/stream-token", responses=errors(404), summary="Mint a stream token for a sweep",
              description=STREAM_TOKEN_DOC)
-def sweep_stream_token(sweep_id: str, request: Request, db: DbDep) -> StreamToken:
-    return _mint(request, db, sweep_id, "sweep")
+def sweep_stream_token(sweep_id: str, request: Request, db: DbDep, caller: CallerDep) -> StreamToken:
+    return _mint(request, db, sweep_id, "sweep", caller.scope)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +152,9 @@ def sweep_stream_token(sweep_id: str, request: Request, db: DbDep) -> StreamToke
 
 
 def _ingest_auth(run_id: str, request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """The run's own ingest token, or an API token."""
+    """The run's own ingest token (derived from its id: the driver's, and nobody else's)."""
     token = bearer_token(creds)
-    state = request.app.state
-    if not (state.keys.check(run_id, token) or token_matches(token, state.settings.api_tokens)):
+    if not request.app.state.keys.check(run_id, token):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"invalid ingest token for {run_id}")
 
 

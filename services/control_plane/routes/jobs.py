@@ -12,26 +12,26 @@ from drpt_ray.config import JobSpec
 from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Event, Job
-from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
 from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
-from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
+from services.control_plane.admission import admit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 MAX_LISTED_FILES = 2000
 
 
 @router.post("", status_code=201, summary="Submit a job (body: a JobSpec)")
-def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep) -> JobPublic:
+def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep,
+               caller: CallerDep) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
-    refuse_escaping_paths({("output_dir",): spec.output_dir})
-    refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
+    admit_job(spec, settings)
     body = spec.model_dump(mode="json")
 
     def create(s):
-        job = store.create(s, "job", body, spec.name, mode=spec.mode)
+        job = store.create(s, "job", body, spec.name, mode=spec.mode, tenant=caller.tenant)
         return JobPublic.of(job), f"/v1/jobs/{job.id}"
 
     response = create_once(db, key, body, create)
@@ -40,27 +40,29 @@ def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: Idempot
 
 
 @router.get("", summary="List jobs, newest first")
-def list_jobs(db: DbDep, state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: OffsetQuery = 0) -> JobPage:
+def list_jobs(db: DbDep, caller: CallerDep, state: State | None = None, limit: int = Query(50, ge=1, le=500),
+              offset: OffsetQuery = 0) -> JobPage:
     with db.read() as s:
-        items, total = store.list_runs(s, Job, state, limit, offset)
+        items, total = store.list_runs(s, Job, state, limit, offset, scope=caller.scope)
         return JobPage(items=[JobPublic.of(j) for j in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", summary="One job", responses=errors(404))
-def get_job(job_id: str, db: DbDep) -> JobPublic:
+def get_job(job_id: str, db: DbDep, caller: CallerDep) -> JobPublic:
     with db.read() as s:
-        return JobPublic.of(store.get_run(s, job_id, kind="job"))
+        return JobPublic.of(store.get_run(s, job_id, kind="job", scope=caller.scope))
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)", responses=errors(404, 409))
-def cancel_job(job_id: str, supervisor: SupervisorDep) -> JobPublic:
-    return JobPublic.of(supervisor.cancel(job_id, "job"))
+def cancel_job(job_id: str, supervisor: SupervisorDep, caller: CallerDep) -> JobPublic:
+    return JobPublic.of(supervisor.cancel(job_id, "job", caller.scope))
 
 
 @router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged", responses=errors(404))
-def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000), offset: OffsetQuery = 0) -> MetricsPage:
+def job_metrics(job_id: str, db: DbDep, caller: CallerDep, limit: int = Query(1000, ge=1, le=10000),
+                offset: OffsetQuery = 0) -> MetricsPage:
     with db.read() as s:
-        store.get_run(s, job_id, kind="job")
+        store.get_run(s, job_id, kind="job", scope=caller.scope)
         where = (Event.run_id == job_id, Event.type == "metrics")
         total = s.scalar(select(func.count()).select_from(Event).where(*where))
         rows = s.scalars(select(Event.data).where(*where).order_by(Event.pos).offset(offset).limit(limit)).all()
@@ -70,10 +72,11 @@ def job_metrics(job_id: str, db: DbDep, limit: int = Query(1000, ge=1, le=10000)
 # response_class Response, not PlainTextResponse: that would declare the JSON errors as text/plain too
 @router.get("/{job_id}/logs", response_class=Response, summary="Driver log (Ray's, else the streamed lines)",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}} | errors(404))
-def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Query(None, ge=1, le=100_000)) -> PlainTextResponse:
+def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, caller: CallerDep,
+             tail: int | None = Query(None, ge=1, le=100_000)) -> PlainTextResponse:
     """The Ray job's full stdout/stderr when Ray still has it; otherwise the `log` lines the driver streamed."""
     with db.read() as s:
-        job = store.get_run(s, job_id, kind="job")
+        job = store.get_run(s, job_id, kind="job", scope=caller.scope)
         ray_job_id = job.ray_job_id
         text = None
         if ray_job_id is not None:
@@ -90,9 +93,9 @@ def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, tail: int | None = Q
 
 
 @router.get("/{job_id}/artifacts", summary="Checkpoints, final model dir and other outputs", responses=errors(404))
-def job_artifacts(job_id: str, db: DbDep, settings: SettingsDep) -> Artifacts:
+def job_artifacts(job_id: str, db: DbDep, settings: SettingsDep, caller: CallerDep) -> Artifacts:
     with db.read() as s:
-        reported = dict(store.get_run(s, job_id, kind="job").artifacts or {})
+        reported = dict(store.get_run(s, job_id, kind="job", scope=caller.scope).artifacts or {})
     out = reported.get("output_dir")
     root = _own_dir(out, settings.runs_dir / job_id)
     checkpoints = sorted(str(p) for p in (root / "checkpoints").glob("step_*")) if root else list(reported.get("checkpoints", []))

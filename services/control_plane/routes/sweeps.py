@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
 from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
-from services.control_plane.deps import ApiAuth, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.admission import admit_sweep
+from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.models import State, SweepPage, SweepPublic
-from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 
@@ -25,17 +24,13 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 
 
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
-def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep) -> SweepPublic:
-    refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
-    refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
-    if spec.trial_count() > settings.max_sweep_trials:  # counted, never enumerated: 1000^3 grid points cost nothing here
-        raise RequestValidationError([{"loc": ("body", "space"), "type": "value_error", "input": None,
-                                       "msg": f"the sweep would run {spec.trial_count()} trials; this server allows at most "
-                                              f"{settings.max_sweep_trials} (DRPT_MAX_SWEEP_TRIALS)"}])
+def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep,
+                 caller: CallerDep) -> SweepPublic:
+    admit_sweep(spec, settings)
     body = spec.model_dump(mode="json")
 
     def create(s):
-        sweep = store.create(s, "sweep", body, spec.name)
+        sweep = store.create(s, "sweep", body, spec.name, tenant=caller.tenant)
         return _public(s, sweep), f"/v1/sweeps/{sweep.id}"
 
     response = create_once(db, key, body, create)
@@ -44,20 +39,21 @@ def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: Ide
 
 
 @router.get("", summary="List sweeps, newest first")
-def list_sweeps(db: DbDep, state: State | None = None, limit: int = Query(20, ge=1, le=200), offset: OffsetQuery = 0) -> SweepPage:
+def list_sweeps(db: DbDep, caller: CallerDep, state: State | None = None, limit: int = Query(20, ge=1, le=200),
+                offset: OffsetQuery = 0) -> SweepPage:
     with db.read() as s:
-        items, total = store.list_runs(s, Sweep, state, limit, offset)
+        items, total = store.list_runs(s, Sweep, state, limit, offset, scope=caller.scope)
         return SweepPage(items=[_public(s, w) for w in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial", responses=errors(404))
-def get_sweep(sweep_id: str, db: DbDep) -> SweepPublic:
+def get_sweep(sweep_id: str, db: DbDep, caller: CallerDep) -> SweepPublic:
     with db.read() as s:
-        return _public(s, store.get_run(s, sweep_id, kind="sweep"))
+        return _public(s, store.get_run(s, sweep_id, kind="sweep", scope=caller.scope))
 
 
 @router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)", responses=errors(404, 409))
-def cancel_sweep(sweep_id: str, db: DbDep, supervisor: SupervisorDep) -> SweepPublic:
-    supervisor.cancel(sweep_id, "sweep")
+def cancel_sweep(sweep_id: str, db: DbDep, supervisor: SupervisorDep, caller: CallerDep) -> SweepPublic:
+    supervisor.cancel(sweep_id, "sweep", caller.scope)
     with db.read() as s:
         return _public(s, store.get_run(s, sweep_id, kind="sweep"))

@@ -255,8 +255,6 @@ def _serve(args) -> int:
     ensure_token()
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = start_local_ray(args.ray_dashboard_port, args.num_cpus)
-        # A job that needs more than this Ray has would wait on it forever: refuse it at submission.
-        os.environ.setdefault("DRPT_MAX_RUN_CPUS", str(args.num_cpus))
     if not os.environ.get("DRPT_PUBLIC_URL"):
         host = HOST if args.host in ("0.0.0.0", "::", "") else args.host
         os.environ["DRPT_PUBLIC_URL"] = f"http://{host}:{args.port}"

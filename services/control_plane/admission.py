@@ -13,8 +13,10 @@ judged by its `module:function` name, paths by the filesystem's answer for the r
   included) against DRPT_MAX_RUN_CPUS / DRPT_MAX_RUN_GPUS, the KV cache over its rollout workers
   against DRPT_MAX_KV_CACHE_GIB, its batch sizes against DRPT_MAX_BATCH_SIZE; a sweep is judged by
   its largest trial and its trial count (computed, never enumerated) against DRPT_MAX_SWEEP_TRIALS.
-  `drpt-ray serve` sets DRPT_MAX_RUN_CPUS to the CPUs of the local Ray it starts, so a trial that
-  could never be placed is refused here, not left to time out on Ray.
+  With DRPT_CLUSTER_CAPACITY (on by default) a job is also refused when it needs more CPUs or GPUs
+  than the Ray cluster's alive nodes hold in all (the launcher asks Ray, cached for seconds; when
+  Ray cannot answer, only the operator's limits apply): a trial that could never be placed is
+  refused here, not left to time out on Ray.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 
 from drpt_ray.config import PATH_FIELDS, JobSpec, SweepSpec, get_path, set_path
 from drpt_ray.topology import plan
+from services.control_plane.launcher import Launcher
 from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
 from services.control_plane.settings import Settings
 
@@ -36,14 +39,14 @@ RESOURCE_FIELDS = ("resources.", "rollout.num_workers", "rollout.num_cpus_per_wo
 Error = dict
 
 
-def admit_job(spec: JobSpec, settings: Settings) -> None:
+def admit_job(spec: JobSpec, settings: Settings, launcher: Launcher) -> None:
     """422 naming every field of `spec` this server does not accept (see the module docstring)."""
     refuse_escaping_paths({("output_dir",): spec.output_dir})
     refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
-    _raise(_unreadable(_read_paths(spec), settings) + _oversized(spec, (), settings))
+    _raise(_unreadable(_read_paths(spec), settings) + _oversized(spec, (), settings, _capacity(settings, launcher)))
 
 
-def admit_sweep(spec: SweepSpec, settings: Settings) -> None:
+def admit_sweep(spec: SweepSpec, settings: Settings, launcher: Launcher) -> None:
     """`admit_job` for every trial a sweep could run, and the sweep's size."""
     refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
     refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
@@ -56,8 +59,12 @@ def admit_sweep(spec: SweepSpec, settings: Settings) -> None:
         if tuple(field.split(".")) in PATH_FIELDS:
             paths |= {("space", field, "values", i): v for i, v in enumerate(dim.values or []) if isinstance(v, str)}
     errors += _unreadable(paths, settings)
-    errors += _oversized(_largest_trial(spec), ("base",), settings)
+    errors += _oversized(_largest_trial(spec), ("base",), settings, _capacity(settings, launcher))
     _raise(errors)
+
+
+def _capacity(settings: Settings, launcher: Launcher) -> dict[str, float] | None:
+    return launcher.capacity() if settings.cluster_capacity else None
 
 
 def _read_paths(spec: JobSpec) -> dict[tuple, str]:
@@ -98,17 +105,23 @@ def _largest_trial(spec: SweepSpec) -> JobSpec:
     return JobSpec.model_validate(body)
 
 
-def _oversized(spec: JobSpec, prefix: tuple, settings: Settings) -> list[Error]:
+def _oversized(spec: JobSpec, prefix: tuple, settings: Settings, capacity: dict[str, float] | None) -> list[Error]:
     """An error for every limit `spec` exceeds, naming the field, the demand and the limit."""
     errors = []
     p = plan(spec)
     demand = p.total()
     for key, limit, name in (("CPU", settings.max_run_cpus, "DRPT_MAX_RUN_CPUS"), ("GPU", settings.max_run_gpus, "DRPT_MAX_RUN_GPUS")):
-        if limit is not None and demand.get(key, 0.0) > limit:
-            errors.append(_error(prefix + ("resources",), None,
-                                 f"the job reserves {demand.get(key, 0.0):g} {key}s in all (driver {_each([p.driver], key)}, learner "
-                                 f"{len(p.learner)} x {_each(p.learner, key)}, rollout {len(p.rollout)} x {_each(p.rollout, key)}: "
-                                 f"resources.* and rollout.num_workers / num_*_per_worker); this server allows {limit:g} per job ({name})"))
+        need = demand.get(key, 0.0)
+        if limit is not None and need > limit:
+            why = f"this server allows {limit:g} per job ({name})"
+        elif capacity is not None and need > capacity.get(key, 0.0):
+            why = f"the Ray cluster's alive nodes hold {capacity.get(key, 0.0):g} in all, so it could never start"
+        else:
+            continue
+        errors.append(_error(prefix + ("resources",), None,
+                             f"the job reserves {need:g} {key}s in all (driver {_each([p.driver], key)}, learner "
+                             f"{len(p.learner)} x {_each(p.learner, key)}, rollout {len(p.rollout)} x {_each(p.rollout, key)}: "
+                             f"resources.* and rollout.num_workers / num_*_per_worker); {why}"))
     if spec.mode != "sft":
         kv = spec.rollout.kv_cache_gib * spec.rollout.num_workers
         if kv > settings.max_kv_cache_gib:

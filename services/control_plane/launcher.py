@@ -40,6 +40,7 @@ RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 # Ray answers these while its dashboard agent is still starting: retry, do not fail the run
 TRANSIENT = ("No available agent", "try again later", "status code 503", "status code 502")
 REQUEST_TIMEOUT_S = 30.0
+CAPACITY_TTL_S = 10.0  # how long the cluster's capacity is reused between submissions
 
 
 class LauncherUnavailable(Exception):
@@ -57,6 +58,7 @@ class Launcher(Protocol):
     def stop(self, ray_job_id: str) -> None: ...
     def status(self, ray_job_id: str) -> RayState: ...
     def logs(self, ray_job_id: str) -> str | None: ...
+    def capacity(self) -> dict[str, float] | None: ...  # the cluster's resources in all (None: unknown now)
 
 
 def ray_auth_token(settings: Settings) -> str | None:
@@ -97,6 +99,7 @@ class RayJobsLauncher:
         self.settings = settings
         self._client = None
         self._lock = threading.Lock()
+        self._capacity: tuple[float, dict[str, float]] | None = None  # (when, resources)
 
     def _c(self):
         with self._lock:
@@ -170,6 +173,34 @@ class RayJobsLauncher:
         except RuntimeError:
             return None
 
+    def capacity(self) -> dict[str, float] | None:
+        """The resources of the cluster's alive nodes, summed (Ray's state API), cached for
+        CAPACITY_TTL_S; None when Ray cannot say now (admission then checks the operator's limits only).
+        Nodes an autoscaler has not started yet are not counted: DRPT_CLUSTER_CAPACITY=false there."""
+        import time
+
+        import httpx
+
+        now = time.monotonic()
+        if self._capacity is not None and now - self._capacity[0] < CAPACITY_TTL_S:
+            return self._capacity[1]
+        token = ray_auth_token(self.settings)
+        try:
+            r = httpx.get(f"{self.settings.dashboard_url}/api/v0/nodes", params={"detail": "1", "limit": "10000"}, timeout=5.0,
+                          headers={"Authorization": f"Bearer {token}"} if token else None)
+            rows = r.json()["data"]["result"]["result"] if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            rows = None
+        if not rows:
+            return None
+        total: dict[str, float] = {}
+        for node in rows:
+            if node.get("state") == "ALIVE":
+                for k, v in (node.get("resources_total") or {}).items():
+                    total[k] = total.get(k, 0.0) + float(v)
+        self._capacity = (now, total)
+        return total
+
 
 class DryRunLauncher:
     """Records submissions and runs nothing: every submitted run stays RUNNING until stopped. The
@@ -196,6 +227,9 @@ class DryRunLauncher:
 
     def logs(self, ray_job_id: str) -> str | None:
         return f"dry-run launcher: nothing ran for {ray_job_id}\n"
+
+    def capacity(self) -> dict[str, float] | None:
+        return None  # no cluster: only the operator's limits apply
 
 
 def make_launcher(settings: Settings) -> Launcher:

@@ -7,6 +7,7 @@
 | `DRPT_MAX_RUNNING_PER_TENANT` | a tenant's runs on Ray at once; its other runs wait QUEUED while other tenants' start (no limit) |
 | `DRPT_READ_ROOTS` | comma-separated directories server jobs may read models and data from (none: no host path) |
 | `DRPT_MAX_RUN_CPUS`, `DRPT_MAX_RUN_GPUS` | most CPUs / GPUs one job (one sweep trial) may reserve (no limit but the cluster's) |
+| `DRPT_CLUSTER_CAPACITY` | refuse a job that needs more CPUs / GPUs than the Ray cluster's alive nodes hold (true; off for an autoscaling cluster) |
 | `DRPT_MAX_KV_CACHE_GIB` | most vLLM KV cache one job may ask for over its rollout workers (64) |
 | `DRPT_MAX_BATCH_SIZE` | largest batch_size / target_batch_size a job may ask for (4096) |
 | `DATABASE_URL` | SQLAlchemy URL (`sqlite:///./drpt-control-plane.sqlite`); Postgres in production |
@@ -65,6 +66,8 @@ class Settings(BaseSettings):
                                                        "and reward models from (symlinks resolved); empty: none.", default_factory=list)
     max_run_cpus: float | None = _env("DRPT_MAX_RUN_CPUS", "Most CPUs one job or sweep trial may reserve (None: the cluster's).", None, gt=0)
     max_run_gpus: float | None = _env("DRPT_MAX_RUN_GPUS", "Most GPUs one job or sweep trial may reserve (None: the cluster's).", None, ge=0)
+    cluster_capacity: bool = _env("DRPT_CLUSTER_CAPACITY", "Refuse at submission a job (a sweep trial) that needs more CPUs or "
+                                  "GPUs than the Ray cluster's alive nodes hold; off for an autoscaling cluster.", True)
     max_kv_cache_gib: float = _env("DRPT_MAX_KV_CACHE_GIB", "Most vLLM KV cache (GiB, over its rollout workers) one job may ask for.", 64.0, gt=0)
     max_batch_size: int = _env("DRPT_MAX_BATCH_SIZE", "Largest batch_size and target_batch_size a job may ask for.", 4096, ge=1)
     database_url: str = _env("DATABASE_URL", "SQLAlchemy database URL.", "sqlite:///./drpt-control-plane.sqlite")

@@ -120,6 +120,18 @@ def test_cancel_a_running_job_stops_its_ray_job(ray_server, ray_cluster):
         assert c.get(f"/v1/jobs/{jid}").json()["state"] == "CANCELLED"
 
 
+def test_a_job_bigger_than_the_cluster_is_refused_at_submission(ray_server):
+    """The cluster has 4 CPUs: an RL job with 3 rollout workers needs 5 (driver, learner, 3 engines),
+    a sweep trial likewise; both are a 422 at once (they would wait on Ray forever), 3 CPUs are fine."""
+    big = RLVR_TINY | {"rollout": RLVR_TINY.get("rollout", {}) | {"num_workers": 3}}
+    with ray_server.http() as c:
+        r = c.post("/v1/jobs", json=big)
+        assert r.status_code == 422 and [d["loc"] for d in r.json()["detail"]] == [["body", "resources"]], r.text
+        assert "reserves 5 CPUs" in r.text and "alive nodes hold 4" in r.text
+        r = c.post("/v1/sweeps", json={"base": RLVR_TINY, "space": {"rollout.num_workers": {"values": [1, 3]}}})
+        assert r.status_code == 422 and "alive nodes hold 4" in r.text, r.text
+
+
 def test_a_failing_job_reports_failed_with_its_reason(ray_server):
     broken = str(ray_server.workdir / "data" / "broken.jsonl")  # under the server's read roots, so admitted
     bad = SFT | {"steps": 5, "data": {"task": None, "general_path": broken, "target_path": broken}}

@@ -27,7 +27,7 @@ MAX_LISTED_FILES = 2000
 def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep,
                caller: CallerDep) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
-    admit_job(spec, settings)
+    admit_job(spec, settings, supervisor.launcher)
     body = spec.model_dump(mode="json")
 
     def create(s):

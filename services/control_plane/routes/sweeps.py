@@ -26,7 +26,7 @@ def _public(s, sweep: Sweep) -> SweepPublic:
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")
 def create_sweep(spec: SweepSpec, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep, settings: SettingsDep,
                  caller: CallerDep) -> SweepPublic:
-    admit_sweep(spec, settings)
+    admit_sweep(spec, settings, supervisor.launcher)
     body = spec.model_dump(mode="json")
 
     def create(s):

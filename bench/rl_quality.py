@@ -5,6 +5,7 @@ study, and a Ray Tune sweep of the soft-subset temperature, each over seeds (mea
     .venv/bin/python bench/rl_quality.py --part rlvr  --seeds 5 --out bench/out/rl_quality
     .venv/bin/python bench/rl_quality.py --part rlhf  --seeds 5 --out bench/out/rl_quality
     .venv/bin/python bench/rl_quality.py --part sweep --seeds 5 --out bench/out/rl_quality
+    .venv/bin/python bench/rl_quality.py --part real  --seeds 3 --out bench/out/rl_quality
     # smoke: --seeds 1 --steps 2 --warm-start-steps 10 [--methods full,iif] [--taus 0.5,2]
 
 demo: the README demo spec per seed: full training, and layer-wise with the former `reward` target
@@ -22,6 +23,11 @@ rlhf: the paper's toxicity study (method.md 4.2, 5.3) in miniature. PPO (GAE cri
     the paper's held-out/avg-reward scenario, the target gradient comes from the scarce target pool's
     prompts, with the current policy's answers scored by the same reward model. A "warm start (no RL)"
     row is the same job at lr 1e-12 for one step: the policy RL starts from.
+real: `drpt_ray.demo.REAL_DEMO` (SmolLM2-135M-Instruct + LoRA on reasoning-gym's chain_sum, the
+    'format' setting) with the methods of the rlvr part (`REAL_METHODS`), ~20 minutes a run here;
+    reported like the rlvr part. The base model's own evaluation (`eval_before_warm_start`) is
+    left out: SmolLM2 as shipped scores 0.000 on every seed (`drpt-ray demo --real`), which is
+    also the layer-wise method's run (`--layerwise-from runs/demo/real` reuses the demo's runs).
 sweep: one `SweepSpec` (grid over `regularizer.tau`, crossed with `seed` when --seeds > 1) of the
     soft subset on RLVR_HARD, submitted to a real control plane (uvicorn, real Ray Jobs launcher) on
     a local Ray head that this script starts and ends; the trial table comes back over the REST API.
@@ -54,7 +60,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from drpt_ray.demo import RLVR_DEMO, RLVR_HARD, mean_se  # noqa: E402
+from drpt_ray.demo import REAL_DEMO, RLVR_DEMO, RLVR_HARD, mean_se  # noqa: E402
 
 QUIET = {"progress": False, "tensorboard": False, "checkpoint": {"resume": False}}
 RLVR_METHODS: dict[str, dict] = {
@@ -67,6 +73,8 @@ RLVR_METHODS: dict[str, dict] = {
     "soft_tau=2": {"feasible_set": "soft_subset", "tau": 2.0},
     "iif": {"feasible_set": "iif", "selection": "filter", "frac": 1.0},
 }
+REAL_METHODS = {m: RLVR_METHODS[m] for m in ("full", "layerwise_subset", "global_subset", "target_only", "iif")}
+REAL_BASE = REAL_DEMO | {"eval_before_warm_start": False}
 RLHF_METHODS = {m: RLVR_METHODS[m] for m in ("full", "iif", "layerwise_subset", "global_subset")}
 # The paper's RLHF recipe, scaled down (method.md 4.2): PPO with a critic, a KL penalty, 2 epochs, and
 # its best target objective (5.3, held-out/avg-reward): batch-standardised reward-model scores.
@@ -102,53 +110,68 @@ def curve(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(h["step"], h[key]) for h in history if key in h]
 
 
-def alerted(run_dir: Path) -> float:
+def alerted(run_dir: Path, vocab_size: int) -> float:
     """1.0 if the trainer's divergence guard (its default settings, the same code) alerts anywhere
     in the run, replayed from its metrics.jsonl. The benches do not stop on divergence, so a run
     that collapsed (or nearly, and recovered) still ends with numbers; this column says which."""
     from drpt_ray.config import DivergenceSpec
-    from drpt_ray.models import VOCAB_SIZE
     from drpt_ray.trainer import divergence_guard
 
-    guard = divergence_guard(DivergenceSpec(), VOCAB_SIZE)
+    guard = divergence_guard(DivergenceSpec(), vocab_size)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return float(any(guard.update(m["reward/reward_std"], m.get("policy/entropy")) for m in rows if "reward/reward_std" in m))
 
 
-def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings: dict, run_one) -> list[dict]:
+def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings: dict, run_one,
+            vocab_size: int | None = None, method_major: bool = False, report_only: bool = False) -> list[dict]:
     """Every (seed, method) run, one after another; results.json is rewritten after each, and the
-    finished runs of an earlier call with the same settings are reused."""
+    finished runs of an earlier call with the same settings are reused. `vocab_size`: the policy's
+    (the tiny models' when None), for the guard's entropy ceiling. `method_major`: every seed of a
+    method before the next method (a part cut short then still has whole methods). `report_only`:
+    the finished runs only, none started."""
+    if vocab_size is None:
+        from drpt_ray.models import VOCAB_SIZE as vocab_size
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     done = {(r["method"], r["seed"]): r for r in old.get("runs", [])
-            if old.get("settings") == settings and r["regularizer"] == methods.get(r["method"])}
+            if old.get("settings") == settings and r["regularizer"] == methods.get(r["method"], r["regularizer"])}
     if done:
         print(f"reusing {len(done)} finished run(s) from {path}", flush=True)
     results = []
-    for seed in range(seeds):
-        for name, reg in methods.items():
-            if (name, seed) not in done:
-                t0 = time.perf_counter()
-                run = run_one(name, reg, seed)
-                done[name, seed] = {"method": name, "seed": seed, "regularizer": reg, **run, "seconds": time.perf_counter() - t0}
-                print(f"{part} {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in done[name, seed].items()
-                                                                if isinstance(v, float)), flush=True)
-            done[name, seed]["alerted"] = alerted(out / "runs" / slug(name) / f"seed{seed}")
-            results.append(done[name, seed])
-            path.write_text(json.dumps({"settings": settings, "runs": results}))
+    pairs = [(name, seed) for seed in range(seeds) for name in methods]
+    for name, seed in sorted(pairs, key=lambda p: list(methods).index(p[0])) if method_major else pairs:
+        if (name, seed) not in done and report_only:
+            continue
+        if (name, seed) not in done:
+            t0 = time.perf_counter()
+            run = run_one(name, methods[name], seed)
+            done[name, seed] = {"method": name, "seed": seed, "regularizer": methods[name], **run, "seconds": time.perf_counter() - t0}
+            print(f"{part} {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in done[name, seed].items()
+                                                            if isinstance(v, float)), flush=True)
+        done[name, seed]["alerted"] = alerted(out / "runs" / slug(name) / f"seed{seed}", vocab_size)
+        results.append(done[name, seed])
+        # every finished run at these settings stays in the file, also those of methods not asked for now
+        path.write_text(json.dumps({"settings": settings, "runs": list(done.values())}))
     return results
 
 
-def rlvr_run(name: str, reg: dict, seed: int, out: Path, args) -> dict:
+def rlvr_run(name: str, reg: dict, seed: int, out: Path, args, base: dict = RLVR_HARD) -> dict:
     from drpt_ray.config import JobSpec
     from drpt_ray.trainer import run_job
 
-    spec = JobSpec.model_validate(job_spec(RLVR_HARD, reg, seed, out / "runs" / slug(name) / f"seed{seed}", args))
-    h = run_job(spec).history
+    spec = job_spec(base, reg, seed, out / "runs" / slug(name) / f"seed{seed}", args)
+    if "task" in base["data"] and base["data"]["task"] == "reasoning_gym":  # the pools follow the seed, as in the demo
+        spec["data"] = base["data"] | {"seed": seed}
+    spec = JobSpec.model_validate(spec)
+    return rlvr_summary(run_job(spec).history, spec.eval_k)
+
+
+def rlvr_summary(h: list[dict], k: int) -> dict:
+    """A run's row of the rlvr / real tables, from its metrics history."""
     greedy, pass1 = [v for _, v in curve(h, "eval/target_reward")], [v for _, v in curve(h, "eval/target_pass@1")]
     last_eval = [m for m in h if "eval/target_reward" in m][-1]
     train = [v for _, v in curve(h, "reward/reward_mean")]
-    return {"pass@1_start": pass1[0], "pass@1": pass1[-1], f"pass@{spec.eval_k}": last_eval[f"eval/target_pass@{spec.eval_k}"],
+    return {"pass@1_start": pass1[0], "pass@1": pass1[-1], f"pass@{k}": last_eval[f"eval/target_pass@{k}"],
             "start": greedy[0], "final": greedy[-1], "best": max(greedy), "train": statistics.fmean(train[-TRAIN_TAIL:]),
             "pass1_curve": curve(h, "eval/target_pass@1"), "eval_curve": curve(h, "eval/target_reward"),
             "train_curve": curve(h, "reward/reward_mean")}
@@ -264,10 +287,39 @@ def part_rlvr(args, out: Path) -> None:
     methods = pick(RLVR_METHODS, args.methods)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     settings = {"base": RLVR_HARD, "steps": args.steps, "warm_start_steps": args.warm_start_steps}
-    results = run_all("rlvr", methods, args.seeds, out, settings, lambda n, reg, s: rlvr_run(n, reg, s, out, args))
+    results = run_all("rlvr", methods, args.seeds, out, settings, lambda n, reg, s: rlvr_run(n, reg, s, out, args),
+                      report_only=args.report_only)
     ray.shutdown()
+    rlvr_report(results, out, "RLVR_HARD", "RLVR on scarce_target", args)
+
+
+def part_real(args, out: Path) -> None:
+    from drpt_ray.gguf_import import import_gguf, smollm2_gguf
+    from transformers import AutoConfig
+
+    import_gguf(smollm2_gguf(), Path(REAL_BASE["model"]["path"]))  # a no-op when already imported
+    methods = pick(REAL_METHODS, args.methods)
+    settings = {"base": REAL_BASE, "steps": args.steps, "warm_start_steps": args.warm_start_steps}
+    vocab = AutoConfig.from_pretrained(REAL_BASE["model"]["path"]).vocab_size
+    def run_one(name: str, reg: dict, seed: int) -> dict:
+        demo_run = args.layerwise_from and Path(args.layerwise_from) / f"seed{seed}" / "metrics.jsonl"
+        if name == "layerwise_subset" and demo_run and demo_run.exists():  # the demo's run of this seed: its spec
+            own = out / "runs" / slug(name) / f"seed{seed}"
+            own.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(demo_run, own / "metrics.jsonl")
+            (own / "FROM").write_text(f"{demo_run} (drpt-ray demo --real)\n")
+            return rlvr_summary([json.loads(line) for line in demo_run.read_text().splitlines()], REAL_BASE["eval_k"])
+        return rlvr_run(name, reg, seed, out, args, base=REAL_BASE)  # run_job starts a local Ray sized to the spec
+
+    results = run_all("real", methods, args.seeds, out, settings, run_one, vocab_size=vocab, method_major=True,
+                      report_only=args.report_only)
+    rlvr_report(results, out, "REAL_DEMO (SmolLM2-135M-Instruct + LoRA, reasoning-gym chain_sum)",
+                "SmolLM2 on reasoning-gym chain_sum", args)
+
+
+def rlvr_report(results: list[dict], out: Path, base: str, title: str, args) -> None:
     k = next(key for key in results[0] if key.startswith("pass@") and key not in ("pass@1", "pass@1_start"))
-    report(out, f"RLVR_HARD, seeds={args.seeds}: held-out target pass@k (sampled at the training temperature, "
+    report(out, f"{base}, seeds={args.seeds}: held-out target pass@k (sampled at the training temperature, "
                 f"unbiased estimator) and held-out target reward (greedy), both by the strict target verifier; "
                 f"start = after the warm start, before RL; train reward = mean of the last {TRAIN_TAIL} steps",
            table(results, {"pass@1_start": "pass@1 start", "pass@1": "pass@1 final", k: f"{k} final",
@@ -275,7 +327,7 @@ def part_rlvr(args, out: Path) -> None:
                            "alerted": "runs with a guard alert"}))
     plot_curves(results, [("pass1_curve", "held-out target pass@1 (sampled)", 1),
                           ("eval_curve", "held-out target reward (greedy)", 1), ("train_curve", "train reward (5-step mean)", 5)],
-                "RLVR on scarce_target: mean over seeds", out / "rlvr.png")
+                f"{title}: mean over seeds", out / f"{args.part}.png")
 
 
 # The demo spec's collapse (bench/README.md, "RL: the demo's collapse"): the target objective the demo
@@ -302,7 +354,7 @@ def part_demo(args, out: Path) -> None:
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     settings = {"base": RLVR_DEMO, "steps": args.steps, "warm_start_steps": args.warm_start_steps}
-    results = run_all("demo", DEMO_VARIANTS, args.seeds, out, settings, run_one)
+    results = run_all("demo", DEMO_VARIANTS, args.seeds, out, settings, run_one, report_only=args.report_only)
     ray.shutdown()
     rows = ["| seed | " + " | ".join(DEMO_VARIANTS) + " |", "|---" * (len(DEMO_VARIANTS) + 1) + "|"]
     for seed in range(args.seeds):
@@ -329,7 +381,8 @@ def part_rlhf(args, out: Path) -> None:
     print(f"reward model {rm_dir} ({time.perf_counter() - t0:.0f} s): {fit}", flush=True)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     settings = {"base": RLHF_BASE, "steps": args.steps, "warm_start_steps": args.warm_start_steps, "reward_model": fit}
-    results = run_all("rlhf", methods, args.seeds, out, settings, lambda n, reg, s: rlhf_run(n, reg, s, out, args, rm_dir))
+    results = run_all("rlhf", methods, args.seeds, out, settings, lambda n, reg, s: rlhf_run(n, reg, s, out, args, rm_dir),
+                      report_only=args.report_only)
     ray.shutdown()
     report(out, f"RLHF (PPO, GAE critic, KL 0.05) against a reward model that pays +{HACK_BONUS} for the 'a;b.' layout "
                 f"(held-out fit: RMSE {fit['rmse']:.3f}, prefers 'a;b.' on {fit['hack_pref']:.0%} of prompts, right letters "
@@ -462,17 +515,20 @@ def pick(methods: dict[str, dict], names: str | None) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("demo", "rlvr", "rlhf", "sweep"), required=True)
+    ap.add_argument("--part", choices=("demo", "rlvr", "rlhf", "sweep", "real"), required=True)
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (sweep: crossed with tau when N > 1)")
     ap.add_argument("--steps", type=int, help="override the base spec's RL steps (smoke tests)")
     ap.add_argument("--warm-start-steps", type=int, help="override the base spec's warm_start_sft_steps (smoke tests)")
-    ap.add_argument("--methods", help="comma-separated subset of the part's methods (rlvr, rlhf)")
+    ap.add_argument("--methods", help="comma-separated subset of the part's methods (rlvr, rlhf, real)")
     ap.add_argument("--taus", type=lambda s: [float(x) for x in s.split(",")], default=list(TAUS), help="sweep grid")
     ap.add_argument("--out", default="bench/out/rl_quality")
+    ap.add_argument("--layerwise-from", help="real: take layerwise_subset's runs from this `drpt-ray demo --real` output "
+                    "(its seed<N>/metrics.jsonl; the demo's spec is the part's base) instead of running them again")
+    ap.add_argument("--report-only", action="store_true", help="rlvr, rlhf, demo, real: report the finished runs of results.json, start none")
     args = ap.parse_args()
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
-    {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep}[args.part](args, out)
+    {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep, "real": part_real}[args.part](args, out)
 
 
 if __name__ == "__main__":

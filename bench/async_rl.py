@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drpt_ray.demo import RLVR_DEMO, mean_se  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 
 # label -> (rollout.max_staleness, rollout.partial_rollouts)
 MODES = {"sync": (0, False), "1": (1, False), "2": (2, False), "1 + partial": (1, True)}
@@ -218,6 +219,8 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="the rollout engine on CPU 0, the learner on CPU 1 (results under <part>_pinned)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "async_rl")
     args = ap.parse_args()
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     out = args.out / (args.part + ("_pinned" if args.pin else ""))
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "modes")}
@@ -226,7 +229,7 @@ def main() -> None:
         ap.error(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
     runner = demo_run if args.part == "demo" else real_run
     results = run_all(args.part, modes, args.seeds if args.part == "demo" else 1, out, settings, lambda k, seed: runner(k, seed, out, args))
-    text = table(results, args.part, modes)
+    text = table(results, args.part, modes) + f"\nmachine: {machine}\n"
     (out / "table.md").write_text(text)
     print(text)
 

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drpt_ray.client import iter_sse  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 from drpt_ray.reporting import EventReporter  # noqa: E402
 from services.control_plane.security import IngestKeys  # noqa: E402
 
@@ -186,6 +187,7 @@ def main() -> int:
     p.add_argument("--database-url", help="default: a fresh SQLite file")
     p.add_argument("--rate", type=float, default=100.0, help="events/s of the paced fan-out run")
     a = p.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     n_ingest, n_fan, n_submit = (5000, 1000, 100) if a.quick else (20000, 5000, 300)
     n_paced = int(a.rate * (5 if a.quick else 15))
     with tempfile.TemporaryDirectory(prefix="cpbench") as tmp:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drpt_ray.demo import mean_se  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "gsm8k_smollm2.yaml"
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gsm8k_heldout")
     args = ap.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [score("SmolLM2 as shipped", args.base, None, args)]
     rows += [score(str(run), args.base, run, args) for run in args.runs]

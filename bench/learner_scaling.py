@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from drpt_ray.config import JobSpec  # noqa: E402
 from drpt_ray.data import load_task, tokenize_sft  # noqa: E402
 from drpt_ray.learner import Learner, LearnerGroup  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 from drpt_ray.trainer import BatchSampler  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "learner_scaling"
@@ -162,6 +163,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process learner (a Ray worker of 1 CPU gets 1)")
     args = p.parse_args()
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     if args.quick:
         args.hidden, args.batch, args.warmup, args.steps = 128, 16, 2, 5
     torch.set_num_threads(args.threads)
@@ -179,6 +182,8 @@ def main() -> int:
     lines = [
         f"learner scaling: SFT step, tiny Llama hidden {args.hidden} (2 layers, float32), global batch {args.batch} "
         f"general + {args.target} target rows, layerwise_subset; {os.cpu_count()} cores; medians of {args.steps} steps",
+        "",
+        f"machine: {machine}",
         "",
         "| config | start (s) | step (ms) | speed-up vs N=1 | capture+reduce (ms) | g_T all-reduce (ms) | g_T all-reduce / step | grad all-reduce (ms) | round trip (ms) | params+grads+AdamW per rank (MiB) | g_T cache per rank (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

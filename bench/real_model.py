@@ -312,6 +312,10 @@ def main() -> None:
         os.environ.update(engine_env(RolloutSpec(kv_cache_gib=1)))  # in-process engines, a bounded KV cache
         print(json.dumps(PARTS[args.run](args)))
         return
+    from drpt_ray.machine import machine_summary
+
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Parts run earlier into the same --out are kept (rerun one part with --part NAME).
@@ -324,7 +328,7 @@ def main() -> None:
             raise SystemExit(f"part {part} failed (exit {res.returncode}); its stderr is above")
         results[part] = json.loads(res.stdout.strip().splitlines()[-1])
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    text = report(results, args)
+    text = f"machine: {machine}\n\n" + report(results, args)
     (out / "report.md").write_text(text + "\n")
     print(text)
 

@@ -30,6 +30,7 @@ import torch
 from drpt_ray.config import JobSpec
 from drpt_ray.data import load_task, render_chat
 from drpt_ray.demo import REAL_DEMO
+from drpt_ray.machine import machine_summary
 from drpt_ray.trainer import run_job
 
 FWD_GFLOP_PER_TOKEN = 2 * 134.5e6 / 1e9
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="bench/out/real_step")
     args = ap.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     peak = {n: matmul_gflops(n) for n in (1, 2)}
     p_len = prompt_tokens()
     spec = JobSpec.model_validate(REAL_DEMO)

@@ -217,6 +217,10 @@ def main() -> None:
         fn, cfg = (time_worker, args.time) if args.time else (memory_worker, args.memory)
         print(json.dumps(fn(json.loads(cfg))))
         return
+    from drpt_ray.machine import machine_summary
+
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
 
     def shape(h, b, t, layers=4):
         return {"hidden": h, "inter": int(h * 8 / 3) // 16 * 16, "layers": layers, "batch": b, "seq": t}
@@ -230,7 +234,7 @@ def main() -> None:
         core = ["full (no hooks)", "layerwise ghost", "layerwise sketch", "global one-pass"]
         sections.append(("scaling over batch x seq (hidden 256)", [shape(256, 4, 64), shape(256, 16, 256)], core, ("batch", "seq")))
         sections.append(("scaling over hidden (batch 8, seq 128)", [shape(512, 8, 128), shape(1024, 8, 128)], core, ("hidden",)))
-    report = []
+    report = [f"machine: {machine}\n"]
     all_results = []
     for title, shapes, methods, keys in sections:
         res = run_all(shapes, methods, warmup, repeats, args.threads)

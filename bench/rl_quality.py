@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drpt_ray.demo import REAL_DEMO, RLVR_DEMO, RLVR_HARD, mean_se  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 
 QUIET = {"progress": False, "tensorboard": False, "checkpoint": {"resume": False}}
 RLVR_METHODS: dict[str, dict] = {
@@ -272,7 +273,7 @@ def plot_curves(results: list[dict], panels: list[tuple[str, str, int]], title: 
 
 
 def report(out: Path, header: str, body: str) -> None:
-    text = f"{header}\n\n{body}"
+    text = f"{header}\n\nmachine: {machine_summary()}\n\n{body}"
     (out / "table.md").write_text(text + "\n")
     print("\n" + text, flush=True)
 
@@ -526,6 +527,7 @@ def main() -> None:
                     "(its seed<N>/metrics.jsonl; the demo's spec is the part's base) instead of running them again")
     ap.add_argument("--report-only", action="store_true", help="rlvr, rlhf, demo, real: report the finished runs of results.json, start none")
     args = ap.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
     {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep, "real": part_real}[args.part](args, out)

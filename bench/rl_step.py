@@ -378,9 +378,13 @@ def main(argv=None) -> int:
         res = rollout_child(args.rollout_child, args.prompts, args.new_tokens, args.repeats)
         Path(args.child_out).write_text(json.dumps(res, indent=2))
         return 0
+    from drpt_ray.machine import machine_summary
+
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     t0 = time.perf_counter()
     results: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("child")}}
-    sections = [f"# RL step benchmark ({'quick' if args.quick else 'full'})"]
+    sections = [f"# RL step benchmark ({'quick' if args.quick else 'full'})", f"machine: {machine}"]
     if not args.skip_rl:
         results["rl_step"] = part1(args.steps, args.skip)
         sections += [f"## Per-phase breakdown ({args.steps} steps, first {args.skip} dropped, medians)",

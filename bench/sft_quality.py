@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from drpt_ray.demo import SFT_LR, SFT_METHODS as METHODS, SFT_STEPS, mean_se
+from drpt_ray.machine import machine_summary
 
 def run_one(args: tuple[str, int, int, float, str]) -> dict:
     method, seed, steps, lr, out = args
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="bench/out/sft_quality")
     args = ap.parse_args()
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,7 @@ def main() -> None:
         f, fse = mean_se([r["final"] for r in rs])
         b, bse = mean_se([r["best"] for r in rs])
         table.append(f"| {m} | {f:.3f} +- {fse:.3f} | {b:.3f} +- {bse:.3f} |")
-    text = f"seeds={args.seeds} steps={args.steps} lr={args.lr}\n" + "\n".join(table)
+    text = f"seeds={args.seeds} steps={args.steps} lr={args.lr}\nmachine: {machine}\n" + "\n".join(table)
     (out / "table.md").write_text(text + "\n")
     print(text)
     plot(results, out / "sft_quality.png")

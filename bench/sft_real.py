@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from drpt_ray.demo import SFT_METHODS, mean_se  # noqa: E402
+from drpt_ray.machine import machine_summary  # noqa: E402
 from sft_quality import plot  # noqa: E402  (a sibling script, not a package)
 
 METHODS = ("target_only", "full", "layerwise top-k 0.5", "global top-k 0.5")
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
     ap.add_argument("--out", default="bench/out/sft_real")
     args = ap.parse_args()
+    machine = machine_summary()
+    print(f"machine: {machine}", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.model = str(Path(args.model).resolve())
     out = Path(args.out)
@@ -104,7 +107,7 @@ def main() -> None:
                      + f" | {statistics.median(r['s_per_step'] for r in rs):.1f} |")
     start = statistics.fmean(r["start"] for r in results)
     text = (f"seeds={args.seeds} steps={args.steps} lr={args.lr} batch={args.batch_size} n_target={args.n_target} "
-            f"n_eval={args.n_eval}; held-out perplexity before training {start:.3f}\n" + "\n".join(table))
+            f"n_eval={args.n_eval}; held-out perplexity before training {start:.3f}\nmachine: {machine}\n" + "\n".join(table))
     (out / "table.md").write_text(text + "\n")
     print(text)
     for r in results:

@@ -100,3 +100,43 @@ def test_console_script_runs_a_config(tmp_path):
     res = subprocess.run([str(exe), "sft", str(cfg)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "eval/target_loss" in res.stdout and "summary" in res.stdout
+
+
+def _curve(values, every=100):
+    return [(i * every, v) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("values, losses, outcome, plateau", [
+    # full training on scarce_target, seed 0 (bench/README.md): learns by step 300
+    ([6.17, 1.82, 0.86, 0.37, 0.31, 0.24, 0.28, 0.24, 0.22, 0.27, 0.22], None, "learned", 0),
+    # the layer-wise seed 0: 1.77 at step 100, then ~1.64-1.8 for the rest of the run
+    ([6.17, 1.77] + [1.70, 1.75, 1.72, 1.74] * 7, None, "stalled", 2800),
+    # a slow run: a 300-step plateau (a tenth of 30 evaluations), then learning
+    ([6.17, 1.77, 1.73, 1.69, 1.71, 1.46] + [1.0 - 0.03 * i for i in range(25)], None, "learned", 300),
+    # converged below the plateau loss: no progress for most of the run is not a stall
+    ([6.17, 0.45] + [0.44] * 29, None, "learned", 0),
+    # learned, then unlearned past the start
+    ([6.17, 1.0, 0.5, 0.3] + [7.0] * 3, None, "blew up", 0),
+    # target-only: best at step 100, then memorises its 16 examples
+    ([6.17, 2.9, 3.5, 4.0, 4.7], None, "overfit", 300),
+    # a non-finite training loss
+    ([6.17, 1.0, 0.5, 0.3], [1.0, float("nan")], "blew up", 0),
+])
+def test_sft_outcome_from_a_curve(values, losses, outcome, plateau):
+    from drpt_ray.demo import sft_outcome
+
+    r = sft_outcome(_curve(values), losses or [1.0])
+    assert (r["outcome"], r["plateau_steps"]) == (outcome, plateau)
+    assert r["final"] == values[-1] and r["best"] == min(values)
+
+
+def test_machine_summary_names_the_cpu_torch_and_blas():
+    import re
+
+    from drpt_ray.machine import cpu_model, machine_summary
+
+    line = machine_summary()
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    assert line.startswith(cpu_model()) and f"torch {torch.__version__}," in line
+    assert f"BLAS {blas.group(1) if blas else 'unknown'}," in line
+    assert f"{torch.get_num_threads()} threads" in line

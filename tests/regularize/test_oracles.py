@@ -305,6 +305,34 @@ def test_filter_alignment_is_non_negative_per_layer(case):
     assert all(c >= -1e-12 for c in stats.cos.values())
 
 
+@pytest.mark.parametrize("fs", ["layerwise_subset", "global_subset"])
+def test_topk_moves_a_layer_against_the_target_when_every_row_disagrees(fs):
+    """The stall's ingredient (bench/README.md, "Layer-wise stability"): top-k keeps its k rows even
+    when every score is negative, so each layer's update increases the target loss to first order
+    (cosine -1 here); filtering keeps none of them and leaves the weights alone."""
+    model = O.TinyMLP(4)
+    row = O.make_batch(1, seed=7)
+    batch = {k: v.repeat(4, 1) for k, v in row.items()}  # four copies: every row's gradient is the same
+    units = O.units_of(batch)
+    updates = {}
+    for selection, frac in (("topk", 0.5), ("filter", 1.0)):
+        reg = Regularizer(model, RegularizerSpec(feasible_set=fs, selection=selection, frac=frac))
+        reg.capture_target(-token_mean_loss(model, batch))  # g_T = -G: every row disagrees with the target
+        stats = reg.backward(lambda rows: token_mean_loss(model, batch, rows), units)
+        updates[selection] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        blocks = [b.name for b in reg.blocks]
+        model.zero_grad(set_to_none=True)
+        reg.remove()
+        if selection == "topk":
+            assert all(abs(stats.cos[b] + 1) < 1e-9 for b in blocks)
+            assert all(abs(k - 0.5) < 1e-12 for k in stats.kept.values())
+        else:
+            assert all(k == 0 for k in stats.kept.values())
+    hooked = [k for b in blocks for k in O.block_params(b, model)]
+    assert all(updates["topk"][k].abs().max() > 0 for k in hooked)
+    assert all(updates["filter"][k].abs().max() == 0 for k in hooked if k in updates["filter"])
+
+
 def test_topk_alignment_beats_full_with_equal_token_counts():
     """With equal T_i, the top-k mean score >= the mean of all scores: <d_topk, g_T> >= <d_full, g_T>."""
     model = O.TinyMLP(3)

@@ -6,8 +6,11 @@ target-loss curve by `drpt_ray.demo.sft_outcome` (learned / stalled / blew up / 
 
 Variants:
   full, global top-k 0.5, layerwise top-k 0.5   the demo's methods
-  layerwise filter, global filter               keep the rows whose score is >= 0 (selection: filter,
+  layerwise filter                              keep the rows whose score is >= 0 (selection: filter,
         frac 1.0) instead of the top half
+  layerwise: <one change>                       layer-wise top-k 0.5 with one thing changed: 4 target
+        examples per step, the embedding curated too, or lm_head / attention / MLPs left out of the
+        curation (they then get the whole batch's gradient); `--seeds 1` gives the seed-0 ablation
   layerwise top-k 0.5 (official code)           the paper's own LayerWiseSubset (github.com/TRAIS-Lab/
         Dr.Post-Training, package drpt/) on the same model, batches, optimizer and schedule: with
         `--official DIR` (a checkout of that repository) the learner's SFT step is replaced by the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -34,10 +38,19 @@ from pathlib import Path
 from drpt_ray.demo import SFT_METHODS, SFT_STEPS, mean_se, sft_outcome
 
 OFFICIAL = "layerwise top-k 0.5 (official code)"
-# Beyond the demo's methods: filtering (keep the rows with s >= 0) instead of top-k, per layer and globally.
-EXTRA = {"layerwise filter": {"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0},
-         "global filter": {"feasible_set": "global_subset", "selection": "filter", "frac": 1.0}}
+LW = SFT_METHODS["layerwise top-k 0.5"]
+# Beyond the demo's methods, name -> (regularizer, other JobSpec fields): filtering (keep the rows
+# with s >= 0) instead of the top half, and layer-wise top-k 0.5 with one thing changed (the ablations).
+EXTRA: dict[str, tuple[dict, dict]] = {
+    "layerwise filter": ({"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0}, {}),
+    "layerwise: 4 target examples": (LW, {"target_batch_size": 4}),
+    "layerwise: embedding curated": (LW | {"hook_embeddings": True}, {}),
+    "layerwise: lm_head not curated": (LW | {"exclude": ["lm_head"]}, {}),
+    "layerwise: attention not curated": (LW | {"exclude": ["self_attn"]}, {}),
+    "layerwise: MLPs not curated": (LW | {"exclude": ["mlp"]}, {}),
+}
 VARIANTS = ["full", "global top-k 0.5", "layerwise top-k 0.5", OFFICIAL, *EXTRA]
+LEFT_PLATEAU = 1.0  # "left the plateau": the first evaluation below this held-out loss (the plateau is ~1.7)
 
 
 def use_official_layerwise(official: str, frac: float) -> None:
@@ -74,6 +87,7 @@ def run_one(job: tuple[str, int, int, str, str | None]) -> dict:
     import torch
 
     torch.set_num_threads(1)  # runs share the cores
+    from drpt_ray.config import JobSpec
     from drpt_ray.demo import sft_spec
     from drpt_ray.trainer import run_job
 
@@ -81,8 +95,10 @@ def run_one(job: tuple[str, int, int, str, str | None]) -> dict:
     if variant == OFFICIAL:
         method = "layerwise top-k 0.5"
         use_official_layerwise(official, SFT_METHODS[method]["frac"])
-    spec = sft_spec(method, seed, Path(out) / "runs" / variant.replace(" ", "_").replace("(", "").replace(")", ""),
-                    steps=steps, reg=EXTRA.get(variant), progress=False, tensorboard=False)
+    reg, fields = EXTRA.get(variant, (None, {}))
+    spec = sft_spec(method, seed, Path(out) / "runs" / "".join(c if c.isalnum() else "_" for c in variant),
+                    steps=steps, reg=reg, progress=False, tensorboard=False)
+    spec = JobSpec.model_validate(spec.model_dump() | fields)
     if variant == OFFICIAL:  # its step merges the target row into the general batch; its configs hook the embedding
         spec = spec.model_copy(update={"regularizer": spec.regularizer.model_copy(update={"target_mode": "merged", "hook_embeddings": True})})
     h = run_job(spec).history
@@ -130,8 +146,8 @@ def main() -> None:
 def report(runs: list[dict], variants: list[str], out: Path, args, machine: str) -> None:
     from sft_quality import plot
 
-    lines = ["| variant | seeds | learned | stalled | blew up | overfit | final held-out loss | longest plateau (steps): median, max | per seed (final) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | seeds | learned | stalled | blew up | overfit | final held-out loss | longest plateau (steps): median, max "
+             f"| first step below {LEFT_PLATEAU}: median, max | per seed (final) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:  # the rule as it is now (a run's losses are kept only as "blew up" or not)
         r.update(sft_outcome(r["curve"], [float("nan")] if r["outcome"] == "blew up" else []))
     for v in variants:
@@ -141,9 +157,11 @@ def report(runs: list[dict], variants: list[str], out: Path, args, machine: str)
         f, se = mean_se([r["final"] for r in rs])
         count = {o: sum(r["outcome"] == o for r in rs) for o in ("learned", "stalled", "blew up", "overfit")}
         plateaus = sorted(r["plateau_steps"] for r in rs)
+        left = sorted(next((step for step, v in r["curve"] if v < LEFT_PLATEAU), math.inf) for r in rs)
+        left_cell = ", ".join("never" if x == math.inf else str(x) for x in (left[len(rs) // 2], left[-1]))
         per_seed = " / ".join(f"{r['final']:.2f}" + ("*" if r["outcome"] != "learned" else "") for r in rs)
         lines.append(f"| {v} | {len(rs)} | {count['learned']} | {count['stalled']} | {count['blew up']} | {count['overfit']} | "
-                     f"{f:.3f} +- {se:.3f} | {plateaus[len(rs) // 2]}, {plateaus[-1]} | {per_seed} |")
+                     f"{f:.3f} +- {se:.3f} | {plateaus[len(rs) // 2]}, {plateaus[-1]} | {left_cell} | {per_seed} |")
     text = f"seeds={args.seeds} steps={args.steps} (* = not learned)\nmachine: {machine}\n\n" + "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -124,8 +124,8 @@ def sft_outcome(curve: list[tuple[int, float]], losses: list[float]) -> dict:
 
     - blew up: a non-finite training loss, or the held-out loss ends above where it started;
     - overfit: it ends `SFT_OVERFIT` times above its best (target-only on its 16 examples);
-    - stalled: for a third of the run or longer, the held-out loss found no new best (5% below the
-      last) while that best was above `SFT_PLATEAU_LOSS`;
+    - stalled: it ends above `SFT_PLATEAU_LOSS`, or for a third of the run or longer the held-out
+      loss found no new best (5% below the last) while that best was above `SFT_PLATEAU_LOSS`;
     - learned: neither.
     `plateau_steps` is that longest stretch, a continuous measure of how close a run came to stalling."""
     best, since, plateau = curve[0][1], curve[0][0], 0
@@ -139,7 +139,7 @@ def sft_outcome(curve: list[tuple[int, float]], losses: list[float]) -> dict:
         outcome = "blew up"
     elif final > SFT_OVERFIT * min(v for _, v in curve):
         outcome = "overfit"
-    elif plateau >= span / 3:
+    elif final > SFT_PLATEAU_LOSS or plateau >= span / 3:
         outcome = "stalled"
     else:
         outcome = "learned"

@@ -113,6 +113,8 @@ def _curve(values, every=100):
     ([6.17, 1.77] + [1.70, 1.75, 1.72, 1.74] * 7, None, "stalled", 2800),
     # a slow run: a 300-step plateau (a tenth of 30 evaluations), then learning
     ([6.17, 1.77, 1.73, 1.69, 1.71, 1.46] + [1.0 - 0.03 * i for i in range(25)], None, "learned", 300),
+    # creeping down 5% at a time but ending above the plateau loss (the paper's code, seed 4 here)
+    ([6.27, 1.73, 1.64, 1.55, 1.47, 1.39, 1.32, 1.25, 1.18], None, "stalled", 0),
     # converged below the plateau loss: no progress for most of the run is not a stall
     ([6.17, 0.45] + [0.44] * 29, None, "learned", 0),
     # learned, then unlearned past the start

@@ -82,9 +82,9 @@ def learned(h: list[dict], mode: str) -> bool:
     series = lambda key: [m[key] for m in h if key in m]  # noqa: E731
     evals = series("eval/target_reward")
     steps = [m for m in h if m["step"] > 0]
-    bounded = all(m.get("async/staleness_max", 0) <= k for m in steps)
-    exact = partial or all(m.get("async/staleness_mean", k) == k for m in steps[k:])
-    return (bounded and exact and sum(series("async/dropped")) == 0
+    bounded = all(m.get("rollout/staleness_max", 0) <= k for m in steps)
+    exact = partial or all(m.get("rollout/staleness_mean", k) == k for m in steps[k:])
+    return (bounded and exact and sum(series("rollout/dropped")) == 0
             and sum(evals[-2:]) / 2 >= evals[0] + min(0.1, (1 - evals[0]) / 2)
             and min(series("reward/reward_mean")) > 0.15 and sum(series("reward/response_len")[-10:]) / 10 < 6.0)
 
@@ -143,10 +143,10 @@ def pin_at_start(m: dict) -> None:
 
 def token_staleness(h: list[dict]) -> dict:
     """Mean age of the trained tokens (partial rollouts) or samples, in weight versions."""
-    steps = [m for m in h if "async/staleness_mean" in m]
+    steps = [m for m in h if "rollout/staleness_mean" in m]
     if not steps:
         return {"token_age": 0.0}
-    return {"token_age": statistics.fmean(m.get("async/token_staleness_mean", m["async/staleness_mean"]) for m in steps)}
+    return {"token_age": statistics.fmean(m.get("rollout/token_staleness_mean", m["rollout/staleness_mean"]) for m in steps)}
 
 
 def slug(mode: str) -> str:

@@ -64,7 +64,7 @@ def use_official_layerwise(official: str, frac: float) -> None:
     from drpt.selection import create_merged_batch_strategy
 
     from drpt_ray.learner import learner as L
-    from drpt_ray.losses import token_mean_loss
+    from drpt_ray.lm_losses import token_mean_loss
 
     def sft_step(self, general: dict, target: dict | None) -> dict:
         if not hasattr(self, "official"):

@@ -48,7 +48,7 @@ from drpt_ray.config import JobSpec  # noqa: E402
 from drpt_ray.data import load_task, tokenize_sft  # noqa: E402
 from drpt_ray.learner import Learner, LearnerGroup  # noqa: E402
 from drpt_ray.machine import machine_summary  # noqa: E402
-from drpt_ray.trainer import BatchSampler  # noqa: E402
+from drpt_ray.data import BatchSampler  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "learner_scaling"
 

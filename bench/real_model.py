@@ -147,7 +147,6 @@ def part_sync(args) -> dict:
             rows.append((t_state, t_store, t_reload))
         mb = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
         out[mode] = {"mb": mb, **{k: statistics.median(r[i] for r in rows) for i, k in enumerate(("state_s", "store_s", "reload_s"))}}
-        del model, sd
     greedy = SamplingSpec(n=1, temperature=0.0, max_new_tokens=8)
     out["engine_generates_after_reload"] = bool(engine.generate(["Hello"], greedy)[0].response_ids)
     if args.rl_metrics:

@@ -97,7 +97,7 @@ def main() -> None:
                   "regularize": n_tgt * (p_len + resp), "update": n_gen * (p_len + resp)}
         fwd_equiv = {"logprob": 1, "regularize": 2, "update": 2}
         table[cpus] = (med, tokens, fwd_equiv)
-    print(f"\n| phase | 1 CPU each: s | 2 CPUs each: s | speed-up | tokens | tokens/s (2 CPUs) | GFLOP/s (2 CPUs) | % of 2-thread matmul |")
+    print("\n| phase | 1 CPU each: s | 2 CPUs each: s | speed-up | tokens | tokens/s (2 CPUs) | GFLOP/s (2 CPUs) | % of 2-thread matmul |")
     print("|---|---|---|---|---|---|---|---|")
     for ph in PHASES:
         one, two = table[1.0][0][ph], table[2.0][0][ph]

@@ -111,7 +111,7 @@ def one_step(model, opt, spec: dict | None, general, target, units) -> tuple[flo
     import torch
 
     from drpt_ray.config import RegularizerSpec
-    from drpt_ray.losses import token_mean_loss
+    from drpt_ray.lm_losses import token_mean_loss
     from drpt_ray.regularize import Regularizer
 
     reg = Regularizer(model, RegularizerSpec(**{"frac": FRAC, **spec})) if spec is not None else None

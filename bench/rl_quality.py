@@ -116,7 +116,7 @@ def alerted(run_dir: Path, vocab_size: int) -> float:
     in the run, replayed from its metrics.jsonl. The benches do not stop on divergence, so a run
     that collapsed (or nearly, and recovered) still ends with numbers; this column says which."""
     from drpt_ray.config import DivergenceSpec
-    from drpt_ray.trainer import divergence_guard
+    from drpt_ray.job import divergence_guard
 
     guard = divergence_guard(DivergenceSpec(), vocab_size)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

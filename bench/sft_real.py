@@ -79,7 +79,7 @@ def misaligned_files(seed: int, args: argparse.Namespace) -> dict:
     for name, rows in (("general", general), ("target", [(e.prompt, e.response) for e in pools.target]),
                        ("eval", [(e.prompt, e.response) for e in pools.eval])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
-    return {"general_path": str(root / "general.jsonl"), "target_path": str(root / "target.jsonl"),
+    return {"task": None, "general_path": str(root / "general.jsonl"), "target_path": str(root / "target.jsonl"),
             "eval_path": str(root / "eval.jsonl")}
 
 

@@ -15,8 +15,8 @@
     except ApiError as e:                                     # e.status 422, e.paths ["body.regularizer.tau"]
         print(e.message)
 
-Responses are the control plane's own models (`services.control_plane.models`: JobPublic,
-SweepPublic, TrialPublic, ...; importing them pulls in pydantic and drpt_ray.config, not the server).
+Responses are the wire models the control plane answers with (drpt_ray/wire.py: JobPublic,
+SweepPublic, TrialPublic, ...), shared with the server; the SDK imports nothing of the server.
 
 The `drpt-ray` commands that use it (submit, status, logs, cancel, sweep, serve) are in
 drpt_ray/service_cli.py. Every refusal is an `ApiError` (a `ClientError`, a ValueError).
@@ -37,12 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.reporting import TERMINAL
-from services.control_plane import models
-from services.control_plane.models import (ErrorResponse, FieldError, JobPage, JobPublic, MetricsPage, RunPublic, State,
-                                           SweepPage, SweepPublic, TrialPublic)
+from drpt_ray import wire
+from drpt_ray.wire import (DEFAULT_URL, ErrorResponse, FieldError, JobPage, JobPublic, MetricsPage, RunPublic, State, SweepPage,
+                           SweepPublic, TrialPublic)
 
-HOST, PORT = "127.0.0.1", 8000  # where the control plane listens unless told otherwise
-DEFAULT_URL = f"http://{HOST}:{PORT}"
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
 METRICS_PAGE = 10_000  # the most GET /v1/jobs/{id}/metrics returns at once
 M = TypeVar("M", bound=BaseModel)
@@ -122,7 +120,7 @@ def iter_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
 
 
 # ----------------------------------------------------------------------------------------------
-# typed events: the driver's event models (models.py, one schema) as the stream delivers them
+# typed events: the driver's event models (drpt_ray/wire.py, one schema) as the stream delivers them
 
 # Lenient where the ingest models are strict: a client must read what an older control plane
 # stored and ignore fields a newer one adds.
@@ -134,28 +132,28 @@ class _Streamed(BaseModel):
     seq: int | None = Field(None, description="The driver's sequence number; none on the control plane's own state events.")
 
 
-class StateChange(_Streamed, models.StateEvent):
+class StateChange(_Streamed, wire.StateEvent):
     model_config = _STREAMED
     state: State  # the control plane's own transitions too (QUEUED, PENDING)
 
 
-class MetricsReport(_Streamed, models.MetricsEvent):
+class MetricsReport(_Streamed, wire.MetricsEvent):
     model_config = _STREAMED
 
 
-class LogLine(_Streamed, models.LogEvent):
+class LogLine(_Streamed, wire.LogEvent):
     model_config = _STREAMED
 
 
-class Alert(_Streamed, models.AlertEvent):
+class Alert(_Streamed, wire.AlertEvent):
     model_config = _STREAMED
 
 
-class TrialReport(_Streamed, models.TrialEvent):
+class TrialReport(_Streamed, wire.TrialEvent):
     model_config = _STREAMED
 
 
-class SweepSummary(_Streamed, models.SweepEvent):
+class SweepSummary(_Streamed, wire.SweepEvent):
     model_config = _STREAMED
 
 

@@ -18,9 +18,9 @@ from typing import Annotated, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from drpt_ray.regularize.sets import get_feasible_set, registered_feasible_sets
+from drpt_ray.feasible_sets import FEASIBLE_SETS
 
 
 INT32_MAX = 2**31 - 1
@@ -128,7 +128,7 @@ class ModelSpec(Spec):
 # --------------------------------------------------------------------------------------------
 # Regularizer (method.md sections 1-3)
 
-FEASIBLE_SETS = tuple(registered_feasible_sets())  # the registry's names (drpt_ray/regularize/sets.py)
+FEASIBLE_SET_NAMES = tuple(FEASIBLE_SETS.names())  # the registry's names (drpt_ray/feasible_sets.py)
 
 
 class SketchSpec(Spec):
@@ -140,9 +140,9 @@ class SketchSpec(Spec):
 class RegularizerSpec(Spec):
     """Which feasible set the general batch builds and how the target gradient is scored against it."""
 
-    feasible_set: Literal[FEASIBLE_SETS] = Field(  # type: ignore[valid-type]
+    feasible_set: Literal[FEASIBLE_SET_NAMES] = Field(  # type: ignore[valid-type]
         "layerwise_subset",
-        description=f"{' | '.join(FEASIBLE_SETS)} (iif: RL buffer filtering).",
+        description=f"{' | '.join(FEASIBLE_SET_NAMES)} (iif: RL buffer filtering).",
     )
     selection: Literal["topk", "filter"] = Field(
         "topk", description="Subset rule: top-k by score, or keep non-negative scores (filtering)."
@@ -178,7 +178,7 @@ class RegularizerSpec(Spec):
 
     @model_validator(mode="after")
     def _fits_the_feasible_set(self) -> "RegularizerSpec":
-        fs = get_feasible_set(self.feasible_set)
+        fs = FEASIBLE_SETS.get(self.feasible_set)
         for name, allowed in (("passes", fs.passes), ("target_mode", fs.target_modes)):
             value = getattr(self, name)
             if value not in allowed:
@@ -334,7 +334,7 @@ class RolloutSpec(Spec):
         0, ge=0,
         description="Asynchronous RL: rollouts for up to this many coming steps are generated while the learner updates, "
         "and no sample is trained more than this many weight versions after the weights that sampled it (older ones are "
-        "dropped and counted in async/dropped); algorithm.tis_cap corrects the difference. 0: the synchronous loop.",
+        "dropped and counted in rollout/dropped); algorithm.tis_cap corrects the difference. 0: the synchronous loop.",
     )
     partial_rollouts: bool = Field(
         False, description="Asynchronous RL: new weights reach a generation in progress at its next chunk boundary and "
@@ -348,16 +348,17 @@ class AlgorithmSpec(Spec):
 
     advantage: str = Field("grpo", description="Advantage estimator: grpo | grpo_no_std | rloo | reinforce_pp | gae (PPO).")
     policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip | reinforce.")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+    loss_agg: str = Field(
         "token_mean",
-        description="How token losses are averaged (also the regularizer's normaliser units); seq_mean_token_sum_norm is "
-        "Dr. GRPO's constant normaliser (token sum / (responses x rollout.sampling.max_new_tokens)).",
+        description="How token losses are averaged (also the regularizer's normaliser units): token_mean | seq_mean_token_mean | "
+        "seq_mean_token_sum | seq_mean_token_sum_norm, Dr. GRPO's constant normaliser (token sum / (responses x "
+        "rollout.sampling.max_new_tokens)).",
     )
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); None: clip_eps.")
     ppo_epochs: Int = Field(1, ge=1, description="Optimizer passes over each rollout batch.")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference policy).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    kl_estimator: str = Field("k3", description="KL estimator: k1 | k2 | k3.")
     kl_in_reward: bool = Field(False, description="Put the KL penalty in the reward instead of the loss.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount (REINFORCE++, GAE).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
@@ -372,27 +373,30 @@ class AlgorithmSpec(Spec):
         None, gt=0, description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct the rollout engine's mismatch; None: off."
     )
     mask_truncated_completions: bool = Field(False, description="Responses cut at max_new_tokens get no policy gradient (they still count in the group's advantages).")
-    target_objective: Literal["reward", "token_pg", "train_loss"] = Field(
+    target_objective: str = Field(
         "token_pg",
         description="Target loss for g_T: token policy gradient with the target rollouts' own (group-relative) advantages "
         "(default), the paper's reward-weighted log-prob with batch-standardised rewards, or the training loss itself "
-        "(drpt_ray/learner/learner.py says why token_pg is the default).",
+        "(docs/target-objectives.md says why token_pg is the default).",
     )
 
-    @field_validator("advantage")
+    @field_validator("advantage", "policy_loss", "kl_estimator", "target_objective")
     @classmethod
-    def _known_advantage(cls, v: str) -> str:
-        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        import drpt_ray.algorithms as A
 
-        ADVANTAGE_ESTIMATORS.check(v)  # lists the valid names; imports nothing (see Registry.check)
+        registry = {"advantage": A.ADVANTAGE_ESTIMATORS, "policy_loss": A.POLICY_LOSSES, "kl_estimator": A.KL_ESTIMATORS,
+                    "target_objective": A.TARGET_OBJECTIVES}[info.field_name]
+        registry.check(v)  # lists the valid names; imports nothing (see Registry.check)
         return v
 
-    @field_validator("policy_loss")
+    @field_validator("loss_agg")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from drpt_ray.algorithms import POLICY_LOSSES
+    def _known_agg(cls, v: str) -> str:
+        from drpt_ray.algorithms import AGG_MODES
 
-        POLICY_LOSSES.check(v)
+        if v not in AGG_MODES:
+            raise ValueError(f"unknown loss aggregation {v!r}; valid: {list(AGG_MODES)}")
         return v
 
 
@@ -450,7 +454,8 @@ class ResourcesSpec(Spec):
 
 
 # The fields that may name user code as 'package.module:function' (imported where the job runs).
-CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"), ("reward", "function"))
+CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"), ("algorithm", "kl_estimator"),
+                                            ("algorithm", "target_objective"), ("reward", "function"))
 # The fields that name a file or directory a job reads (a server admits only paths under its read roots).
 PATH_FIELDS: tuple[tuple[str, ...], ...] = (("model", "path"), ("data", "general_path"), ("data", "target_path"),
                                             ("data", "eval_path"), ("reward", "model_path"))
@@ -505,19 +510,20 @@ class JobSpec(Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS  # torch: loaded only when a spec is checked
+        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, TARGET_OBJECTIVES  # torch: loaded only when a spec is checked
 
         if self.mode == "rlhf" and self.reward.kind != "model":
             raise ValueError("mode 'rlhf' scores with a reward model: set reward.kind to 'model'")
         if self.mode == "rlvr" and self.reward.kind == "model":
             raise ValueError("mode 'rlvr' uses verifiable rewards: reward.kind 'model' belongs to mode 'rlhf'")
-        if self.mode == "sft" and get_feasible_set(self.regularizer.feasible_set).filters_buffer:
+        if self.mode == "sft" and FEASIBLE_SETS.get(self.regularizer.feasible_set).filters_buffer:
             raise ValueError(f"regularizer.feasible_set {self.regularizer.feasible_set!r} filters an RL rollout buffer; "
                              "SFT has none: use layerwise_subset, global_subset or soft_subset")
         if self.regularizer.target_mode == "merged" and self.mode != "sft":
             raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
-        if ":" not in self.algorithm.advantage:  # a user estimator's metadata is read where it runs (preflight)
-            self.check_groups(ADVANTAGE_ESTIMATORS.meta(self.algorithm.advantage).needs_groups)
+        alg = self.algorithm
+        if ":" not in alg.advantage + alg.target_objective:  # user code's metadata is read where it runs (preflight)
+            self.check_algorithm(ADVANTAGE_ESTIMATORS.meta(alg.advantage), TARGET_OBJECTIVES.meta(alg.target_objective))
         if self.rollout.partial_rollouts and not self.rollout.max_staleness:
             raise ValueError("rollout.partial_rollouts needs rollout.max_staleness > 0: weights change during a "
                              "generation only in the asynchronous loop")
@@ -525,22 +531,27 @@ class JobSpec(Spec):
             if self.algorithm.tis_cap is None:
                 raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set algorithm.tis_cap "
                                  "(the cap of the importance weights that correct them, e.g. 2.0)")
-            if self.algorithm.target_objective == "reward":
-                raise ValueError("algorithm.target_objective 'reward' has no importance weights for stale target rollouts: "
-                                 "use 'token_pg' or 'train_loss' with rollout.max_staleness > 0")
         if self.mode != "sft" and self.eval_samples and self.eval_k > self.eval_samples:
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         self._check_learner_layout()
         return self
 
-    def check_groups(self, needs_groups: bool) -> None:
-        """Refuse an advantage estimator that normalises within groups when there is no group.
+    def check_algorithm(self, advantage, objective) -> None:
+        """What the advantage estimator's and the target objective's metadata rule out (the registries'
+        `AdvantageMeta` and `TargetObjectiveMeta`; for user code read where the job runs).
 
         Raises:
-            ValueError: naming algorithm.advantage and rollout.sampling.n.
+            ValueError: a group-normalising estimator with rollout.sampling.n < 2, or a target
+                objective that does not read the advantages with rollout.max_staleness > 0.
         """
-        if self.mode != "sft" and needs_groups and self.rollout.sampling.n < 2:
+        if self.mode == "sft":
+            return
+        if advantage.needs_groups and self.rollout.sampling.n < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+        if self.rollout.max_staleness and not objective.weighs_advantages:
+            raise ValueError(f"algorithm.target_objective {self.algorithm.target_objective!r} does not read the advantages, so "
+                             "the importance weights of stale target rollouts cannot reach it: use 'token_pg' or "
+                             "'train_loss' with rollout.max_staleness > 0")
 
     def user_code(self) -> dict[tuple[str, ...], str]:
         """The `module:function` paths this job would import and run, by field location."""
@@ -562,7 +573,7 @@ class JobSpec(Spec):
                              "device; use data parallelism with fsdp: false)")
         if reg.target_mode == "merged":
             raise ValueError("regularizer.target_mode 'merged' is not supported with resources.fsdp; use 'separate'")
-        if get_feasible_set(reg.feasible_set).granularity(reg) == "global" and reg.passes != "two_pass":
+        if FEASIBLE_SETS.get(reg.feasible_set).granularity(reg) == "global" and reg.passes != "two_pass":
             raise ValueError(f"regularizer.passes: global selection ({reg.feasible_set}) with resources.fsdp needs "
                              "passes: two_pass (one-pass writes gradients after the backward, when FSDP has reduced them)")
 

@@ -5,11 +5,33 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # Shown on the progress bar and plotted, when present.
 HEADLINE = ("loss", "reward/reward_mean", "eval/target_loss", "eval/target_reward", "target/reward_mean")
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of one step (`time/<phase>`); a phase entered twice adds up."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        """Every phase's seconds, and `time/step`: the whole step since the timer was made."""
+        return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": time.perf_counter() - self.start}
 
 
 class MetricLogger:

@@ -34,7 +34,7 @@ An EVENT is a flat JSON object: `seq` (int, from 1, no gaps), `ts` (unix seconds
 |           | `best_value`, `best_config`                                                              |
 
 Numbers are finite: `on_metrics` sends a NaN or infinite metric as null. The control plane
-validates every event against this table (services/control_plane/models.py: extra fields, a
+validates every event against this table (drpt_ray/wire.py: extra fields, a
 text `step`, a `seq` past 2**31 - 1, NaN or Infinity are refused with a 422 naming the field).
 
 The control plane re-serves the stored events on its SSE streams (`GET /v1/jobs/{id}/events`,

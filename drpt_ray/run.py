@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from drpt_ray.cli import main
-from drpt_ray.config import PATH_FIELDS
 from drpt_ray.errors import DIVERGED_EXIT
+
 
 def entry(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m drpt_ray.run")
@@ -44,7 +44,7 @@ def entry(argv: list[str] | None = None) -> int:
 
 
 def _absolute_output_dir(spec_path: str) -> str | None:
-    """The spec's output_dir made absolute (see `absolute_paths`); None if the spec cannot be read,
+    """The spec's output_dir made absolute; None if the spec cannot be read,
     which `drpt-ray run` then reports."""
     from drpt_ray.config import JobSpec, load_spec
 
@@ -72,7 +72,7 @@ def reported_run(a: argparse.Namespace) -> int:
     def body() -> int:
         from drpt_ray.trainer import Diverged, run_job  # inside: a failed import is reported as FAILED
 
-        spec = absolute_paths(load_spec(a.spec, JobSpec))
+        spec = load_spec(a.spec, JobSpec)  # run_job makes its paths absolute
         if a.output_dir:
             spec.output_dir = str(Path(a.output_dir).resolve())
         reporter.state("RUNNING", artifacts={"output_dir": str(Path(spec.output_dir).resolve())})
@@ -87,22 +87,6 @@ def reported_run(a: argparse.Namespace) -> int:
         return 0
 
     return run_reported(reporter, "drpt-ray", body)
-
-
-def absolute_paths(spec):
-    """The spec with output_dir, and relative local paths that exist, made absolute.
-
-    Ray actors on a cluster started elsewhere do not share the driver's working directory, so a
-    relative path (the default `output_dir` included) would point somewhere else inside them. The
-    directory meant is the same; a hub name such as `org/model` is left alone (it does not exist
-    locally)."""
-    spec.output_dir = str(Path(spec.output_dir).resolve())
-    for section, key in PATH_FIELDS:
-        sub = getattr(spec, section)
-        value = getattr(sub, key)
-        if value and not Path(value).is_absolute() and Path(value).exists():
-            setattr(sub, key, str(Path(value).resolve()))
-    return spec
 
 
 def artifacts(out: Path) -> dict:

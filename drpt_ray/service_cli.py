@@ -30,9 +30,9 @@ from pathlib import Path
 
 import httpx
 
-from drpt_ray.client import (DEFAULT_URL, HOST, PORT, TOKEN_FILE, Alert, Client, End, Job, LogLine, MetricsReport,
+from drpt_ray.client import (TOKEN_FILE, Alert, Client, End, Job, LogLine, MetricsReport,
                              StateChange, Sweep, SweepSummary, TrialReport, saved_token)
-from services.control_plane.models import JobPublic, RunPublic, SweepPublic
+from drpt_ray.wire import DEFAULT_URL, HOST, PORT, JobPublic, RunPublic, SweepPublic
 
 
 # ----------------------------------------------------------------------------------------------

@@ -409,7 +409,7 @@ def run_sweep(spec: SweepSpec, on_event: EventCallback | None = None, address: s
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from drpt_ray.trainer import init_ray
+    from drpt_ray.job import init_ray
 
     init_ray(peak_trial_demand(spec).get("CPU", 1.0), address)
     root = Path(spec.output_dir).resolve()

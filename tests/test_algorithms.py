@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from drpt_ray.registry import Registry
 from drpt_ray.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
@@ -19,7 +20,6 @@ from drpt_ray.algorithms import (
     AdvantageInputs,
     PolicyLossInputs,
     AdvantageMeta,
-    Registry,
     aggregate,
     compute_advantages,
     example_losses,

@@ -17,9 +17,11 @@ from drpt_ray.config import JobSpec
 from drpt_ray.data import load_task, tokenize_sft
 from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.learner import Learner
+from drpt_ray.metrics import PhaseTimer
 from drpt_ray.models import model_dir
 from drpt_ray.rollout import make_rollout_workers
-from drpt_ray.trainer import Context, Group, rollout_batch, run_job
+from drpt_ray.job import Context
+from drpt_ray.trainer import Group, rollout_batch, run_job
 from tests.rl_helpers import kill_rollout_worker, rlvr
 
 pytestmark = pytest.mark.slow
@@ -79,7 +81,7 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
 
     def batch_of(s: JobSpec):
         ctx = Context(spec=s, out=tmp_path, splits=splits, tokenizer=tok, learner=learner, general=None, target=None)
-        return rollout_batch(ctx, groups, {}, "reward/", train=True)
+        return rollout_batch(ctx, groups, "general", stale=True, t=PhaseTimer())[0]
 
     corrected = batch_of(spec)
     plain = batch_of(rlvr(tmp_path, rollout=spec.rollout.model_dump(exclude={"max_staleness"}), algorithm={"tis_cap": None}))
@@ -105,8 +107,8 @@ ASYNC = {"rollout": {**RLVR_DEMO["rollout"], "max_staleness": 1}, "algorithm": {
 def _assert_bounded_staleness(history: list[dict], k: int, batch: int) -> None:
     """Every step trained one whole job, its own, none of whose samples was more than `k` versions old."""
     steps = [m for m in history if m["step"] > 0]
-    assert [m["async/job"] for m in steps] == [m["step"] - 1 for m in steps]
-    assert all(m["async/trained"] == batch and 0 <= m["async/staleness_max"] <= k for m in steps)
+    assert [m["rollout/job"] for m in steps] == [m["step"] - 1 for m in steps]
+    assert all(m["rollout/trained"] == batch and 0 <= m["rollout/staleness_max"] <= k for m in steps)
 
 
 def test_staleness_1_learns_on_the_demo(tmp_path):
@@ -120,8 +122,8 @@ def test_staleness_1_learns_on_the_demo(tmp_path):
     _assert_bounded_staleness(h, 1, 64)
     # from the second step on, every trained sample came from the weights one version back: the
     # rollouts really were generated while the learner updated
-    assert all(m["async/staleness_mean"] == 1 for m in h[2:]) and sum(series("async/dropped")) == 0
-    assert 0 < min(series("async/is_weight_mean")) and max(series("async/is_capped_frac")) < 0.5
+    assert all(m["rollout/staleness_mean"] == 1 for m in h[2:]) and sum(series("rollout/dropped")) == 0
+    assert 0 < min(series("rollout/is_weight_mean")) and max(series("rollout/is_capped_frac")) < 0.5
     evals = series("eval/target_reward")
     assert sum(evals[-2:]) / 2 >= evals[0] + min(0.1, (1 - evals[0]) / 2), evals
     assert min(series("reward/reward_mean")) > 0.15  # never collapsed to zero reward
@@ -152,7 +154,7 @@ def test_partial_rollouts_job(tmp_path):
     assert r.steps == 4
     _assert_bounded_staleness(r.history, 1, 64)
     steps = [m for m in r.history if m["step"] > 0]
-    assert all(0 <= m["async/token_staleness_mean"] <= m["async/staleness_mean"] and 0 <= m["async/partial_frac"] <= 1 for m in steps)
+    assert all(0 <= m["rollout/token_staleness_mean"] <= m["rollout/staleness_mean"] and 0 <= m["rollout/partial_frac"] <= 1 for m in steps)
     assert "eval/target_reward" in r.history[-1]
 
 
@@ -181,7 +183,7 @@ def test_async_resume_trains_the_saved_rollouts(tmp_path):
     resumed = run_job(rlvr(tmp_path / "b", **spec))
     assert [m["step"] for m in resumed.history] == [0, 1, 2, 3, 4]  # steps 0-2 from the checkpointed run's log
     # step 3 trained the saved rollouts: the crashed run's step 3 saw the very same samples
-    for key in ("reward/reward_mean", "reward/response_len", "async/staleness_mean"):
+    for key in ("reward/reward_mean", "reward/response_len", "rollout/staleness_mean"):
         assert resumed.history[3][key] == crashed[-1][key], key
     _assert_bounded_staleness(resumed.history, 1, 64)
     fa, fb = (load_file(tmp_path / x / "model" / "model.safetensors") for x in "ab")

@@ -25,7 +25,7 @@ def test_yaml_spellings_of_numbers_stay_valid(tmp_path):
     # asynchronous RL settings that cannot run
     ("mode: rlvr\nrollout: {max_staleness: 1}\n", "set algorithm.tis_cap"),
     ("mode: rlvr\nrollout: {max_staleness: 1}\nalgorithm: {tis_cap: 2.0, target_objective: reward}\n",
-     "algorithm.target_objective 'reward' has no importance weights"),
+     "algorithm.target_objective 'reward' does not read the advantages"),
     ("mode: rlvr\nrollout: {partial_rollouts: true}\n", "rollout.partial_rollouts needs rollout.max_staleness > 0"),
     ("mode: rlvr\nrollout: {max_staleness: -1}\n", "rollout.max_staleness: Input should be greater than or equal to 0"),
 ])

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from drpt_ray.config import JobSpec
-from drpt_ray.learner import Learner, RLBatch, build_batch, hf_state_dict, standardised_rewards
-from drpt_ray.losses import token_logprobs
+from drpt_ray.learner import Learner, RLBatch, build_batch, hf_state_dict
+from drpt_ray.algorithms import standardised_rewards
+from drpt_ray.lm_losses import token_logprobs
 
 
 def test_zero_variance_guard():
@@ -66,11 +67,36 @@ def test_target_objectives_fill_the_cache(tmp_path, objective):
     m = learner.capture_target(batch)
     assert learner.reg.captured and len(learner.reg.targets) == len(learner.reg.blocks)
     assert all(float(t.weight.abs().sum()) > 0 for t in learner.reg.targets.values())
-    assert m["time/regularize"] > 0
+    assert m["target/objective"] != 0
     before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
     out = learner.rl_step(batch)
     assert any(not torch.equal(before[n], p) for n, p in learner.policy.named_parameters())
     assert 0 < out["reg/kept_frac_mean"] <= 1
+
+
+def test_token_pg_target_gradient_matches_brute_force(tmp_path):
+    """g_T of `token_pg` = the gradient of -sum_{i,t} A_it log pi(y_it) / T, with T the target
+    batch's response tokens, from one row at a time: a float64 copy of the policy, log-softmax of
+    its logits at each response position, summed by hand (no batching, padding or masking). The
+    learner runs in float32: agreement to 1e-5 of each layer's largest entry."""
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), algorithm={"target_objective": "token_pg"})
+    learner = Learner(spec)
+    batch = _rl_batch(learner, n_prompts=2, n=3)
+    learner.capture_target(batch)
+    got = {name: t["weight"] for name, t in learner.reg.state_dict()["targets"].items()}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64, attn_implementation="eager")
+    model.load_state_dict({k: v.double() for k, v in hf_state_dict(learner.policy).items()})
+    weights = {name: model.get_submodule(name).weight for name in got}
+    tokens = int(batch.response_mask.sum())
+    total = 0.0
+    for i in range(batch.size):
+        ids = batch.input_ids[i][batch.attention_mask[i] != 0]  # this row alone, its right padding cut
+        logp = model(input_ids=ids[None]).logits[0].log_softmax(-1)
+        for t in (batch.response_mask[i] != 0).nonzero().flatten().tolist():  # logits at t predict token t + 1
+            total = total - float(batch.advantages[i, t]) * logp[t, ids[t + 1]] / tokens
+    want = dict(zip(weights, torch.autograd.grad(total, list(weights.values()))))
+    err = {name: float((got[name].double() - want[name]).abs().max() / want[name].abs().max()) for name in want}
+    assert max(err.values()) < 1e-5, err
 
 
 def test_iif_filters_the_buffer_then_trains_plainly(tmp_path):

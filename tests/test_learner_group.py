@@ -26,9 +26,10 @@ import torch
 from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from drpt_ray.config import JobSpec
 from drpt_ray.data import load_task, supervised_token_counts, tokenize_sft
-from drpt_ray.learner import Learner, LearnerGroup, LearnerGroupError, build_batch, standardised_rewards
+from drpt_ray.learner import Learner, LearnerGroup, LearnerGroupError, build_batch
+from drpt_ray.algorithms import standardised_rewards
 from drpt_ray.learner.group import row_ranges
-from drpt_ray.losses import sequence_loss_sums, token_mean_loss
+from drpt_ray.lm_losses import sequence_loss_sums, token_mean_loss
 
 pytestmark = pytest.mark.slow
 
@@ -335,8 +336,9 @@ def test_layerwise_subset_matches_brute_force(layerwise, tmp_path):
 
 
 def test_killed_worker_fails_cleanly_then_resumes(tmp_path, monkeypatch):
-    import drpt_ray.trainer as T
-    from drpt_ray.trainer import latest_checkpoint, run_job
+    import drpt_ray.job as J
+    from drpt_ray.job import latest_checkpoint
+    from drpt_ray.trainer import run_job
 
     groups, loaded = [], []
 
@@ -349,7 +351,7 @@ def test_killed_worker_fails_cleanly_then_resumes(tmp_path, monkeypatch):
             loaded.append(path)
             super().load(path)
 
-    monkeypatch.setattr(T, "LearnerGroup", Recording)
+    monkeypatch.setattr(J, "LearnerGroup", Recording)
     free_cpus = ray.available_resources().get("CPU", 0)
     spec = JobSpec.model_validate({
         "mode": "sft", "output_dir": str(tmp_path), "steps": 5, "eval_every": 100, "batch_size": 6,

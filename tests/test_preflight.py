@@ -40,7 +40,7 @@ def test_schema_errors_name_the_field(over, field):
     assert field in str(e.value) or field.split(".")[-1] in str(e.value)
 
 
-# What each feasible set runs with (drpt_ray/regularize/sets.py), refused by the schema, not at start-up.
+# What each feasible set runs with (drpt_ray/feasible_sets.py), refused by the schema, not at start-up.
 @pytest.mark.parametrize(
     "reg,field",
     [({"feasible_set": fs, "passes": "two_pass"}, "regularizer.passes")

@@ -147,7 +147,10 @@ def test_bad_model_inputs_name_the_path(tmp_path: Path) -> None:
     gpt2 = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(str(gpt2), "gpt2")
     w.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(ValueError, match=r"gpt2.gguf: architecture 'gpt2' is not supported"):
         import_gguf(gpt2, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

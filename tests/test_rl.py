@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from drpt_ray.config import JobSpec
 from drpt_ray.learner import Learner, build_batch
-from drpt_ray.trainer import latest_checkpoint, run_job
+from drpt_ray.job import latest_checkpoint
+from drpt_ray.trainer import run_job
 from tests.rl_helpers import kill_rollout_worker, rlvr
 
 pytestmark = pytest.mark.slow

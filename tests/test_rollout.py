@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ray.config import RolloutSpec, SamplingSpec, TinyModelSpec
-from drpt_ray.losses import token_logprobs
+from drpt_ray.lm_losses import token_logprobs
 from drpt_ray.models import tiny_model
 from drpt_ray.rollout import RolloutEngine, WeightSync, make_rollout_workers
 

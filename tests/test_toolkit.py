@@ -137,7 +137,10 @@ def test_pass_at_k_matches_enumeration():
 def test_pass_at_k_large_n_is_finite():
     # C(1000, 500) overflows a float; the product form does not. k=1 must still be c / n.
     assert pass_at_k(1000, 300, 1) == pytest.approx(0.3, abs=1e-12)
-    assert 0.0 < pass_at_k(1000, 1, 500) <= 1.0
+    # One correct sample among 1000: a 500-subset holds it with probability 500 / 1000, exactly.
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5, abs=1e-12)
+    # Two correct: 1 - C(998, 500) / C(1000, 500) = 1 - (500 * 499) / (1000 * 999).
+    assert pass_at_k(1000, 2, 500) == pytest.approx(1 - 500 * 499 / (1000 * 999), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ def test_guard_entropy_ceiling_on_the_rlhf_bench_collapse():
     reward-model rewards, so the batch never lost its variance) against the default ceiling
     0.8 ln 512: the alert fires once, at step 27, and the healthy steps before are quiet."""
     from drpt_ray.config import DivergenceSpec
-    from drpt_ray.trainer import divergence_guard
+    from drpt_ray.job import divergence_guard
 
     guard = divergence_guard(DivergenceSpec(), vocab_size=512)
     assert guard.entropy_ceiling == pytest.approx(0.8 * math.log(512))

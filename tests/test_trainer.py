@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from drpt_ray.algorithms import between_prompt_variance_fraction, refill
 from drpt_ray.config import JobSpec
-from drpt_ray.data import Example
-from drpt_ray.trainer import BatchSampler, Group, latest_checkpoint, refill, run_job
+from drpt_ray.data import BatchSampler, Example
+from drpt_ray.job import latest_checkpoint
+from drpt_ray.trainer import Group, run_job
 
 
 def _draws(*batches: list[list[float]]):
@@ -99,8 +101,6 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
 
 
 def test_between_prompt_variance_fraction_by_hand():
-    from drpt_ray.trainer import between_prompt_variance_fraction
-
     ids = torch.tensor([0, 0, 1, 1])
     # Each prompt all right or all wrong: every bit of variance is between prompts.
     assert between_prompt_variance_fraction(torch.tensor([1.0, 1.0, 0.0, 0.0]), ids) == pytest.approx(1.0)

@@ -16,7 +16,7 @@ from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.tune import main as tune_main
 from drpt_ray.tune import _error_summary, learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand, trial_resources
-from services.control_plane.models import IngestBatch
+from drpt_ray.wire import IngestBatch
 
 pytestmark = pytest.mark.slow
 

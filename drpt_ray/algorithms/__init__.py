@@ -1,7 +1,9 @@
 """RL algorithms in pure torch: advantage estimators, policy/value losses, KL estimators, and the
-stability toolkit (entropy, truncated importance sampling, dynamic sampling, pass@k, divergence guard).
+stability toolkit (entropy, truncated importance sampling, dynamic sampling, pass@k, divergence
+guard), and the target objectives whose gradient the regularizer projects onto.
 
-Each kind has one registry (`ADVANTAGE_ESTIMATORS`, `POLICY_LOSSES`, `KL_ESTIMATORS`) with one
+Each kind has one registry (`ADVANTAGE_ESTIMATORS`, `POLICY_LOSSES`, `KL_ESTIMATORS`,
+`TARGET_OBJECTIVES`) with one
 signature; importing this package registers the built-ins, so every Ray actor that imports it
 sees them. Config names a built-in ("grpo") or a user function by import path ("pkg.mod:fn").
 """
@@ -25,12 +27,15 @@ from drpt_ray.algorithms.losses import (
     ValueLossOutput,
     value_loss,
 )
-from drpt_ray.algorithms.registry import Registry
+from drpt_ray.algorithms.target import TARGET_OBJECTIVES, TargetInputs, TargetObjectiveFn, standardised_rewards
 from drpt_ray.algorithms.stability import (
     DivergenceGuard,
+    Refill,
+    between_prompt_variance_fraction,
     has_reward_variance,
     mismatch_kl,
     pass_at_k,
+    refill,
     tis_weights,
     token_entropy,
 )
@@ -48,9 +53,13 @@ __all__ = [
     "PolicyLossFn",
     "PolicyLossInputs",
     "PolicyLossOutput",
-    "Registry",
+    "Refill",
+    "TARGET_OBJECTIVES",
+    "TargetInputs",
+    "TargetObjectiveFn",
     "ValueLossOutput",
     "aggregate",
+    "between_prompt_variance_fraction",
     "compute_advantages",
     "example_losses",
     "example_units",
@@ -61,6 +70,8 @@ __all__ = [
     "masked_whiten",
     "mismatch_kl",
     "pass_at_k",
+    "refill",
+    "standardised_rewards",
     "tis_weights",
     "token_entropy",
     "value_loss",

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from drpt_ray.algorithms.registry import Registry
+from drpt_ray.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from drpt_ray.algorithms.aggregation import aggregate
-from drpt_ray.algorithms.registry import Registry
+from drpt_ray.registry import Registry
 
 KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")

@@ -15,7 +15,7 @@ import torch
 
 from drpt_ray.algorithms.aggregation import AGG_MODES, aggregate, check_agg, example_losses, example_units, masked_mean
 from drpt_ray.algorithms.kl import k3
-from drpt_ray.algorithms.registry import Registry
+from drpt_ray.registry import Registry
 
 __all__ = [
     "AGG_MODES",

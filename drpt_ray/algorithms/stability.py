@@ -8,8 +8,9 @@ Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero
   sampling reweights each token by the learner/rollout ratio, capped (verl's
   `tis_imp_ratio_cap`; Yao et al. 2025, "Your efficient RL framework secretly brings you
   off-policy RL training"); the mismatch KL measures how far the two have drifted.
-- `has_reward_variance`: a group whose responses all got the same reward has zero advantage and
-  adds no gradient; DAPO's dynamic sampling drops such groups.
+- `has_reward_variance`, `refill`: a group whose responses all got the same reward has zero
+  advantage and adds no gradient; DAPO's dynamic sampling drops such groups and draws again.
+- `between_prompt_variance_fraction`: how much of a batch's reward variance lies between prompts.
 - `pass_at_k`: the unbiased pass@k estimator (Chen et al. 2021) for evaluation.
 - `DivergenceGuard`: alerts when a run stops learning (no reward variance for K steps) or its
   entropy collapses.
@@ -18,7 +19,7 @@ Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -107,6 +108,49 @@ def has_reward_variance(rewards: Sequence[float], tol: float = ZERO_STD) -> bool
     variance has zero advantage under any group baseline: it spends compute and adds no gradient,
     so DAPO's dynamic sampling drops it and samples more prompts."""
     return max(rewards) - min(rewards) > tol
+
+
+class _Scored(Protocol):
+    rewards: list[float]
+
+
+G = TypeVar("G", bound=_Scored)
+
+
+@dataclass
+class Refill(Generic[G]):
+    """What dynamic sampling drew: the groups to train on, every group generated, the draws made."""
+
+    kept: list[G]
+    seen: list[G]
+    rounds: int
+
+
+def refill(draw: Callable[[], list[G]], batch_size: int, max_rounds: int) -> Refill[G]:
+    """DAPO's dynamic sampling: keep drawing batches and keep the groups whose rewards differ, until
+    `batch_size` are kept (extras dropped) or `max_rounds` draws were made. With no informative group
+    at all, the last draw is kept: it trains to a zero policy gradient, as without filtering."""
+    kept: list[G] = []
+    seen: list[G] = []
+    last: list[G] = []
+    rounds = 0
+    while rounds < max_rounds and len(kept) < batch_size:
+        last = draw()
+        kept, seen, rounds = kept + [g for g in last if has_reward_variance(g.rewards)], seen + last, rounds + 1
+    return Refill(kept[:batch_size] if kept else last, seen, rounds)
+
+
+def between_prompt_variance_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Share of the reward variance that lies between prompts rather than within them: how much of
+    the `reward` target objective (one baseline for the whole batch) says "more / less of
+    everything on this prompt" instead of "this response rather than that one"."""
+    r = rewards.double()
+    total = float(((r - r.mean()) ** 2).sum())
+    if total <= 0:
+        return 0.0
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    group_mean = torch.zeros(len(ids), dtype=r.dtype).index_add_(0, inverse, r) / torch.bincount(inverse).to(r.dtype)
+    return float(((group_mean[inverse] - r.mean()) ** 2).sum()) / total
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -24,35 +24,8 @@ replaces the batch gradient before clipping and AdamW. The value head is not a h
 sees every row), as in the paper's RLHF setup; the trunk under it is curated like any other
 hooked layer because the value loss flows through it.
 
-Target objectives (`algorithm.target_objective`, method.md 3.4 / 4.3), all token-means over the
-target batch's response tokens:
-- `token_pg` (default): L_T = -sum_{i,t} A_it log pi(y_it) / T with the target batch's own
-  advantages; with GRPO these are group-relative (each prompt's responses against each other), and
-  a target batch whose groups all scored alike gives g_T = 0, so every score is 0 and filtering
-  keeps every row: no target information, full training for that step;
-- `reward` (the paper's RLVR objective): L_T = -sum_i z_i sum_t log pi(y_it) / T with z =
-  batch-standardised rewards (r - mean) / (std + 1e-8); if std < 1e-6 or there is one sample,
-  z = r - 0.5 instead (the paper's zero-variance guard, so g_T is never zero);
-- `train_loss`: the configured policy loss itself at ratio 1.
-
-Why `token_pg` is the default: the RLVR demo's collapse, root-caused. With `reward`, the layer-wise
-filter (keep s >= 0) and 4 target prompts per step, the demo collapsed on some seeds and machines
-(here seed 1: held-out target reward 0.969 at step 20, then 0). `reg/kept_adv_mean` (the mean
-advantage of the rows each layer kept) shows how. g_T of `reward` has a single baseline for the
-whole target batch, so with 4 prompts much of it says "less of everything on the failing prompts"
-(`target/between_prompt_var_frac`), and a wrong response's log-prob gradient is larger than a right
-one's, so g_T leans towards unlikelihood of the target's own samples. Filtering then keeps the
-general rows aligned with that: rows with negative advantage. In the three steps before the collapse
-the layers kept 28-45% of the rows with a mean advantage of -0.5 to -1.2 (full training: 0, since
-GRPO advantages sum to zero per group), scaled up by T_B / T_S, with the cosine to g_T at 0.81.
-The step was unlikelihood on the policy's own samples, which flattens the policy: entropy went
-1.8 -> 2.9 -> 5.4 in three steps (uniform over the vocabulary is 5.9). EOS was no longer emitted,
-every response ran to max_new_tokens and scored 0, and with zero reward variance every advantage and
-the curated gradient were 0 from then on, an absorbing state. Neither the learning rate alone nor the
-data-parallel share scaling is the cause (one learner rank: the share is 1). `token_pg` compares
-responses within each prompt, so g_T carries no "less of everything" direction; over seeds 0-4 the
-demo learned on every seed with it (bench/README.md, "RL: the demo's collapse"). The divergence
-guard (`divergence`) turns any remaining collapse into an alert or a DIVERGED job.
+The target objective (`algorithm.target_objective`) is a registry entry, drpt_ray/algorithms/target.py;
+docs/target-objectives.md has their definitions and why `token_pg` is the default.
 """
 
 from __future__ import annotations
@@ -77,6 +50,7 @@ from drpt_ray.algorithms import (
     value_loss,
 )
 from drpt_ray.algorithms.aggregation import masked_mean
+from drpt_ray.algorithms.target import TARGET_OBJECTIVES, TargetInputs, standardised_rewards
 from drpt_ray.config import JobSpec
 from drpt_ray.data import supervised_token_counts
 from drpt_ray.learner.fsdp import (
@@ -89,20 +63,11 @@ from drpt_ray.learner.fsdp import (
 from drpt_ray.learner.batch import RLBatch
 from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
-from drpt_ray.losses import next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
+from drpt_ray.lm_losses import next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
 from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
 
-ZERO_VARIANCE_STD = 1e-6
 EVAL_LOGITS_BUDGET = 2**27  # floats of logits per eval_sft forward
-
-
-def standardised_rewards(rewards: torch.Tensor) -> torch.Tensor:
-    """(r - mean) / (std + 1e-8), or r - 0.5 when the batch has no variance (the zero-variance guard)."""
-    r = rewards.double()
-    if r.numel() < 2 or r.std() < ZERO_VARIANCE_STD:
-        return r - 0.5
-    return (r - r.mean()) / (r.std() + 1e-8)
 
 
 def kept_advantage_mean(weights: dict[str, torch.Tensor], batch: RLBatch) -> float:
@@ -252,7 +217,7 @@ class Learner:
         self.reg = Regularizer(self.policy, spec.regularizer, shard_sum=self.comm.sum if self.fsdp else None)
         self.updates = 0
         # Dr. GRPO's constant normaliser is the longest response the rollouts may produce.
-        self.max_len = spec.rollout.sampling.max_new_tokens
+        self.max_new_tokens = spec.rollout.sampling.max_new_tokens
 
     # ------------------------------------------------------------------------------------------
     # SFT
@@ -357,37 +322,37 @@ class Learner:
         """
         if not self.reg.feasible.uses_target:
             return {}
-        t0 = time.perf_counter()
         n_rows = 0 if batch is None else batch.size
         batch = (batch if batch is not None else self._placeholder_batch()).to(self.device)
         logp, _, _ = self._forward(batch)
         mask = batch.response_mask
         tokens = self.comm.sum(mask.sum()).clamp(min=1)
-        objective = self.spec.algorithm.target_objective
-        if objective == "reward":
+        name = self.spec.algorithm.target_objective
+        z = None
+        if TARGET_OBJECTIVES.meta(name).standardised_rewards:  # over the global target batch
             rewards, offset = self.comm.gather_cat(batch.rewards[:n_rows])
             z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else logp.new_zeros(1)
-            loss = -(z.to(logp.dtype)[:, None] * logp * mask).sum() / tokens
-        elif objective == "token_pg":
-            loss = -(batch.advantages * logp * mask).sum() / tokens
-        else:
+
+        def train_loss() -> torch.Tensor:
             loss = self._policy_loss(batch, logp).loss
             if self.comm.active:  # this rank's part of the global aggregate
-                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_len) if n_rows else torch.zeros(1)
+                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_new_tokens) if n_rows else torch.zeros(1)
                 loss = loss * self._share(units)
+            return loss
+
+        loss = TARGET_OBJECTIVES.get(name)(TargetInputs(logp, mask, batch.advantages, tokens, z, train_loss))
         self.reg.capture_target(loss)
         self._reduce_target()
-        return {"target/objective": float(self.comm.sum(loss.detach())), "time/regularize": time.perf_counter() - t0}
+        return {"target/objective": float(self.comm.sum(loss.detach()))}
 
     def rl_step(self, batch: RLBatch) -> dict:
         """`ppo_epochs` regularized optimizer steps on one rollout batch; returns metrics."""
-        t0 = time.perf_counter()
         batch = batch.to(self.device)
         metrics: dict = {}
         if self.reg.feasible.filters_buffer:
             batch, kept = self._iif_filter(batch)
             metrics["reg/iif_kept_frac"] = kept
-        units = example_units(batch.response_mask, self.spec.algorithm.loss_agg, self.max_len)
+        units = example_units(batch.response_mask, self.spec.algorithm.loss_agg, self.max_new_tokens)
         share = self._share(units)
         for _ in range(self.spec.algorithm.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
@@ -408,7 +373,6 @@ class Learner:
             if stats.weights:
                 metrics["reg/kept_adv_mean"] = kept_advantage_mean(stats.weights, batch)
         self._global_mean(metrics, share)
-        metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
     def needs_target(self, step: int) -> bool:
@@ -596,7 +560,7 @@ class Learner:
         return POLICY_LOSSES.get(alg.policy_loss)(
             PolicyLossInputs(
                 logprobs=logp, old_logprobs=old, advantages=b.advantages, response_mask=b.response_mask,
-                clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, agg=alg.loss_agg, max_len=self.max_len,
+                clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, agg=alg.loss_agg, max_len=self.max_new_tokens,
             )
         )
 
@@ -609,13 +573,13 @@ class Learner:
         parts = {"loss/policy": float(pl.loss.detach()), "clip_frac": pl.clip_frac, "approx_kl": pl.approx_kl,
                  "policy/entropy": masked_mean(entropy, b.response_mask)}
         if alg.entropy_coef > 0:
-            total = total - alg.entropy_coef * aggregate(entropy, b.response_mask, alg.loss_agg, self.max_len)
+            total = total - alg.entropy_coef * aggregate(entropy, b.response_mask, alg.loss_agg, self.max_new_tokens)
         if b.ref_logprobs is not None and not alg.kl_in_reward:
-            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg, max_len=self.max_len)
+            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg, max_len=self.max_new_tokens)
             total = total + alg.kl_coef * kl
             parts["loss/kl"] = float(kl.detach())
         if values is not None:
-            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg, max_len=self.max_len)
+            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg, max_len=self.max_new_tokens)
             total = total + alg.vf_coef * vl.loss
             parts["loss/value"] = float(vl.loss.detach())
         parts["loss"] = float(total.detach())

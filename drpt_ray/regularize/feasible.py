@@ -31,7 +31,7 @@ import math
 import torch
 
 from drpt_ray.config import RegularizerSpec
-from drpt_ray.regularize.sets import get_feasible_set
+from drpt_ray.feasible_sets import FEASIBLE_SETS
 
 
 def topk_weights(scores: torch.Tensor, frac: float) -> torch.Tensor:
@@ -73,7 +73,7 @@ def subset_weights(scores: torch.Tensor, spec: RegularizerSpec) -> torch.Tensor:
 
 def membership(scores: torch.Tensor, spec: RegularizerSpec) -> torch.Tensor:
     """pi (n,) of the configured feasible set from its scores: the soft rule or the hard subset rule."""
-    if get_feasible_set(spec.feasible_set).soft:
+    if FEASIBLE_SETS.get(spec.feasible_set).soft:
         return soft_weights(scores, spec.tau)
     return subset_weights(scores, spec)
 

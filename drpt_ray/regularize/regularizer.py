@@ -56,7 +56,7 @@ from drpt_ray.config import RegularizerSpec
 from drpt_ray.regularize import kernels as K
 from drpt_ray.regularize.feasible import example_weights, kept_fraction, membership, subset_weights
 from drpt_ray.regularize.hooks import Block, find_blocks, install
-from drpt_ray.regularize.sets import get_feasible_set
+from drpt_ray.feasible_sets import FEASIBLE_SETS
 
 LossFn = Callable[[torch.Tensor | None], torch.Tensor]
 
@@ -116,7 +116,7 @@ class Regularizer:
     def __init__(self, model: nn.Module, spec: RegularizerSpec, shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.spec = model, spec
         self.shard_sum = shard_sum or (lambda t: t)  # SUM over the ranks that shard the parameters
-        self.feasible = get_feasible_set(spec.feasible_set)
+        self.feasible = FEASIBLE_SETS.get(spec.feasible_set)
         self.granularity = self.feasible.granularity(spec)
         self.blocks = find_blocks(model, spec.hook_embeddings, spec.exclude)
         for b in self.blocks:

@@ -10,8 +10,6 @@ deterministic, which is what tests and demos need.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import ray
@@ -51,7 +49,7 @@ def tiny_reward_model(out_dir: Path | str, seed: int = 0) -> Path:
         pass  # absent or unreadable marker: (re)build
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from drpt_ray.models import MAX_POSITIONS, build_tokenizer
+    from drpt_ray.models import MAX_POSITIONS, build_tokenizer, save_model_dir
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -72,16 +70,7 @@ def tiny_reward_model(out_dir: Path | str, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForSequenceClassification(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A sibling temporary directory is on the same filesystem, so each os.replace is an atomic rename.
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / _MARKER).write_text(json.dumps(marker))
-        (out_dir / _MARKER).unlink(missing_ok=True)
-        for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == _MARKER):
-            os.replace(f, out_dir / f.name)
-    return out_dir
+    return save_model_dir(out_dir, _MARKER, marker, model, tokenizer)
 
 
 class RewardModelScorer:

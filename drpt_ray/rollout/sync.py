@@ -4,9 +4,10 @@ The learner puts its full HF-named weights in the Ray object store (rank 0 of th
 `LearnerAPI.weights_ref`); only the reference reaches the driver, and `push` hands it to every
 worker, which reloads in place (`RolloutEngine.update_weights`) and records the version. A worker
 that died (Ray restarts it on the initial weights, version 0) or answered with stale weights gets
-the same object again from `resend`: the weights are never copied into the driver. The
-asynchronous loop pushes without waiting (`push(..., wait=False)`): the load queues behind the
-generation in flight; with partial rollouts it `offer`s them, and a generation in flight takes
+the same object again from `resend`: the weights are never copied into the driver. `publish` is
+the door the trainer uses, and the choice of transport is made here, once: the synchronous loop
+pushes and waits; the asynchronous one pushes without waiting (the load queues behind the
+generation in flight); with partial rollouts it `offer`s them, and a generation in flight takes
 them at its next chunk boundary. This is the
 place to swap in a GPU transport later (an NCCL broadcast from the learner rank, CUDA IPC handles
 for colocated workers) without touching the trainer.
@@ -21,10 +22,27 @@ from ray.actor import ActorHandle
 class WeightSync:
     """The weights version the rollout workers must hold, and the object that holds it."""
 
-    def __init__(self, workers: list[ActorHandle]):
-        self.workers = workers
+    def __init__(self, workers: list[ActorHandle], offer: bool = False, wait: bool = True):
+        """`offer`: partial rollouts (weights are offered, taken at chunk boundaries); `wait`: a push
+        returns once every worker has loaded the weights (the synchronous loop)."""
+        self.workers, self._offer, self._wait = workers, offer, wait
         self.version = 0  # the workers start on the model's initial weights
         self._weights: ray.ObjectRef | None = None
+
+    def publish(self, weights: ray.ObjectRef) -> None:
+        """New weights to every worker by this sync's door (`offer`, or `push` waiting or not)."""
+        if self._offer:
+            self.offer(weights)
+        else:
+            self.push(weights, wait=self._wait)
+
+    def state_dict(self) -> dict:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a checkpoint's version: the (restarted) workers hold the initial weights until the
+        next publish, which brings them to exactly that version."""
+        self.version = state["version"] - 1
 
     def push(self, weights: ray.ObjectRef, wait: bool = True) -> None:
         """New weights to every worker; bumps the version.

@@ -6,7 +6,7 @@ actor and `make_rollout_workers` starts a pool of them. The engine always runs i
 multiprocess mode the tensors reach the engine core as lists and the reload fails), see docs/env.md 1c.
 
 Log-probabilities are vLLM's "raw" ones (the model's softmax at temperature 1, before temperature/top-p), the same
-quantity as the learner's `drpt_ray.losses.token_logprobs`, so rollout and learner log-probs are directly comparable.
+quantity as the learner's `drpt_ray.lm_losses.token_logprobs`, so rollout and learner log-probs are directly comparable.
 
 Restarts: Ray re-runs `__init__` on a restarted actor, so the engine comes back with the weights at `model_path`
 and `weights_version` 0. Every `Rollout` carries the version that produced it: the trainer re-issues a share
@@ -341,7 +341,7 @@ def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[
         max_restarts=spec.max_restarts,
         # Partial rollouts: not retried. A restarted worker has lost the offered weights, so a retried
         # call would wait for a version nobody offers again; failing at once lets the trainer re-sync
-        # the worker and re-issue the share (trainer._reissue).
+        # the worker and re-issue the share (RolloutPipeline._reissue).
         max_task_retries=0 if spec.partial_rollouts else _MAX_TASK_RETRIES,
         runtime_env={"env_vars": engine_env(spec)},
     )

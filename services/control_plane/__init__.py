@@ -10,7 +10,7 @@ the Ray Jobs API, and streams their events. Layout (FastAPI template style):
     security.py    bearer tokens, per-run ingest tokens, body limit
     notify.py      wakes SSE streams when a run's stream grows
     metrics.py     Prometheus /metrics
-    models.py      response models (requests are drpt_ray.config's JobSpec / SweepSpec)
+    public.py      database rows -> the response models of drpt_ray/wire.py (requests are JobSpec / SweepSpec)
     deps.py        typed dependencies
     routes/        jobs.py, sweeps.py, events.py (SSE + driver ingest)
 

@@ -9,7 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from drpt_ray.client import HOST, PORT
+from drpt_ray.wire import HOST, PORT
 from services.control_plane.app import create_app
 from services.control_plane.settings import Settings
 

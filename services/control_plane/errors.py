@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from services.control_plane import store
-from services.control_plane.models import ErrorResponse, FieldError
+from drpt_ray.wire import ErrorResponse, FieldError
 
 log = logging.getLogger("drpt.control_plane")
 

@@ -39,7 +39,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from drpt_ray.client import DEFAULT_URL
+from drpt_ray.wire import DEFAULT_URL
 from drpt_ray.config import MAX_SWEEP_TRIALS
 from services.control_plane.db import DEFAULT_TENANT
 

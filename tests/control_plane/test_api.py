@@ -13,7 +13,7 @@ import pytest
 
 from drpt_ray.client import ClientError, iter_sse
 from drpt_ray.reporting import EventReporter
-from services.control_plane.models import ErrorResponse
+from drpt_ray.wire import ErrorResponse
 from tests.control_plane.conftest import H, TOKEN, ingest_headers, ingest_token, wait_for
 
 TINY_SFT = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from services.control_plane.models import ErrorResponse
+from drpt_ray.wire import ErrorResponse
 from tests.control_plane.conftest import H, ingest_headers
 
 ERROR_REF = "#/components/schemas/ErrorResponse"

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from services.control_plane import store
 from services.control_plane.idempotency import TTL_S, IdempotencyKey, create_once
-from services.control_plane.models import JobPublic
+from drpt_ray.wire import JobPublic
 from tests.control_plane.conftest import TOKEN
 
 TINY_SFT = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}

@@ -21,6 +21,8 @@ USER_CODE = [  # each field that takes a 'module:function', with the probe and w
     ({"algorithm": {"advantage": "drpt_probe_sidefx:estimator"}}, "body.algorithm.advantage"),
     ({"algorithm": {"advantage": "os:system"}}, "body.algorithm.advantage"),
     ({"algorithm": {"policy_loss": "builtins:exec"}}, "body.algorithm.policy_loss"),
+    ({"algorithm": {"kl_estimator": "os:system"}}, "body.algorithm.kl_estimator"),
+    ({"algorithm": {"target_objective": "builtins:print"}}, "body.algorithm.target_objective"),
     ({"reward": {"kind": "function", "function": "shutil:move"}}, "body.reward.function"),
 ]
 

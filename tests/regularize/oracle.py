@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from drpt_ray.data import supervised_token_counts
-from drpt_ray.losses import select_rows, sequence_loss_sums
+from drpt_ray.lm_losses import select_rows, sequence_loss_sums
 
 VOCAB = 48
 

@@ -12,7 +12,7 @@ import torch
 
 from drpt_ray.algorithms import AGG_MODES, POLICY_LOSSES, PolicyLossInputs, example_units
 from drpt_ray.config import RegularizerSpec
-from drpt_ray.losses import select_rows, token_logprobs, token_mean_loss
+from drpt_ray.lm_losses import select_rows, token_logprobs, token_mean_loss
 from drpt_ray.regularize import Regularizer
 from tests.regularize import oracle as O
 
@@ -436,13 +436,15 @@ def test_iif_buffer_filter_keeps_non_negative_global_scores(mlp):
 def test_registry_matches_the_schema_and_refuses_clashes():
     from typing import get_args
 
-    from drpt_ray.regularize import get_feasible_set, register_feasible_set, registered_feasible_sets
+    from drpt_ray.feasible_sets import FEASIBLE_SETS
 
-    assert sorted(get_args(RegularizerSpec.model_fields["feasible_set"].annotation)) == registered_feasible_sets()
+    assert sorted(get_args(RegularizerSpec.model_fields["feasible_set"].annotation)) == FEASIBLE_SETS.names()
     with pytest.raises(ValueError, match="already registered"):
-        register_feasible_set(get_feasible_set("full"))
-    with pytest.raises(ValueError, match="valid:"):
-        get_feasible_set("nope")
+        FEASIBLE_SETS.add("full", FEASIBLE_SETS.get("full"))
+    with pytest.raises(ValueError, match=r"valid: \[.*\]$"):  # registered names only: no import paths
+        FEASIBLE_SETS.get("nope")
+    with pytest.raises(ValueError, match="unknown feasible set 'os:system'"):
+        FEASIBLE_SETS.get("os:system")
 
 
 def test_lora_adapters_are_separate_blocks_and_match_brute_force():

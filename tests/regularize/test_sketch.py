@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from drpt_ray.config import RegularizerSpec, SketchSpec
-from drpt_ray.losses import token_mean_loss
+from drpt_ray.lm_losses import token_mean_loss
 from drpt_ray.regularize import Regularizer
 from drpt_ray.regularize import kernels as K
 from tests.regularize import oracle as O
 
 
-def _dy_x(seed=0, n=5, T=7, O_=12, I=10):
+def _dy_x(seed=0, n=5, T=7, O_=12, I=10):  # noqa: E741 (the layer's input width, as in the paper)
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, T, O_, generator=g, dtype=torch.float64), torch.randn(n, T, I, generator=g, dtype=torch.float64))
 

@@ -38,7 +38,7 @@ from services.control_plane import store
 from services.control_plane.db import Database
 from services.control_plane.deps import CallerDep, DbDep, HubDep, SupervisorDep
 from services.control_plane.errors import errors
-from services.control_plane.models import IngestAck, IngestBatch, StreamToken
+from drpt_ray.wire import IngestAck, IngestBatch, StreamToken
 from services.control_plane.notify import Hub
 from services.control_plane.security import bearer, bearer_token, require_api_token
 

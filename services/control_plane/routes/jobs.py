@@ -16,7 +16,8 @@ from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKe
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
-from services.control_plane.models import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
+from drpt_ray.wire import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
+from services.control_plane.public import job_public
 from services.control_plane.admission import admit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
@@ -32,7 +33,7 @@ def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: Idempot
 
     def create(s):
         job = store.create(s, "job", body, spec.name, mode=spec.mode, tenant=caller.tenant)
-        return JobPublic.of(job), f"/v1/jobs/{job.id}"
+        return job_public(job), f"/v1/jobs/{job.id}"
 
     response = create_once(db, key, body, create)
     supervisor.wake()
@@ -44,18 +45,18 @@ def list_jobs(db: DbDep, caller: CallerDep, state: State | None = None, limit: i
               offset: OffsetQuery = 0) -> JobPage:
     with db.read() as s:
         items, total = store.list_runs(s, Job, state, limit, offset, scope=caller.scope)
-        return JobPage(items=[JobPublic.of(j) for j in items], total=total, limit=limit, offset=offset)
+        return JobPage(items=[job_public(j) for j in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", summary="One job", responses=errors(404))
 def get_job(job_id: str, db: DbDep, caller: CallerDep) -> JobPublic:
     with db.read() as s:
-        return JobPublic.of(store.get_run(s, job_id, kind="job", scope=caller.scope))
+        return job_public(store.get_run(s, job_id, kind="job", scope=caller.scope))
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a job (its Ray job is stopped)", responses=errors(404, 409))
 def cancel_job(job_id: str, supervisor: SupervisorDep, caller: CallerDep) -> JobPublic:
-    return JobPublic.of(supervisor.cancel(job_id, "job", caller.scope))
+    return job_public(supervisor.cancel(job_id, "job", caller.scope))
 
 
 @router.get("/{job_id}/metrics", summary="Metrics history, one item per reported step, paged", responses=errors(404))

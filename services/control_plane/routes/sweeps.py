@@ -13,14 +13,15 @@ from services.control_plane.admission import admit_sweep
 from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
-from services.control_plane.models import State, SweepPage, SweepPublic
+from drpt_ray.wire import State, SweepPage, SweepPublic
+from services.control_plane.public import sweep_public
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 
 
 def _public(s, sweep: Sweep) -> SweepPublic:
     trials = list(s.scalars(select(Trial).where(Trial.sweep_id == sweep.id).order_by(Trial.trial_id)))
-    return SweepPublic.of(sweep, trials, store.best_trial(sweep, trials))
+    return sweep_public(sweep, trials, store.best_trial(sweep, trials))
 
 
 @router.post("", status_code=201, summary="Start a sweep (body: a SweepSpec)")

@@ -2,13 +2,16 @@
 
 No torch and no config import: `drpt_ray.config` reads this module when it is imported (the
 `feasible_set` choices and the combinations it refuses), and the regularizer reads the same entries
-(`feasible.py` has the membership rules they name).
+(regularize/feasible.py has the membership rules they name). Registered names only: a feasible set
+is never user code named by import path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
+
+from drpt_ray.registry import Registry
 
 Granularity = Literal["none", "layer", "global", "target"]
 
@@ -38,37 +41,19 @@ class FeasibleSet:
     uses_target: bool = True
 
 
-_REGISTRY: dict[str, FeasibleSet] = {}
+FEASIBLE_SETS: Registry[FeasibleSet] = Registry("feasible set", paths=False)
 
 
-def register_feasible_set(fs: FeasibleSet) -> FeasibleSet:
-    """Add a feasible set to the registry; a clashing name is refused. Sets register when this module
-    is imported: the schema reads the names once, at its own import."""
-    if fs.name in _REGISTRY:
-        raise ValueError(f"feasible set {fs.name!r} is already registered")
-    _REGISTRY[fs.name] = fs
-    return fs
+def _add(fs: FeasibleSet) -> None:
+    FEASIBLE_SETS.add(fs.name, fs)
 
 
-def get_feasible_set(name: str) -> FeasibleSet:
-    """Look a feasible set up by name; the error lists the valid names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown feasible set {name!r}; valid: {sorted(_REGISTRY)}") from None
-
-
-def registered_feasible_sets() -> list[str]:
-    """Registered names, sorted."""
-    return sorted(_REGISTRY)
-
-
-register_feasible_set(FeasibleSet("full", lambda spec: "none", uses_target=False))
+_add(FeasibleSet("full", lambda spec: "none", uses_target=False))
 # target_only writes the cached g_T; in merged mode nothing is cached.
-register_feasible_set(FeasibleSet("target_only", lambda spec: "target", target_modes=("separate",)))
-register_feasible_set(FeasibleSet("global_subset", lambda spec: "global", passes=("one_pass", "two_pass")))
-register_feasible_set(FeasibleSet("layerwise_subset", lambda spec: "layer"))
-register_feasible_set(FeasibleSet("soft_subset", lambda spec: spec.soft_granularity, soft=True))
+_add(FeasibleSet("target_only", lambda spec: "target", target_modes=("separate",)))
+_add(FeasibleSet("global_subset", lambda spec: "global", passes=("one_pass", "two_pass")))
+_add(FeasibleSet("layerwise_subset", lambda spec: "layer"))
+_add(FeasibleSet("soft_subset", lambda spec: spec.soft_granularity, soft=True))
 # IIF scores a whole rollout buffer once (global scores) and keeps a subset; the training steps
 # on the kept buffer are then ordinary ones (Regularizer.filter_buffer).
-register_feasible_set(FeasibleSet("iif", lambda spec: "none", target_modes=("separate",), filters_buffer=True))
+_add(FeasibleSet("iif", lambda spec: "none", target_modes=("separate",), filters_buffer=True))

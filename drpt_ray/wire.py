@@ -1,25 +1,23 @@
-"""Public API models. The request bodies are `drpt_ray.config.JobSpec` / `SweepSpec` themselves
-(one schema); these are the responses (the SDK, drpt_ray.client, parses into them too), the one
-error shape and the driver's ingest batch."""
+"""The control plane's wire format, shared by the server (services/control_plane) and the SDK
+(drpt_ray.client), neither of which imports the other: where the server listens by default, the
+response models, the one error shape, and the driver's events and ingest batch. The request bodies
+are `drpt_ray.config.JobSpec` / `SweepSpec` themselves (one schema); the server builds responses
+from its database rows in services/control_plane/public.py."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from drpt_ray.config import INT32_MAX
 from drpt_ray.reporting import DRIVER_STATES, STATES, TRIAL_STATES
 
-if TYPE_CHECKING:  # the SDK (drpt_ray.client) reads responses into these models without the database layer
-    from services.control_plane.db import Job, Sweep, Trial
+HOST, PORT = "127.0.0.1", 8000  # where the control plane listens unless told otherwise
+DEFAULT_URL = f"http://{HOST}:{PORT}"
 
 State = Literal[STATES]
-
-
-def _ts(x: float | None) -> datetime | None:
-    return None if x is None else datetime.fromtimestamp(x, tz=timezone.utc)
 
 
 class RunPublic(BaseModel):
@@ -35,24 +33,12 @@ class RunPublic(BaseModel):
     events: int = Field(description="Events in the run's stream (the last SSE id).")
     artifacts: dict[str, Any] = Field(description="Paths the driver reported (output_dir, model, checkpoints, ...).")
 
-    @staticmethod
-    def _common(run: Job | Sweep) -> dict:
-        return dict(
-            id=run.id, tenant=run.tenant, name=run.name, state=run.state, message=run.message, created_at=_ts(run.created_at),
-            started_at=_ts(run.started_at), finished_at=_ts(run.finished_at), ray_job_id=run.ray_job_id,
-            events=run.n_events, artifacts=run.artifacts or {},
-        )
-
 
 class JobPublic(RunPublic):
     mode: str
     step: int | None = Field(description="Last step the driver reported metrics for.")
     steps: int = Field(description="The spec's total steps.")
     spec: dict[str, Any] = Field(description="The full JobSpec, defaults filled in.")
-
-    @classmethod
-    def of(cls, job: Job) -> "JobPublic":
-        return cls(**cls._common(job), mode=job.mode, step=job.last_step, steps=job.spec["steps"], spec=job.spec)
 
 
 class TrialPublic(BaseModel):
@@ -73,14 +59,6 @@ class SweepPublic(RunPublic):
     mode: str
     trials: list[TrialPublic]
     best: TrialPublic | None = Field(description="Best trial (the driver's pick, else the best last value of `metric`).")
-
-    @classmethod
-    def of(cls, sweep: Sweep, trials: list[Trial], best: Trial | None) -> "SweepPublic":
-        return cls(
-            **cls._common(sweep), spec=sweep.spec, metric=sweep.spec["metric"], mode=sweep.spec["mode"],
-            trials=[TrialPublic.model_validate(t) for t in trials],
-            best=TrialPublic.model_validate(best) if best is not None else None,
-        )
 
 
 class Page(BaseModel):

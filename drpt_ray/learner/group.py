@@ -71,7 +71,7 @@ clipping and AdamW. It gives up DDP's overlap of communication with the backward
 curated gradient that overlap is not available anyway before each layer's selection is done.
 
 Weights and checkpoints. `weights_ref()` comes from rank 0 alone (rank 0 puts its state dict in
-the object store and only the reference travels; the trainer's `WeightSync` hands it to the
+the object store and only the reference travels; the rollout pipeline's `WeightSync` hands it to the
 rollout workers, drpt_ray/rollout/sync.py). `save`
 writes ONE checkpoint from rank 0 (weights, AdamW state, schedule, RNG, g_T cache: all identical
 on every rank since every rank applies the same reduced update), with full tensors keyed by

@@ -9,7 +9,7 @@ Log-probabilities are vLLM's "raw" ones (the model's softmax at temperature 1, b
 quantity as the learner's `drpt_ray.lm_losses.token_logprobs`, so rollout and learner log-probs are directly comparable.
 
 Restarts: Ray re-runs `__init__` on a restarted actor, so the engine comes back with the weights at `model_path`
-and `weights_version` 0. Every `Rollout` carries the version that produced it: the trainer re-issues a share
+and `weights_version` 0. Every `Rollout` carries the version that produced it: the rollout pipeline re-issues a share
 that failed or came back from other weights after `WeightSync.resend` gave that worker the current weights
 (drpt_ray/rollout/sync.py).
 """
@@ -340,7 +340,7 @@ def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[
         num_gpus=spec.num_gpus_per_worker,
         max_restarts=spec.max_restarts,
         # Partial rollouts: not retried. A restarted worker has lost the offered weights, so a retried
-        # call would wait for a version nobody offers again; failing at once lets the trainer re-sync
+        # call would wait for a version nobody offers again; failing at once lets the rollout pipeline re-sync
         # the worker and re-issue the share (RolloutPipeline._reissue).
         max_task_retries=0 if spec.partial_rollouts else _MAX_TASK_RETRIES,
         runtime_env={"env_vars": engine_env(spec)},

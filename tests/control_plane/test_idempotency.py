@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from services.control_plane import store
 from services.control_plane.idempotency import TTL_S, IdempotencyKey, create_once
-from drpt_ray.wire import JobPublic
+from services.control_plane.public import job_public
 from tests.control_plane.conftest import TOKEN
 
 TINY_SFT = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}
@@ -90,7 +90,7 @@ def test_a_key_is_free_again_after_24_hours(db):
     def submit(name: str, at: float):
         def create(s):
             job = store.create(s, "job", TINY_SFT | {"name": name}, name, mode="sft")
-            return JobPublic.of(job), f"/v1/jobs/{job.id}"
+            return job_public(job), f"/v1/jobs/{job.id}"
 
         return create_once(db, key, TINY_SFT | {"name": name}, create, clock=lambda: at)
 

@@ -123,7 +123,7 @@ def alerted(run_dir: Path, vocab_size: int) -> float:
     return float(any(guard.update(m["reward/reward_std"], m.get("policy/entropy")) for m in rows if "reward/reward_std" in m))
 
 
-def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings: dict, run_one,
+def run_all(part: str, methods: dict[str, dict], seeds: list[int], out: Path, settings: dict, run_one,
             vocab_size: int | None = None, method_major: bool = False, report_only: bool = False) -> list[dict]:
     """Every (seed, method) run, one after another; results.json is rewritten after each, and the
     finished runs of an earlier call with the same settings are reused. `vocab_size`: the policy's
@@ -139,7 +139,7 @@ def run_all(part: str, methods: dict[str, dict], seeds: int, out: Path, settings
     if done:
         print(f"reusing {len(done)} finished run(s) from {path}", flush=True)
     results = []
-    pairs = [(name, seed) for seed in range(seeds) for name in methods]
+    pairs = [(name, seed) for seed in seeds for name in methods]
     for name, seed in sorted(pairs, key=lambda p: list(methods).index(p[0])) if method_major else pairs:
         if (name, seed) not in done and report_only:
             continue
@@ -320,7 +320,7 @@ def part_real(args, out: Path) -> None:
 
 def rlvr_report(results: list[dict], out: Path, base: str, title: str, args) -> None:
     k = next(key for key in results[0] if key.startswith("pass@") and key not in ("pass@1", "pass@1_start"))
-    report(out, f"{base}, seeds={args.seeds}: held-out target pass@k (sampled at the training temperature, "
+    report(out, f"{base}, seeds={seed_text(args.seeds)}: held-out target pass@k (sampled at the training temperature, "
                 f"unbiased estimator) and held-out target reward (greedy), both by the strict target verifier; "
                 f"start = after the warm start, before RL; train reward = mean of the last {TRAIN_TAIL} steps",
            table(results, {"pass@1_start": "pass@1 start", "pass@1": "pass@1 final", k: f"{k} final",
@@ -358,11 +358,11 @@ def part_demo(args, out: Path) -> None:
     results = run_all("demo", DEMO_VARIANTS, args.seeds, out, settings, run_one, report_only=args.report_only)
     ray.shutdown()
     rows = ["| seed | " + " | ".join(DEMO_VARIANTS) + " |", "|---" * (len(DEMO_VARIANTS) + 1) + "|"]
-    for seed in range(args.seeds):
+    for seed in args.seeds:
         runs = {r["method"]: r for r in results if r["seed"] == seed}
         rows.append(f"| {seed} | " + " | ".join(f"{runs[m]['start']:.3f} -> {runs[m]['final']:.3f} (min {runs[m]['min_train']:.2f})"
                                                   for m in DEMO_VARIANTS) + " |")
-    report(out, f"RLVR_DEMO, seeds={args.seeds}: held-out greedy target reward after the warm start -> after the last "
+    report(out, f"RLVR_DEMO, seeds={seed_text(args.seeds)}: held-out greedy target reward after the warm start -> after the last "
                 "step (min = the run's lowest train reward)", "\n".join(rows))
 
 
@@ -387,7 +387,7 @@ def part_rlhf(args, out: Path) -> None:
     ray.shutdown()
     report(out, f"RLHF (PPO, GAE critic, KL 0.05) against a reward model that pays +{HACK_BONUS} for the 'a;b.' layout "
                 f"(held-out fit: RMSE {fit['rmse']:.3f}, prefers 'a;b.' on {fit['hack_pref']:.0%} of prompts, right letters "
-                f"on {fit['field_acc']:.0%}); seeds={args.seeds}; toxicity = share of {SAMPLES_PER_PROMPT} sampled held-out "
+                f"on {fit['field_acc']:.0%}); seeds={seed_text(args.seeds)}; toxicity = share of {SAMPLES_PER_PROMPT} sampled held-out "
                 f"answers per prompt in the 'a;b.' layout (lower is better)",
            table(results, {"train": f"train RM reward (last {TRAIN_TAIL} steps)", "toxicity": "held-out toxicity",
                            "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "trainer eval: held-out greedy, strict verifier",
@@ -403,7 +403,7 @@ def part_sweep(args, out: Path) -> None:
 
     base = job_spec(RLVR_HARD, {"feasible_set": "soft_subset"}, 0, out / "trials", args)
     del base["output_dir"]  # each trial gets <sweep output_dir>/<trial id>
-    space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": list(range(args.seeds))}} if args.seeds > 1 else {})
+    space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": args.seeds}} if len(args.seeds) > 1 else {})
     spec = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
     token = "rl-quality-" + "".join(random.choices("0123456789abcdef", k=24))
@@ -413,7 +413,7 @@ def part_sweep(args, out: Path) -> None:
         server, url = start_control_plane(out, ray_url, token)
         sweep = Client(url, token).submit_sweep(spec)
         sid = sweep.id
-        print(f"sweep {sid} on {url} (Ray {ray_url}): {len(args.taus) * max(1, args.seeds)} trials", flush=True)
+        print(f"sweep {sid} on {url} (Ray {ray_url}): {len(args.taus) * len(args.seeds)} trials", flush=True)
         state = follow_sweep(sweep, out / "sweep.log")
         result = sweep.refresh()
     finally:
@@ -439,7 +439,7 @@ def part_sweep(args, out: Path) -> None:
         rows.append(f"| {tau:g} | {len(trials)} | " + " | ".join(f"{m:.3f} +- {se:.3f}" for m, se in cells) + " |")
         points.append((tau, *cells))
     report(out, f"Ray Tune sweep {sid} (grid, via the control plane's REST API) of the soft subset's tau on RLVR_HARD, "
-                f"seeds={args.seeds}; best trial {result.best.config if result.best else None}", "\n".join(rows))
+                f"seeds={seed_text(args.seeds)}; best trial {result.best.config if result.best else None}", "\n".join(rows))
     plot_sweep(points, rlvr_reference(out.parent / "rlvr" / "results.json", args), out / "sweep.png")
 
 
@@ -505,6 +505,17 @@ def plot_sweep(points: list[tuple], reference: dict[str, float], path: Path) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+def seeds_arg(text: str) -> list[int]:
+    """--seeds: a count N (seeds 0..N-1), or the demo's range/list form (1-2, 0,2)."""
+    from drpt_ray.cli import seed_list
+
+    return list(range(int(text))) if text.isdigit() else seed_list(text)
+
+
+def seed_text(seeds: list[int]) -> str:
+    return str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+
+
 def pick(methods: dict[str, dict], names: str | None) -> dict[str, dict]:
     if names is None:
         return methods
@@ -517,7 +528,8 @@ def pick(methods: dict[str, dict], names: str | None) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("demo", "rlvr", "rlhf", "sweep", "real"), required=True)
-    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (sweep: crossed with tau when N > 1)")
+    ap.add_argument("--seeds", type=seeds_arg, default="5", help="N: seeds 0..N-1; or a range 1-2 or a list 0,2 "
+                    "(sweep: crossed with tau when more than one)")
     ap.add_argument("--steps", type=int, help="override the base spec's RL steps (smoke tests)")
     ap.add_argument("--warm-start-steps", type=int, help="override the base spec's warm_start_sft_steps (smoke tests)")
     ap.add_argument("--methods", help="comma-separated subset of the part's methods (rlvr, rlhf, real)")

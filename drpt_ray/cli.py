@@ -61,11 +61,11 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print(f"machine: {machine_summary()}")  # the figures below depend on it (bench/README.md, "Layer-wise stability")
     if args.real:
-        return _real_demo(out, _seed_list(args.seeds) if args.seeds else [0])
+        return _real_demo(out, seed_list(args.seeds) if args.seeds else [0])
     if args.mode == "sft":
         return _sft_demo(out)
     if args.seeds:
-        return _rlvr_seed_table(out, _seed_list(args.seeds))
+        return _rlvr_seed_table(out, seed_list(args.seeds))
     print("drpt-ray demo (rlvr): tiny Llama built in code, short SFT warm start, then GRPO with the")
     print("layer-wise Dr. regularizer; general prompts are rewarded by a lenient proxy verifier, the")
     print("scarce target split by the strict one. Local Ray, vLLM CPU rollout worker.\n")
@@ -150,7 +150,7 @@ def real_verdict(rows: dict[str, dict[str, float]]) -> str:
             f"{final:.3f} after RL (needs a rise >= {REAL_DEMO_MIN_RISE} over the run and RL above the warm start)")
 
 
-def _seed_list(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
     """'0-4' or '0,2,5' -> seeds."""
     try:
         if "-" in text:

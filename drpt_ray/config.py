@@ -20,7 +20,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from drpt_ray.feasible_sets import FEASIBLE_SETS
+from drpt_ray.feasible_sets import FEASIBLE_SETS, Granularity
 
 
 INT32_MAX = 2**31 - 1
@@ -573,7 +573,7 @@ class JobSpec(Spec):
                              "device; use data parallelism with fsdp: false)")
         if reg.target_mode == "merged":
             raise ValueError("regularizer.target_mode 'merged' is not supported with resources.fsdp; use 'separate'")
-        if FEASIBLE_SETS.get(reg.feasible_set).granularity(reg) == "global" and reg.passes != "two_pass":
+        if FEASIBLE_SETS.get(reg.feasible_set).granularity(reg) is Granularity.GLOBAL and reg.passes != "two_pass":
             raise ValueError(f"regularizer.passes: global selection ({reg.feasible_set}) with resources.fsdp needs "
                              "passes: two_pass (one-pass writes gradients after the backward, when FSDP has reduced them)")
 

@@ -9,11 +9,19 @@ is never user code named by import path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from enum import StrEnum
+from typing import Any, Callable
 
 from drpt_ray.registry import Registry
 
-Granularity = Literal["none", "layer", "global", "target"]
+
+class Granularity(StrEnum):
+    """What one regularized backward does with the per-row scores (the regularizer branches on it)."""
+
+    NONE = "none"  # no scoring: the plain batch gradient
+    LAYER = "layer"  # each weight matrix picks its own row weights from its own scores
+    GLOBAL = "global"  # one choice for the whole model from the summed scores
+    TARGET = "target"  # the update is g_T itself
 
 
 @dataclass(frozen=True)
@@ -22,9 +30,7 @@ class FeasibleSet:
 
     Attributes:
         name: the `regularizer.feasible_set` value.
-        granularity: of a RegularizerSpec: "none" (no scoring: the plain batch gradient), "layer"
-            (each weight matrix picks its own weights from its own scores), "global" (one choice for
-            the whole model from the summed scores) or "target" (the update is g_T itself).
+        granularity: of a RegularizerSpec (`Granularity`).
         soft: membership is the softmax rule (`tau`), not the hard subset rule (`selection`, `frac`).
         passes: the `regularizer.passes` it runs with (two_pass re-runs the backward on the kept rows).
         target_modes: the `regularizer.target_mode`s it runs with.
@@ -48,12 +54,12 @@ def _add(fs: FeasibleSet) -> None:
     FEASIBLE_SETS.add(fs.name, fs)
 
 
-_add(FeasibleSet("full", lambda spec: "none", uses_target=False))
+_add(FeasibleSet("full", lambda spec: Granularity.NONE, uses_target=False))
 # target_only writes the cached g_T; in merged mode nothing is cached.
-_add(FeasibleSet("target_only", lambda spec: "target", target_modes=("separate",)))
-_add(FeasibleSet("global_subset", lambda spec: "global", passes=("one_pass", "two_pass")))
-_add(FeasibleSet("layerwise_subset", lambda spec: "layer"))
-_add(FeasibleSet("soft_subset", lambda spec: spec.soft_granularity, soft=True))
+_add(FeasibleSet("target_only", lambda spec: Granularity.TARGET, target_modes=("separate",)))
+_add(FeasibleSet("global_subset", lambda spec: Granularity.GLOBAL, passes=("one_pass", "two_pass")))
+_add(FeasibleSet("layerwise_subset", lambda spec: Granularity.LAYER))
+_add(FeasibleSet("soft_subset", lambda spec: Granularity(spec.soft_granularity), soft=True))
 # IIF scores a whole rollout buffer once (global scores) and keeps a subset; the training steps
 # on the kept buffer are then ordinary ones (Regularizer.filter_buffer).
-_add(FeasibleSet("iif", lambda spec: "none", target_modes=("separate",), filters_buffer=True))
+_add(FeasibleSet("iif", lambda spec: Granularity.NONE, target_modes=("separate",), filters_buffer=True))

@@ -18,11 +18,17 @@ gradients. `exclude` substrings opt modules out by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class BlockKind(Enum):
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
 
 
 @dataclass(eq=False)
@@ -31,7 +37,7 @@ class Block:
 
     name: str
     module: nn.Module
-    kind: str  # "linear" | "embedding"
+    kind: BlockKind
     index: int  # position in model.named_modules(), seeds its sketch factors
     # Called in backward with (block, dY, X); returns True when it took care of the weight gradient,
     # False to let autograd receive the ordinary one (no regularized pass in flight).
@@ -43,7 +49,7 @@ class Block:
 
     @property
     def bias(self) -> nn.Parameter | None:
-        return getattr(self.module, "bias", None) if self.kind == "linear" else None
+        return getattr(self.module, "bias", None) if self.kind is BlockKind.LINEAR else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,14 +123,14 @@ def find_blocks(model: nn.Module, hook_embeddings: bool, exclude: list[str]) -> 
         if any(s in name for s in exclude):
             continue
         if type(m) is nn.Linear:
-            kind = "linear"
+            kind = BlockKind.LINEAR
         elif type(m) is nn.Embedding and hook_embeddings:
-            kind = "embedding"
+            kind = BlockKind.EMBEDDING
         else:
             continue
         if not m.weight.requires_grad or owners[id(m.weight)] > 1:
             continue
-        if kind == "embedding" and (m.sparse or m.max_norm is not None or m.scale_grad_by_freq):
+        if kind is BlockKind.EMBEDDING and (m.sparse or m.max_norm is not None or m.scale_grad_by_freq):
             continue  # their gradients are not the plain scatter-add the kernel assumes
         blocks.append(Block(name=name, module=m, kind=kind, index=index))
     return blocks
@@ -133,7 +139,7 @@ def find_blocks(model: nn.Module, hook_embeddings: bool, exclude: list[str]) -> 
 def install(blocks: list[Block]) -> Callable[[], None]:
     """Route each block's forward through its hooked function; returns a function that undoes it."""
     for b in blocks:
-        b.module.forward = _linear_forward(b) if b.kind == "linear" else _embedding_forward(b)
+        b.module.forward = _linear_forward(b) if b.kind is BlockKind.LINEAR else _embedding_forward(b)
 
     def remove() -> None:
         for b in blocks:

@@ -55,8 +55,8 @@ from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 from drpt_ray.config import RegularizerSpec
 from drpt_ray.regularize import kernels as K
 from drpt_ray.regularize.feasible import example_weights, kept_fraction, membership, subset_weights
-from drpt_ray.regularize.hooks import Block, find_blocks, install
-from drpt_ray.feasible_sets import FEASIBLE_SETS
+from drpt_ray.feasible_sets import FEASIBLE_SETS, Granularity
+from drpt_ray.regularize.hooks import Block, BlockKind, find_blocks, install
 
 LossFn = Callable[[torch.Tensor | None], torch.Tensor]
 
@@ -127,7 +127,7 @@ class Regularizer:
         # Blocks whose weights are sharded (FSDP): the sharded parameters, kept because inside a
         # backward the module holds the all-gathered ones instead.
         self._sharded = {b: {"weight": b.weight, "bias": b.bias} for b in self.blocks if _is_dtensor(b.weight)}
-        self._use_sketch = spec.kernel == "sketch" and self.granularity != "target"
+        self._use_sketch = spec.kernel == "sketch" and self.granularity is not Granularity.TARGET
         self._factors: dict[Block, K.SketchFactors] = {}
         self.targets: dict[Block, K.Target] = {}
         self.unhooked_targets: dict[str, torch.Tensor] = {}
@@ -158,7 +158,7 @@ class Regularizer:
             self.unhooked_targets.clear()
         with self._in_pass(_Pass(mode="capture")), self._unhooked_grads(keep=False) as fresh:
             loss.backward()
-        if self.granularity == "target":
+        if self.granularity is Granularity.TARGET:
             for name, g in fresh.items():
                 prev = self.unhooked_targets.get(name)
                 self.unhooked_targets[name] = g if prev is None else prev + g
@@ -185,19 +185,19 @@ class Regularizer:
             loss_fn = _scaled(loss_fn, loss_scale)
         p = self._new_pass(units, n_target_rows)
         p.score_scale /= loss_scale
-        if self.granularity == "target":
+        if self.granularity is Granularity.TARGET:
             self._write_target_grads()
-        elif self.granularity == "none" and not n_target_rows:
+        elif self.granularity is Granularity.NONE and not n_target_rows:
             _call(loss_fn, None).backward()
-        elif self.granularity == "global" and self.spec.passes == "two_pass":
+        elif self.granularity is Granularity.GLOBAL and self.spec.passes == "two_pass":
             self._two_pass(loss_fn, p)
         else:
-            p.mode = "layer" if self.granularity in ("layer", "none") else "retain"
+            p.mode = "layer" if self.granularity in (Granularity.LAYER, Granularity.NONE) else "retain"
             with self._in_pass(p), self._unhooked_grads(scale=p.normaliser / _sum(p.units[: p.n_train]) if n_target_rows else 1.0):
                 _call(loss_fn, None).backward()
             if p.mode == "retain":
                 self._assemble_global(p)
-        if reduce_grads is not None and self.granularity != "target":
+        if reduce_grads is not None and self.granularity is not Granularity.TARGET:
             reduce_grads()
         self._cosine_metrics(p)
         p.stats.seconds = time.perf_counter() - t0
@@ -271,7 +271,7 @@ class Regularizer:
         dy, x = dy.reshape(n, -1, dy.shape[-1]), _rows3(x, n, block)
         target = self._layer_target(block, dy, x, p)
         dy, x = dy[: p.n_train], x[: p.n_train]
-        if p.mode == "layer" and self.granularity == "none":
+        if p.mode == "layer" and self.granularity is Granularity.NONE:
             pi = torch.ones(p.n_train, dtype=torch.float64, device=dy.device)
         else:
             t0 = time.perf_counter()
@@ -302,7 +302,7 @@ class Regularizer:
     def _scores(self, block: Block, dy, x, target) -> torch.Tensor:
         if target is None:  # the target loss never reached this block: g_T^l = 0
             return dy.new_zeros(dy.shape[0])
-        if block.kind == "embedding":
+        if block.kind is BlockKind.EMBEDDING:
             return K.embedding_scores(dy, x, target, block.module.padding_idx)
         if self._use_sketch:
             return K.sketch_scores(dy, x, target, self._sketch_factors(block), block.bias is not None)
@@ -314,7 +314,7 @@ class Regularizer:
 
     def _target_from(self, block: Block, dy, x):
         """Target representation (summed over the given rows) in the space the kernel scores in."""
-        if block.kind == "embedding":
+        if block.kind is BlockKind.EMBEDDING:
             return K.Target(weight=K.embedding_target(dy, x, block.module.num_embeddings, block.module.padding_idx))
         if self._use_sketch:
             return K.sketch_target(dy, x, self._sketch_factors(block), block.bias is not None)
@@ -333,7 +333,7 @@ class Regularizer:
         omega = example_weights(pi, p.units[: p.n_train], p.normaliser)
         p.stats.kept[block.name] = kept_fraction(pi)
         p.stats.weights[block.name] = omega.detach().cpu()
-        if block.kind == "embedding":
+        if block.kind is BlockKind.EMBEDDING:
             gw, gb = K.assemble_embedding(dy, x, omega, block.module.num_embeddings, block.module.padding_idx), None
         else:
             gw, gb = K.assemble_linear(dy, x, omega, block.bias is not None)
@@ -438,8 +438,8 @@ class Regularizer:
             dot_all, nd_all, nt_all = dot_all + dot, nd_all + nd, nt_all + nt
         if nd_all > 0 and nt_all > 0:
             p.stats.cos_overall = dot_all / (nd_all * nt_all) ** 0.5
-        if self.granularity in ("none", "target") and not p.stats.kept:
-            p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity == "none" else {}
+        if self.granularity in (Granularity.NONE, Granularity.TARGET) and not p.stats.kept:
+            p.stats.kept = {b.name: 1.0 for b in self.blocks} if self.granularity is Granularity.NONE else {}
 
     def _reduce_scatter(self, block: Block, part: str, t: torch.Tensor) -> torch.Tensor:
         """SUM every rank's full `t` and keep this rank's rows, laid out like the block's `part`. A
@@ -550,7 +550,7 @@ def _hooks_paused(reg: Regularizer):
 
 def _rows3(x: torch.Tensor, n: int, block: Block) -> torch.Tensor:
     """Reshape a hooked input to (n, T, features); embedding ids to (n, T)."""
-    if block.kind == "embedding":
+    if block.kind is BlockKind.EMBEDDING:
         return x.reshape(n, -1)
     return x.reshape(n, -1, x.shape[-1])
 

@@ -14,6 +14,7 @@ from drpt_ray.algorithms import AGG_MODES, POLICY_LOSSES, PolicyLossInputs, exam
 from drpt_ray.config import RegularizerSpec
 from drpt_ray.lm_losses import select_rows, token_logprobs, token_mean_loss
 from drpt_ray.regularize import Regularizer
+from drpt_ray.regularize.hooks import BlockKind
 from tests.regularize import oracle as O
 
 # HF's RMSNorm computes in float32 even for a float64 model (method.md 9.5): looser there.
@@ -73,7 +74,7 @@ def test_kernels_equal_brute_force_scores(case, kernel):
     reg, stats, _ = case.run(feasible_set="layerwise_subset", kernel=kernel, hook_embeddings=True)
     keys = case.keys(reg)
     assert any(b.bias is not None for b in reg.blocks) == (case.kind != "llama")
-    assert any(b.kind == "embedding" for b in reg.blocks)
+    assert any(b.kind is BlockKind.EMBEDDING for b in reg.blocks)
     for name, ks in keys.items():
         want = O.layer_scores(case.G, case.gT, ks)
         got = stats.scores[name]

@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from drpt_ray.client import iter_sse  # noqa: E402
 from drpt_ray.machine import machine_summary  # noqa: E402
+from drpt_ray.local_ray import free_port  # noqa: E402
 from drpt_ray.reporting import EventReporter  # noqa: E402
 from services.control_plane.security import IngestKeys  # noqa: E402
 
@@ -58,12 +58,6 @@ def driver_token(jid: str) -> str:
     return IngestKeys(INGEST_SECRET).token(jid)
 SPEC = {"mode": "sft", "steps": 20, "eval_every": 10, "progress": False}
 METRICS = {"loss": 1.2345, "lr": 0.001, "reg/kept_frac_mean": 0.5, "reg/cos": 0.12, "time/step": 0.2, "grad_norm": 0.9}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(workdir: Path, database_url: str | None) -> tuple[subprocess.Popen, str]:

@@ -64,7 +64,7 @@ def use_official_layerwise(official: str, frac: float) -> None:
     from drpt.selection import create_merged_batch_strategy
 
     from drpt_ray.learner import learner as L
-    from drpt_ray.lm_losses import token_mean_loss
+    from drpt_ray.lm_losses import concat_rows, token_mean_loss
 
     def sft_step(self, general: dict, target: dict | None) -> dict:
         if not hasattr(self, "official"):
@@ -72,7 +72,7 @@ def use_official_layerwise(official: str, frac: float) -> None:
             # Registered after ours, so its forwards wrap ours; ours then only ever sees plain backwards.
             self.official = create_merged_batch_strategy("LayerWiseSubset", GradientHook(self.policy, names, "cpu"),
                                                          frac=frac, scoring_method="direct")
-        merged = L._concat_rows(general, target)
+        merged = concat_rows(general, target)
         self.opt.zero_grad(set_to_none=True)
         loss = self.official.execute_training_step(
             model=self.policy, merged_batch=merged, train_batch_size=general["input_ids"].shape[0],

@@ -399,7 +399,9 @@ def part_rlhf(args, out: Path) -> None:
 def part_sweep(args, out: Path) -> None:
     from drpt_ray.client import Client
     from drpt_ray.service_cli import format_sweep
-    from local_cluster import start_control_plane, start_ray_head, stop_group
+    from local_cluster import ROOT, start_control_plane
+
+    from drpt_ray.local_ray import start_ray_head, stop_group
 
     base = job_spec(RLVR_HARD, {"feasible_set": "soft_subset"}, 0, out / "trials", args)
     del base["output_dir"]  # each trial gets <sweep output_dir>/<trial id>
@@ -407,7 +409,7 @@ def part_sweep(args, out: Path) -> None:
     spec = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
     token = "rl-quality-" + "".join(random.choices("0123456789abcdef", k=24))
-    ray_head, ray_url, ray_tmp = start_ray_head(out, num_cpus=3)
+    ray_head, ray_url, ray_tmp = start_ray_head(3, out / "ray.log", os.environ, cwd=ROOT)
     server = None
     try:
         server, url = start_control_plane(out, ray_url, token)

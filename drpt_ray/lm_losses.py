@@ -22,6 +22,17 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor | None) -> di
     return {k: v[rows] for k, v in batch.items()}
 
 
+def concat_rows(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack a's rows then b's (general then target rows, merged mode), right-padding to the longer batch."""
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+    def widen(t: torch.Tensor, key: str) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=pad[key])
+
+    return {k: torch.cat([widen(a[k], k), widen(b[k], k)]) for k in a}
+
+
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t >= 1 from a causal LM's logits over `input_ids`: (n, L-1)."""
     return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)

@@ -60,7 +60,7 @@ def reported_run(a: argparse.Namespace) -> int:
     from drpt_ray.config import JobSpec, load_spec
     from drpt_ray.reporting import EventReporter, run_reported
 
-    from drpt_ray.service_cli import CONTROL_PLANE_SECRETS
+    from drpt_ray.local_ray import CONTROL_PLANE_SECRETS
 
     # Names only: what the control plane passed, and whether any of its own secrets came along.
     leaked = sorted(k for k in CONTROL_PLANE_SECRETS if k in os.environ)

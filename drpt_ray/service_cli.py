@@ -21,17 +21,11 @@ import argparse
 import json
 import os
 import secrets
-import shutil
-import subprocess
 import sys
-import time
-from collections.abc import Mapping
-from pathlib import Path
-
-import httpx
 
 from drpt_ray.client import (TOKEN_FILE, Alert, Client, End, Job, LogLine, MetricsReport,
                              StateChange, Sweep, SweepSummary, TrialReport, saved_token)
+from drpt_ray.local_ray import start_local_ray
 from drpt_ray.wire import DEFAULT_URL, HOST, PORT, JobPublic, RunPublic, SweepPublic
 
 
@@ -184,64 +178,6 @@ def ensure_token() -> str:
         print(f"drpt-ray serve: new API token saved to {TOKEN_FILE} (clients on this machine read it)")
     os.environ["DRPT_API_TOKENS"] = token
     return token
-
-
-def dashboard_up(url: str) -> bool:
-    """A Ray dashboard answers at `url` (401/403: up, with token auth)."""
-    try:
-        return httpx.get(f"{url}/api/version", timeout=2.0).status_code in (200, 401, 403)
-    except httpx.HTTPError:
-        return False
-
-
-# The control plane's own secrets. Every Ray job driver inherits the environment of the `ray start`
-# that began its cluster, so they must not be in it: a driver gets its run's ingest token and the
-# settings the launcher passes (services/control_plane/launcher.py driver_env), nothing else.
-CONTROL_PLANE_SECRETS = ("DRPT_API_TOKENS", "DRPT_TOKEN", "DRPT_INGEST_SECRET", "DRPT_RAY_AUTH_TOKEN", "DATABASE_URL")
-
-
-def ray_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """`environ` (this process's) without the control plane's secrets: what a local Ray starts with."""
-    return {k: v for k, v in environ.items() if k not in CONTROL_PLANE_SECRETS}
-
-
-def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0) -> str:
-    """Start a local Ray head with the dashboard (the Jobs API) unless one answers already; returns
-    its URL. It outlives this process, so restarting the control plane does not stop running jobs."""
-    url = f"http://127.0.0.1:{dashboard_port}"
-    if dashboard_up(url):
-        print(f"drpt-ray serve: using the local Ray dashboard at {url}")
-        return url
-    ray_bin = Path(sys.executable).with_name("ray")
-    ray_cmd = str(ray_bin) if ray_bin.exists() else shutil.which("ray")
-    if ray_cmd is None:
-        raise ValueError("cannot find the `ray` command to start a local Ray; install ray[default] or set RAY_ADDRESS")
-    # The agents' default ports (52365, ...) may be held by another Ray on this machine; a busy
-    # agent port does not fail `ray start`, it silently disables the Jobs API. Take free ones.
-    agent_ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")}
-    cmd = [ray_cmd, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    cmd += [f"--{flag}={port}" for flag, port in agent_ports.items()]
-    print("drpt-ray serve: starting a local Ray:", " ".join(cmd[1:]))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=ray_env())
-    if done.returncode != 0:
-        raise ValueError(f"`ray start` failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-    deadline = time.monotonic() + timeout_s
-    while not dashboard_up(url):
-        if time.monotonic() > deadline:
-            raise ValueError(f"the local Ray started but its dashboard did not answer at {url} within {timeout_s:.0f} s")
-        time.sleep(0.5)
-    print(f"drpt-ray serve: local Ray up, dashboard {url} (it keeps running after serve exits; `ray stop` ends it)")
-    return url
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(args) -> int:

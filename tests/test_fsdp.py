@@ -12,13 +12,13 @@ global selection, soft weights, direct kernel with hooked embeddings.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from drpt_ray.config import JobSpec
+from drpt_ray.local_ray import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +76,6 @@ def _rank(rank: int, port: int, out: str, arch: str, reg: dict) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("arch,reg", [
     ("qwen2", {"feasible_set": "layerwise_subset", "kernel": "sketch", "sketch": {"dim": 8}}),
     ("qwen2", {"feasible_set": "target_only"}),
@@ -95,7 +89,7 @@ def test_fsdp_equals_data_parallel(tmp_path, arch, reg):
 
     out = str(tmp_path)
     model_dir(_spec(out, False, arch, reg).model, out)  # built once, before two ranks read it
-    mp.spawn(_rank, args=(_free_port(), out, arch, reg), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), out, arch, reg), nprocs=2)
     r = torch.load(tmp_path / "results.pt", weights_only=False)
     dp, fsdp = r[False], r[True]
     for m_dp, m_fsdp in zip(dp["metrics"], fsdp["metrics"]):

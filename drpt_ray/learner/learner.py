@@ -63,7 +63,7 @@ from drpt_ray.learner.fsdp import (
 from drpt_ray.learner.batch import RLBatch
 from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
-from drpt_ray.lm_losses import next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
+from drpt_ray.lm_losses import concat_rows, next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
 from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
 
@@ -229,7 +229,7 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
         metrics: dict = {}
         if self.spec.regularizer.target_mode == "merged":
-            rows_batch, n_target = _concat_rows(general, target), target["input_ids"].shape[0]
+            rows_batch, n_target = concat_rows(general, target), target["input_ids"].shape[0]
         else:
             rows_batch, n_target = general, 0
             if target is not None:
@@ -604,13 +604,3 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-
-def _concat_rows(a: dict, b: dict) -> dict:
-    """Stack general rows then target rows (merged mode), right-padding to the longer batch."""
-    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-
-    def widen(t, key):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad[key])
-
-    return {k: torch.cat([widen(a[k], k), widen(b[k], k)]) for k in a}

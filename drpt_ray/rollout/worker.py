@@ -194,9 +194,8 @@ class RolloutEngine:
         """Partial rollouts: the first chunk samples `n` responses per prompt; each unfinished one then
         continues alone from its prompt + response so far, `chunk` tokens at a time, under the newest
         offered weights. A continuation is seeded from the sampling seed, the chunk and the sequence."""
-        from vllm import SamplingParams
-
-        first = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})), use_tqdm=False)
+        first_chunk = sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})
+        first = self._llm.generate(_as_inputs(prompts), _sampling_params(first_chunk), use_tqdm=False)
         seqs = [{"i": i, "prompt": list(out.prompt_token_ids), "ids": [], "lps": [], "versions": [], "finish": None}
                 for i, out in enumerate(first) for _ in out.outputs]
         outputs = [c for out in first for c in out.outputs]
@@ -214,10 +213,10 @@ class RolloutEngine:
                 break
             round_ += 1
             self._take_offered()  # the chunk boundary: newer weights take over from here
-            params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0,
-                                     max_tokens=min(chunk, sampling.max_new_tokens - len(s["ids"])),
-                                     seed=None if sampling.seed is None else sampling.seed + 7919 * round_ + 104_729 * k)
-                      for k, s in enumerate(todo)]
+            params = [_sampling_params(sampling.model_copy(update={
+                "n": 1, "max_new_tokens": min(chunk, sampling.max_new_tokens - len(s["ids"])),
+                "seed": None if sampling.seed is None else sampling.seed + 7919 * round_ + 104_729 * k}))
+                for k, s in enumerate(todo)]
             outs = self._llm.generate(_as_inputs([s["prompt"] + s["ids"] for s in todo]), params, use_tqdm=False)
             outputs = [out.outputs[0] for out in outs]
         decode = self._llm.get_tokenizer().decode

@@ -11,13 +11,10 @@ tail of its log instead of hanging.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ import httpx
 import pytest
 
 from drpt_ray.client import Client
+from drpt_ray.local_ray import free_port
 from services.control_plane.db import Database
 from tests.control_plane.postgres import PostgresServer, bindir
 
@@ -44,26 +42,6 @@ def ingest_token(run_id: str) -> str:
 
 def ingest_headers(run_id: str) -> dict:
     return {"Authorization": f"Bearer {ingest_token(run_id)}"}
-
-
-_TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free TCP port below Linux's ephemeral range (32768+), never handed out twice by this process.
-    A port from bind(0) is an ephemeral one, which an outgoing connection (Ray's workers make many)
-    may take between the choice and the use: a raylet then dies with "Address already in use"."""
-    while True:
-        port = random.randint(20000, 32000)
-        if port in _TAKEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _TAKEN.add(port)
-        return port
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -242,61 +220,24 @@ class RayCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """`ray start --head --block` in its own process group, every port chosen free; SIGTERM, then
-    SIGKILL of that group at the end (never `ray stop`, which would end other users' clusters)."""
-    from drpt_ray.service_cli import dashboard_up, ray_env
+    """A blocking local Ray head in its own process group (drpt_ray.local_ray.start_ray_head), ended
+    through that group at the end (never `ray stop`, which would end other users' clusters)."""
+    from drpt_ray.local_ray import ray_env, start_ray_head, stop_group
 
-    temp_dirs: list[Path] = []
+    # As `drpt-ray serve` starts its Ray: from an environment holding the control plane's secrets,
+    # through the filter it uses (test_ray_jobs checks that no job driver sees them).
+    env = ray_env(dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
+                       DATABASE_URL="sqlite:////nonexistent/leaked.sqlite"))
     for attempt in range(3):  # a start that fails (a port taken after all) is retried on fresh ports
-        # Directly under /tmp, not TMPDIR (a clone's .tmp): Ray's unix socket paths
-        # (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead) must stay under 108 bytes.
-        temp_dir = Path(tempfile.mkdtemp(prefix="cpray", dir="/tmp"))
-        temp_dirs.append(temp_dir)
         log = tmp_path_factory.mktemp("ray") / "ray.log"
-        ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                          "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-                                          "node-manager-port", "object-manager-port")}
-        ray_bin = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
-        # As `drpt-ray serve` starts its Ray: from an environment holding the control plane's secrets,
-        # through the filter it uses (test_ray_jobs checks that no job driver sees them).
-        env = ray_env(dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
-                           DATABASE_URL="sqlite:////nonexistent/leaked.sqlite"))
-        env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{ports['dashboard-port']}"
-
-        def up():
-            # Ready = the node started (not just the dashboard: it answers before a raylet that may
-            # still die), and the process is alive.
-            if proc.poll() is not None:
-                raise AssertionError(f"ray start exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            return "Ray runtime started" in log.read_text() and dashboard_up(url)
-
         try:
-            wait_for(up, 120, "the Ray node and its dashboard", interval=0.5)
+            proc, url, temp_dir = start_ray_head(4, log, env, cwd=ROOT)
             break
-        except AssertionError:
-            _end_group(proc, grace_s=3.0)
+        except RuntimeError:
             if attempt == 2:
                 raise
     try:
         yield RayCluster(url, proc, log)
     finally:
-        _end_group(proc, grace_s=3.0)
-        for d in temp_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM our process group, then SIGKILL whatever of it is left (Ray drains for up to 30 s)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(proc, grace_s=3.0)
+        shutil.rmtree(temp_dir, ignore_errors=True)

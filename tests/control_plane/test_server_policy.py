@@ -78,7 +78,7 @@ def test_a_local_ray_starts_without_the_control_planes_secrets(monkeypatch):
     """`drpt-ray serve` starts its local Ray with `ray_env()`: every job driver inherits that
     environment, so no API token, ingest secret or database URL may be in it (issue 22, item 2).
     (Checked on the function; a real driver's environment under `drpt-ray serve` is not yet tested.)"""
-    from drpt_ray.service_cli import ray_env
+    from drpt_ray.local_ray import ray_env
 
     monkeypatch.setenv("DRPT_API_TOKENS", "secret-api-token-0123456789")
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@h/db")

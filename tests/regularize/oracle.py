@@ -77,17 +77,6 @@ def make_batch(n: int, seed: int, min_len: int = 5, max_len: int = 11, prompt_le
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def concat(a: dict, b: dict) -> dict:
-    """Stack two batches row-wise, right-padding to the longer one."""
-    L = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-
-    def widen(t, k):
-        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=pad[k])
-
-    return {k: torch.cat([widen(a[k], k), widen(b[k], k)]) for k in a}
-
-
 def grads(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     loss.backward()

@@ -12,7 +12,7 @@ import torch
 
 from drpt_ray.algorithms import AGG_MODES, POLICY_LOSSES, PolicyLossInputs, example_units
 from drpt_ray.config import RegularizerSpec
-from drpt_ray.lm_losses import select_rows, token_logprobs, token_mean_loss
+from drpt_ray.lm_losses import concat_rows, select_rows, token_logprobs, token_mean_loss
 from drpt_ray.regularize import Regularizer
 from drpt_ray.regularize.hooks import BlockKind
 from tests.regularize import oracle as O
@@ -220,7 +220,7 @@ def test_one_pass_equals_two_pass_on_hooked_layers(case, selection):
 @pytest.mark.parametrize("fs", ["layerwise_subset", "global_subset", "full"])
 def test_merged_equals_separate(case, fs):
     model = case.model
-    merged = O.concat(case.batch, case.target)
+    merged = concat_rows(case.batch, case.target)
     units_all = O.units_of(merged)
     reg_sep, stats_sep, sep = case.run(feasible_set=fs, frac=0.5)
     reg = Regularizer(model, RegularizerSpec(feasible_set=fs, frac=0.5, target_mode="merged"))

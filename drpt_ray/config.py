@@ -519,8 +519,6 @@ class JobSpec(Spec):
         if self.mode == "sft" and FEASIBLE_SETS.get(self.regularizer.feasible_set).filters_buffer:
             raise ValueError(f"regularizer.feasible_set {self.regularizer.feasible_set!r} filters an RL rollout buffer; "
                              "SFT has none: use layerwise_subset, global_subset or soft_subset")
-        if self.regularizer.target_mode == "merged" and self.mode != "sft":
-            raise ValueError("regularizer.target_mode 'merged' is SFT-only; RL captures g_T from separate target rollouts")
         alg = self.algorithm
         if ":" not in alg.advantage + alg.target_objective:  # user code's metadata is read where it runs (preflight)
             self.check_algorithm(ADVANTAGE_ESTIMATORS.meta(alg.advantage), TARGET_OBJECTIVES.meta(alg.target_objective))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -47,6 +48,22 @@ class RLBatch:
         Apply after the advantages, so a cut response still counts in its group's baseline."""
         keep = (~self.truncated).to(self.response_mask.dtype)[:, None]
         return replace(self, response_mask=self.response_mask * keep)
+
+
+def cat_rl(parts: list[RLBatch]) -> RLBatch:
+    """Stack batches row-wise (shards back in order, or general then target rows), right-padding the
+    narrower ones: their extra positions are masked out everywhere (attention, response, losses)."""
+    width = max(b.input_ids.shape[1] for b in parts)
+    out = {}
+    for f in fields(RLBatch):
+        vals = [getattr(b, f.name) for b in parts]
+        if all(v is None for v in vals):
+            out[f.name] = None
+            continue
+        if any(v is None for v in vals):
+            raise ValueError(f"cannot stack RL batches: {f.name} is set in some and not in others")
+        out[f.name] = torch.cat([F.pad(v, (0, width - b.input_ids.shape[1])) if v.dim() == 2 else v for v, b in zip(vals, parts)])
+    return RLBatch(**out)
 
 
 def _take(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:

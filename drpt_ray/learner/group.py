@@ -116,7 +116,7 @@ import torch
 
 from drpt_ray.config import JobSpec
 from drpt_ray.data import supervised_token_counts
-from drpt_ray.learner.batch import RLBatch
+from drpt_ray.learner.batch import RLBatch, cat_rl
 from drpt_ray.learner.learner import Learner
 
 POLL_S = 0.2
@@ -149,15 +149,6 @@ def shard_dict(batch: dict, world: int) -> list[dict | None]:
 
 def shard_rl(batch: RLBatch, world: int) -> list[RLBatch | None]:
     return [batch.rows(torch.arange(lo, hi)) if hi > lo else None for lo, hi in row_ranges(batch.size, world)]
-
-
-def cat_rl(parts: list[RLBatch]) -> RLBatch:
-    """Concatenate RLBatch shards in order (the inverse of shard_rl)."""
-    fields = {}
-    for name in parts[0].__dataclass_fields__:
-        vals = [getattr(p, name) for p in parts]
-        fields[name] = None if vals[0] is None else torch.cat(vals)
-    return RLBatch(**fields)
 
 
 def _no_tokens_row(batch: dict) -> dict:

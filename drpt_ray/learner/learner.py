@@ -60,7 +60,7 @@ from drpt_ray.learner.fsdp import (
     load_full_optimizer_state,
     shard_policy,
 )
-from drpt_ray.learner.batch import RLBatch
+from drpt_ray.learner.batch import RLBatch, cat_rl
 from drpt_ray.learner.collective import Collective
 from drpt_ray.learner.optim import make_optimizer
 from drpt_ray.lm_losses import concat_rows, next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
@@ -215,6 +215,7 @@ class Learner:
         self.opt_steps_total = spec.steps * (alg.ppo_epochs if rl else 1)
         self.opt, self.sched = make_optimizer(groups, spec.optim, self.opt_steps_total)
         self.reg = Regularizer(self.policy, spec.regularizer, shard_sum=self.comm.sum if self.fsdp else None)
+        self._merged_target: RLBatch | None = None  # merged mode: capture_target's rows, for the next rl_step
         self.updates = 0
         # Dr. GRPO's constant normaliser is the longest response the rollouts may produce.
         self.max_new_tokens = spec.rollout.sampling.max_new_tokens
@@ -314,7 +315,9 @@ class Learner:
         return b.to("cpu") if batch is not None else None
 
     def capture_target(self, batch: RLBatch | None) -> dict:
-        """Back the target objective of `batch` (target rollouts) into the regularizer's cache.
+        """Hand the target rollouts to the regularizer. Separate target mode: back their objective
+        into its per-layer cache now. Merged mode: keep the rows for the next `rl_step`, whose one
+        forward and backward takes g_T from them (Regularizer, merged batch).
 
         Data parallel: `batch` is this rank's shard (None: no target rows on this rank this time;
         it still joins the collectives with a zero contribution). Token counts and the reward
@@ -322,51 +325,64 @@ class Learner:
         """
         if not self.reg.feasible.uses_target:
             return {}
+        if self.spec.regularizer.target_mode == "merged":  # one learner worker (config): batch is every target row
+            self._merged_target = batch.to(self.device)
+            return {}
         n_rows = 0 if batch is None else batch.size
         batch = (batch if batch is not None else self._placeholder_batch()).to(self.device)
         logp, _, _ = self._forward(batch)
-        mask = batch.response_mask
-        tokens = self.comm.sum(mask.sum()).clamp(min=1)
-        name = self.spec.algorithm.target_objective
-        z = None
-        if TARGET_OBJECTIVES.meta(name).standardised_rewards:  # over the global target batch
-            rewards, offset = self.comm.gather_cat(batch.rewards[:n_rows])
-            z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else logp.new_zeros(1)
-
-        def train_loss() -> torch.Tensor:
-            loss = self._policy_loss(batch, logp).loss
-            if self.comm.active:  # this rank's part of the global aggregate
-                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_new_tokens) if n_rows else torch.zeros(1)
-                loss = loss * self._share(units)
-            return loss
-
-        loss = TARGET_OBJECTIVES.get(name)(TargetInputs(logp, mask, batch.advantages, tokens, z, train_loss))
+        loss = self._target_objective(batch, logp, n_rows)
         self.reg.capture_target(loss)
         self._reduce_target()
         return {"target/objective": float(self.comm.sum(loss.detach()))}
 
     def rl_step(self, batch: RLBatch) -> dict:
-        """`ppo_epochs` regularized optimizer steps on one rollout batch; returns metrics."""
+        """`ppo_epochs` regularized optimizer steps on one rollout batch; returns metrics.
+
+        Merged target mode: the target rows of `capture_target` join every epoch's forward and
+        backward, after the general rows; the loss is (U_g L_general + U_t L_target) / (U_g + U_t),
+        U_g the general rows' aggregation units and U_t the target rows' response tokens, so each
+        layer's g_T, scores and curated gradient equal separate mode's at the same weights
+        (Regularizer: merged batch). With ppo_epochs > 1, g_T then follows the weights every epoch
+        where separate mode keeps the one captured at the step's start."""
         batch = batch.to(self.device)
         metrics: dict = {}
+        target, self._merged_target = self._merged_target, None
+        if self.spec.regularizer.target_mode == "merged" and self.reg.feasible.uses_target and target is None:
+            raise RuntimeError("regularizer.target_mode 'merged': capture_target(target rows) must come before rl_step")
         if self.reg.feasible.filters_buffer:
             batch, kept = self._iif_filter(batch)
             metrics["reg/iif_kept_frac"] = kept
         units = example_units(batch.response_mask, self.spec.algorithm.loss_agg, self.max_new_tokens)
         share = self._share(units)
+        n, n_target = batch.size, 0
+        if target is not None:
+            merged, n_target = cat_rl([batch, target]), target.size
+            general_rows, target_rows = torch.arange(n), torch.arange(n, n + n_target)
+            target_units = target.response_mask.sum(1).clamp(min=1)  # any positive units do: only their sum is used
+            u_g, u_t = float(units.sum()), float(target_units.sum())
+            units = torch.cat([units, target_units.to(units)])
         for _ in range(self.spec.algorithm.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             seen: dict = {}
 
             def loss_fn(rows):
-                b = batch.rows(rows)
-                logp, values, entropy = self._forward(b, entropy=True)
-                total, parts = self._rl_loss(b, logp, values, entropy)
+                if target is None or rows is not None:  # rows: general rows only (a two-pass second pass)
+                    b = batch.rows(rows)
+                    logp, values, entropy = self._forward(b, entropy=True)
+                    total, parts = self._rl_loss(b, logp, values, entropy)
+                else:
+                    logp, values, entropy = self._forward(merged, entropy=True)
+                    g = general_rows
+                    total, parts = self._rl_loss(merged.rows(g), logp[g], values[g] if values is not None else None, entropy[g])
+                    objective = self._target_objective(merged.rows(target_rows), logp[target_rows], n_target)
+                    parts["target/objective"] = float(objective.detach())
+                    total = (u_g * total + u_t * objective) / (u_g + u_t)
                 if rows is None:
                     seen.update(parts)
                 return total
 
-            stats = self._backward(loss_fn, units, share)
+            stats = self._backward(loss_fn, units, share, n_target_rows=n_target)
             metrics.update(seen)
             metrics.update(self._optimizer_step())
             metrics.update(stats.summary())
@@ -563,6 +579,26 @@ class Learner:
                 clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, agg=alg.loss_agg, max_len=self.max_new_tokens,
             )
         )
+
+    def _target_objective(self, batch: RLBatch, logp: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """`algorithm.target_objective` of target rows: a token mean over the global target batch
+        (this rank's `n_rows` of it; 0 with a placeholder row)."""
+        mask = batch.response_mask
+        tokens = self.comm.sum(mask.sum()).clamp(min=1)
+        name = self.spec.algorithm.target_objective
+        z = None
+        if TARGET_OBJECTIVES.meta(name).standardised_rewards:  # over the global target batch
+            rewards, offset = self.comm.gather_cat(batch.rewards[:n_rows])
+            z = standardised_rewards(rewards)[offset : offset + n_rows] if n_rows else logp.new_zeros(1)
+
+        def train_loss() -> torch.Tensor:
+            loss = self._policy_loss(batch, logp).loss
+            if self.comm.active:  # this rank's part of the global aggregate
+                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_new_tokens) if n_rows else torch.zeros(1)
+                loss = loss * self._share(units)
+            return loss
+
+        return TARGET_OBJECTIVES.get(name)(TargetInputs(logp, mask, batch.advantages, tokens, z, train_loss))
 
     def _rl_loss(self, b: RLBatch, logp: torch.Tensor, values: torch.Tensor | None,
                  entropy: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -35,7 +35,8 @@ class RLBatch:
 
     def to(self, device) -> "RLBatch":
         """The batch on `device` (tensors already there are shared, not copied)."""
-        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                for f in fields(self)})
 
     @property
     def size(self) -> int:

@@ -190,13 +190,17 @@ class RolloutEngine:
         self.n_generated += len(rollouts)
         return rollouts
 
-    def _generate_in_chunks(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec, chunk: int) -> list[Rollout]:
+    def _generate_in_chunks(self, prompts: list[str] | list[list[int]],
+                            sampling: SamplingSpec, chunk: int) -> list[Rollout]:
         """Partial rollouts: the first chunk samples `n` responses per prompt; each unfinished one then
         continues alone from its prompt + response so far, `chunk` tokens at a time, under the newest
         offered weights. A continuation is seeded from the sampling seed, the chunk and the sequence."""
         from vllm import SamplingParams
 
-        first = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})), use_tqdm=False)
+        first = self._llm.generate(
+            _as_inputs(prompts),
+            _sampling_params(sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})),
+            use_tqdm=False)
         seqs = [{"i": i, "prompt": list(out.prompt_token_ids), "ids": [], "lps": [], "versions": [], "finish": None}
                 for i, out in enumerate(first) for _ in out.outputs]
         outputs = [c for out in first for c in out.outputs]
@@ -206,7 +210,8 @@ class RolloutEngine:
                 s["ids"] += list(c.token_ids)
                 s["lps"] += [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
                 s["versions"] += [self.weights_version] * len(c.token_ids)
-                full = len(s["ids"]) >= sampling.max_new_tokens or len(s["prompt"]) + len(s["ids"]) >= self.max_model_len
+                full = (len(s["ids"]) >= sampling.max_new_tokens
+                        or len(s["prompt"]) + len(s["ids"]) >= self.max_model_len)
                 if str(c.finish_reason) != "length" or full:
                     s["finish"] = str(c.finish_reason)
             todo = [s for s in seqs if s["finish"] is None]
@@ -216,7 +221,8 @@ class RolloutEngine:
             self._take_offered()  # the chunk boundary: newer weights take over from here
             params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0,
                                      max_tokens=min(chunk, sampling.max_new_tokens - len(s["ids"])),
-                                     seed=None if sampling.seed is None else sampling.seed + 7919 * round_ + 104_729 * k)
+                                     seed=None if sampling.seed is None
+                                     else sampling.seed + 7919 * round_ + 104_729 * k)
                       for k, s in enumerate(todo)]
             outs = self._llm.generate(_as_inputs([s["prompt"] + s["ids"] for s in todo]), params, use_tqdm=False)
             outputs = [out.outputs[0] for out in outs]

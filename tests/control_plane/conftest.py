@@ -96,7 +96,8 @@ class Server:
         log = self.workdir / f"server-{self.starts}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.control_plane", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "services.control_plane", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
             cwd=ROOT, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -212,7 +213,8 @@ def server_factory(request, tmp_path):
 def dry_server(request, tmp_path_factory):
     """A control plane with the dry-run launcher (nothing runs), shared by a module's fast tests."""
     workdir = tmp_path_factory.mktemp("dry")
-    s = make_server(workdir, database_url(request, request.param, workdir), DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
+    s = make_server(workdir, database_url(request, request.param, workdir),
+                    DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
     yield s
     s.stop()
 
@@ -253,18 +255,22 @@ def ray_cluster(tmp_path_factory):
         temp_dir = Path(tempfile.mkdtemp(prefix="cpray", dir="/tmp"))
         temp_dirs.append(temp_dir)
         log = tmp_path_factory.mktemp("ray") / "ray.log"
-        ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+        ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
+                                          "dashboard-agent-listen-port",
                                           "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
                                           "node-manager-port", "object-manager-port")}
         ray_bin = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
         # As `drpt-ray serve` starts its Ray: from an environment holding the control plane's secrets,
         # through the filter it uses (test_ray_jobs checks that no job driver sees them).
-        env = ray_env(dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
+        env = ray_env(dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+                           DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
                            DATABASE_URL="sqlite:////nonexistent/leaked.sqlite"))
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{ports['dashboard-port']}"
 
         def up():

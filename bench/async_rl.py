@@ -67,7 +67,8 @@ def loop_figures(h: list[dict], workers: int) -> dict:
     rest = wall - gen
     return {
         "steps_per_s": len(steps) / wall, "loop_s": wall,
-        "learner_idle": gen / wall, "rollout_idle": max(0.0, 1 - sum(m.get("time/rollout_busy", 0.0) for m in steps) / (workers * wall)),
+        "learner_idle": gen / wall,
+        "rollout_idle": max(0.0, 1 - sum(m.get("time/rollout_busy", 0.0) for m in steps) / (workers * wall)),
         "gen_s": gen / len(steps), "rest_s": rest / len(steps),
         # steady state: from the step after the pipeline filled
         "steady_step_s": statistics.fmean(m["time/step"] for m in steps[3:]) if len(steps) > 3 else wall / len(steps),
@@ -93,7 +94,8 @@ def demo_run(mode: str, seed: int, out: Path, args) -> dict:
     from drpt_ray.config import JobSpec
     from drpt_ray.trainer import run_job
 
-    spec = with_mode(RLVR_DEMO, mode) | QUIET | {"seed": seed, "eval_every": args.eval_every, "output_dir": str(out / slug(mode) / f"seed{seed}")}
+    spec = with_mode(RLVR_DEMO, mode) | QUIET | {"seed": seed, "eval_every": args.eval_every,
+                                                 "output_dir": str(out / slug(mode) / f"seed{seed}")}
     if args.steps:
         spec["steps"] = args.steps
     if args.warm_start_steps is not None:
@@ -105,7 +107,8 @@ def demo_run(mode: str, seed: int, out: Path, args) -> dict:
         loop_s += m.get("time/step", 0.0)
         if reached is None and m.get("eval/target_reward", -1) >= args.reach:
             reached = loop_s
-    return {**loop_figures(h, 1), "reach_s": reached, "final": evals[-1]["eval/target_reward"], "start": evals[0]["eval/target_reward"],
+    return {**loop_figures(h, 1), "reach_s": reached,
+            "final": evals[-1]["eval/target_reward"], "start": evals[0]["eval/target_reward"],
             "pass@1": evals[-1].get("eval/target_pass@1"),
             **token_staleness(h)}
 
@@ -124,7 +127,8 @@ def real_run(mode: str, seed: int, out: Path, args) -> dict:
     spec["model"]["path"] = str(ROOT / spec["model"]["path"])
     h = run_job(JobSpec.model_validate(spec), on_metrics=pin_at_start if args.pin else None).history
     return {**loop_figures(h, 1), **token_staleness(h),
-            "phases": {p: statistics.fmean(m[f"time/{p}"] for m in h if f"time/{p}" in m) for p in ("gen", "logprob", "regularize", "update", "sync")}}
+            "phases": {p: statistics.fmean(m[f"time/{p}"] for m in h if f"time/{p}" in m)
+                       for p in ("gen", "logprob", "regularize", "update", "sync")}}
 
 
 def pin_at_start(m: dict) -> None:
@@ -146,7 +150,8 @@ def token_staleness(h: list[dict]) -> dict:
     steps = [m for m in h if "rollout/staleness_mean" in m]
     if not steps:
         return {"token_age": 0.0}
-    return {"token_age": statistics.fmean(m.get("rollout/token_staleness_mean", m["rollout/staleness_mean"]) for m in steps)}
+    return {"token_age": statistics.fmean(m.get("rollout/token_staleness_mean", m["rollout/staleness_mean"])
+                                          for m in steps)}
 
 
 def slug(mode: str) -> str:
@@ -162,10 +167,12 @@ def run_all(part: str, modes: list[str], seeds: int, out: Path, settings: dict, 
         for mode in modes:
             if (mode, seed) not in done:
                 t0 = time.perf_counter()
-                done[mode, seed] = {"mode": mode, "seed": seed, **run_one(mode, seed), "seconds": time.perf_counter() - t0}
+                done[mode, seed] = {"mode": mode, "seed": seed, **run_one(mode, seed),
+                                    "seconds": time.perf_counter() - t0}
                 print(f"{part} {mode} seed {seed}: " + ", ".join(f"{key} {v:.3f}" for key, v in done[mode, seed].items()
                                                                  if isinstance(v, float)), flush=True)
-            if part == "demo" and not settings["steps"]:  # re-judged from the run's log, so a reused run meets today's checks
+            # re-judged from the run's log, so a reused run meets today's checks
+            if part == "demo" and not settings["steps"]:
                 log = out / slug(mode) / f"seed{seed}" / "metrics.jsonl"
                 done[mode, seed]["learned"] = learned([json.loads(line) for line in log.read_text().splitlines()], mode)
             results.append(done[mode, seed])
@@ -185,12 +192,15 @@ def table(results: list[dict], part: str, modes: list[str]) -> str:
     base = statistics.fmean(r["steps_per_s"] for r in sync)
     lines = [f"# Asynchronous RL ({part}), measured on this 2-core CPU machine", "",
              "| max_staleness | steps/s | x sync | steady s/step | learner idle | rollout idle | trained age | "
-             + ("loop s to reach | held-out final | pass@1 | learned |" if part == "demo" else "gen / logprob / regularize / update / sync s |"),
+             + ("loop s to reach | held-out final | pass@1 | learned |"
+                if part == "demo" else "gen / logprob / regularize / update / sync s |"),
              "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if part == "demo" else "")]
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
-        row = [mode, fmt([r["steps_per_s"] for r in rs], 3), f"{statistics.fmean(r['steps_per_s'] for r in rs) / base:.2f}",
-               fmt([r["steady_step_s"] for r in rs]), fmt([r["learner_idle"] for r in rs]), fmt([r["rollout_idle"] for r in rs]),
+        row = [mode, fmt([r["steps_per_s"] for r in rs], 3),
+               f"{statistics.fmean(r['steps_per_s'] for r in rs) / base:.2f}",
+               fmt([r["steady_step_s"] for r in rs]),
+               fmt([r["learner_idle"] for r in rs]), fmt([r["rollout_idle"] for r in rs]),
                fmt([r["token_age"] for r in rs])]
         if part == "demo":
             reached = [r["reach_s"] for r in rs if r["reach_s"] is not None]
@@ -216,7 +226,8 @@ def main() -> None:
     ap.add_argument("--reach", type=float, default=0.9, help="demo: the held-out greedy reward to time")
     ap.add_argument("--real-tokens", type=int, default=128, help="real: max_new_tokens")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {list(MODES)}")
-    ap.add_argument("--pin", action="store_true", help="the rollout engine on CPU 0, the learner on CPU 1 (results under <part>_pinned)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the rollout engine on CPU 0, the learner on CPU 1 (results under <part>_pinned)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "async_rl")
     args = ap.parse_args()
     machine = machine_summary()
@@ -228,7 +239,8 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         ap.error(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
     runner = demo_run if args.part == "demo" else real_run
-    results = run_all(args.part, modes, args.seeds if args.part == "demo" else 1, out, settings, lambda k, seed: runner(k, seed, out, args))
+    results = run_all(args.part, modes, args.seeds if args.part == "demo" else 1,
+                      out, settings, lambda k, seed: runner(k, seed, out, args))
     text = table(results, args.part, modes) + f"\nmachine: {machine}\n"
     (out / "table.md").write_text(text)
     print(text)

@@ -51,7 +51,8 @@ def batch_of(ref: Learner, rows: int, seed: int):
     tok = ref.tokenizer
     prompts = [tok(e.prompt)["input_ids"] for e in examples]
     responses = [tok(e.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for e in examples]
-    return build_batch(prompts, responses, [float(i % 2) for i in range(rows)], [i // 4 for i in range(rows)], tok.pad_token_id)
+    return build_batch(prompts, responses, [float(i % 2) for i in range(rows)],
+                       [i // 4 for i in range(rows)], tok.pad_token_id)
 
 
 def lora_params(lrn: Learner) -> dict[str, torch.Tensor]:
@@ -111,7 +112,8 @@ def main() -> None:
         f"prompt+response length {general.input_ids.shape[1]}",
         f"log-probs of the response tokens, |bf16 - fp32|: max {float(diff.max()):.4f}, mean {float(diff.mean()):.4f} "
         f"(fp32 mean log-prob {float(logps['float32'][mask].mean()):.3f})",
-        f"one regularized update of the LoRA parameters, bf16 vs fp32: cosine {cos:.4f}, |d_bf16 - d_fp32| / |d_fp32| {rel:.4f}",
+        f"one regularized update of the LoRA parameters, bf16 vs fp32: cosine {cos:.4f}, |d_bf16 - d_fp32| / "
+        f"|d_fp32| {rel:.4f}",
         "",
         "| phase | fp32 s | bf16 s | bf16 / fp32 |",
         "|---|---|---|---|",

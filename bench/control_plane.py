@@ -62,10 +62,13 @@ METRICS = {"loss": 1.2345, "lr": 0.001, "reg/kept_frac_mean": 0.5, "reg/cos": 0.
 
 def start_server(workdir: Path, database_url: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET, DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS="1",
-               DATABASE_URL=database_url or f"sqlite:///{workdir / 'bench.sqlite'}", DRPT_RUNS_DIR=str(workdir / "runs"),
+    env = dict(os.environ, DRPT_API_TOKENS=TOKEN, DRPT_INGEST_SECRET=INGEST_SECRET,
+               DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS="1",
+               DATABASE_URL=database_url or f"sqlite:///{workdir / 'bench.sqlite'}",
+               DRPT_RUNS_DIR=str(workdir / "runs"),
                DRPT_PUBLIC_URL=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "services.control_plane", "--port", str(port), "--log-level", "error"],
+    proc = subprocess.Popen([sys.executable, "-m", "services.control_plane",
+                             "--port", str(port), "--log-level", "error"],
                             cwd=ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -99,7 +102,8 @@ def bench_ingest(url: str, n: int) -> dict:
         rep.on_metrics({"step": i, **METRICS})
     ok = rep.close(timeout=600)
     dt = time.perf_counter() - t0
-    last = httpx.get(f"{url}/v1/ingest/{jid}", headers={"Authorization": f"Bearer {driver_token(jid)}"}, timeout=30).json()["last_seq"]
+    last = httpx.get(f"{url}/v1/ingest/{jid}", headers={"Authorization": f"Bearer {driver_token(jid)}"},
+                     timeout=30).json()["last_seq"]
     assert ok and last == n, (ok, last, n)
     return {"events": n, "seconds": dt, "events_per_s": n / dt}
 
@@ -170,7 +174,8 @@ def bench_submit(url: str, n: int, concurrency: int) -> dict:
             with ThreadPoolExecutor(concurrency) as pool:
                 lat = list(pool.map(one, range(n)))
         dt = time.perf_counter() - t0
-    return {"n": n, "concurrency": concurrency, "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * pct(lat, 0.99),
+    return {"n": n, "concurrency": concurrency,
+            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * pct(lat, 0.99),
             "per_s": n / dt}
 
 
@@ -203,8 +208,8 @@ def main() -> int:
     print("| measurement | result |\n|---|---|")
     print(f"| ingest, 1 reporter, {ingest['events']} metrics events | **{ingest['events_per_s']:,.0f} events/s** "
           f"({ingest['seconds']:.1f} s, goal >= 1,000) |")
-    print(f"| SSE fan-out, {fan['clients']} clients, burst of {fan['events']} events | all delivered in {fan['seconds']:.1f} s: "
-          f"{fan['delivered_per_s']:,.0f} events/s delivered in total |")
+    print(f"| SSE fan-out, {fan['clients']} clients, burst of {fan['events']} events | all delivered in "
+          f"{fan['seconds']:.1f} s: {fan['delivered_per_s']:,.0f} events/s delivered in total |")
     print(f"| SSE fan-out, {paced['clients']} clients, {a.rate:.0f} events/s for {paced['events'] / a.rate:.0f} s | "
           f"emit -> received latency p50 {paced['lat_p50_ms']:.0f} ms, p99 {paced['lat_p99_ms']:.0f} ms |")
     for r in (seq, par):

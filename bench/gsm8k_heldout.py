@@ -59,7 +59,8 @@ def answers(model, tok, prompts: list[str], max_new_tokens: int, batch: int, **s
     for i in range(0, len(prompts), batch):
         enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
         out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
@@ -80,10 +81,12 @@ def score(model_name: str, base: Path, run: Path | None, args) -> dict:
     sampled = answers(model, tok, [p for p in prompts for _ in range(args.samples)], s.max_new_tokens, args.batch,
                       do_sample=True, temperature=s.temperature) if args.samples else []
     right = lambda e, r: gsm8k_verifier(e.prompt, r, e.scored_against, "eval")  # noqa: E731
-    row = {"model": model_name, "problems": len(pool), "greedy": statistics.fmean(right(e, r) for e, r in zip(pool, greedy)),
+    row = {"model": model_name, "problems": len(pool),
+           "greedy": statistics.fmean(right(e, r) for e, r in zip(pool, greedy)),
            "seconds": time.perf_counter() - t0}
     if sampled:
-        row["pass@1"] = statistics.fmean(right(e, r) for e, r in zip((e for e in pool for _ in range(args.samples)), sampled))
+        row["pass@1"] = statistics.fmean(right(e, r)
+                                         for e, r in zip((e for e in pool for _ in range(args.samples)), sampled))
     print(json.dumps(row), flush=True)
     return row
 
@@ -91,7 +94,8 @@ def score(model_name: str, base: Path, run: Path | None, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories holding model/ (a LoRA adapter of --base)")
-    ap.add_argument("--base", type=Path, default=ROOT / "runs" / "smollm2", help="the base model (drpt-ray models import smollm2)")
+    ap.add_argument("--base", type=Path, default=ROOT / "runs" / "smollm2",
+                    help="the base model (drpt-ray models import smollm2)")
     ap.add_argument("--n", type=int, default=64, help="held-out problems (at most the example's 64)")
     ap.add_argument("--samples", type=int, default=4, help="sampled answers per problem (0: greedy only)")
     ap.add_argument("--batch", type=int, default=16)
@@ -110,7 +114,8 @@ def main() -> None:
     print(f"| {rows[0]['model']} | " + " | ".join(f"{rows[0][k]:.3f}" for k in keys) + " |")
     for r in after:
         print(f"| {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
-    print(f"| after ({len(after)} runs), mean +- SE | " + " | ".join("{:.3f} +- {:.3f}".format(*mean_se([r[k] for r in after])) for k in keys) + " |")
+    print(f"| after ({len(after)} runs), mean +- SE | "
+          + " | ".join("{:.3f} +- {:.3f}".format(*mean_se([r[k] for r in after])) for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def run_one(job: tuple[str, int, int, str, str | None]) -> dict:
                     steps=steps, reg=reg, progress=False, tensorboard=False)
     spec = JobSpec.model_validate(spec.model_dump() | fields)
     if variant == OFFICIAL:  # its step merges the target row into the general batch; its configs hook the embedding
-        spec = spec.model_copy(update={"regularizer": spec.regularizer.model_copy(update={"target_mode": "merged", "hook_embeddings": True})})
+        spec = spec.model_copy(update={"regularizer": spec.regularizer.model_copy(
+            update={"target_mode": "merged", "hook_embeddings": True})})
     h = run_job(spec).history
     curve = [(m["step"], m["eval/target_loss"]) for m in h if "eval/target_loss" in m]
     losses = [m["loss"] for m in h if "loss" in m]
@@ -112,7 +113,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=SFT_STEPS)
     ap.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS}")
-    ap.add_argument("--official", default=None, help="a checkout of TRAIS-Lab/Dr.Post-Training (for the official variant)")
+    ap.add_argument("--official", default=None,
+                    help="a checkout of TRAIS-Lab/Dr.Post-Training (for the official variant)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="bench/out/layerwise_stability")
     args = ap.parse_args()
@@ -132,7 +134,8 @@ def main() -> None:
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     done = {(r["variant"], r["seed"]): r for r in old.get("runs", []) if old.get("steps") == args.steps}
-    jobs = [(v, s, args.steps, str(out), args.official) for v in variants for s in range(args.seeds) if (v, s) not in done]
+    jobs = [(v, s, args.steps, str(out), args.official) for v in variants
+            for s in range(args.seeds) if (v, s) not in done]
     print(f"{len(done)} finished run(s) reused, {len(jobs)} to run", flush=True)
     with ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:  # one process per run: patches stay local
         for r in pool.map(run_one, jobs):
@@ -140,14 +143,17 @@ def main() -> None:
             print(f"{r['variant']} seed {r['seed']}: {r['outcome']}, final {r['final']:.3f}, "
                   f"longest plateau {r['plateau_steps']} steps", flush=True)
             path.write_text(json.dumps({"steps": args.steps, "runs": list(done.values())}))
-    report([r for r in done.values() if r["variant"] in variants and r["seed"] < args.seeds], variants, out, args, machine)
+    report([r for r in done.values() if r["variant"] in variants and r["seed"] < args.seeds],
+           variants, out, args, machine)
 
 
 def report(runs: list[dict], variants: list[str], out: Path, args, machine: str) -> None:
     from sft_quality import plot
 
-    lines = [f"| variant | seeds | learned | stalled | blew up | overfit | final held-out loss | longest plateau (steps): median, max "
-             f"| first step below {LEFT_PLATEAU}: median, max | per seed (final) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | learned | stalled | blew up | overfit | final held-out loss | "
+             f"longest plateau (steps): median, max | first step below {LEFT_PLATEAU}: median, max | "
+             "per seed (final) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:  # the rule as it is now (a run's losses are kept only as "blew up" or not)
         r.update(sft_outcome(r["curve"], [float("nan")] if r["outcome"] == "blew up" else []))
     for v in variants:
@@ -160,8 +166,9 @@ def report(runs: list[dict], variants: list[str], out: Path, args, machine: str)
         left = sorted(next((step for step, v in r["curve"] if v < LEFT_PLATEAU), math.inf) for r in rs)
         left_cell = ", ".join("never" if x == math.inf else str(x) for x in (left[len(rs) // 2], left[-1]))
         per_seed = " / ".join(f"{r['final']:.2f}" + ("*" if r["outcome"] != "learned" else "") for r in rs)
-        lines.append(f"| {v} | {len(rs)} | {count['learned']} | {count['stalled']} | {count['blew up']} | {count['overfit']} | "
-                     f"{f:.3f} +- {se:.3f} | {plateaus[len(rs) // 2]}, {plateaus[-1]} | {left_cell} | {per_seed} |")
+        lines.append(f"| {v} | {len(rs)} | {count['learned']} | {count['stalled']} | {count['blew up']} | "
+                     f"{count['overfit']} | {f:.3f} +- {se:.3f} | {plateaus[len(rs) // 2]}, {plateaus[-1]} | "
+                     f"{left_cell} | {per_seed} |")
     text = f"seeds={args.seeds} steps={args.steps} (* = not learned)\nmachine: {machine}\n\n" + "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     print(text)

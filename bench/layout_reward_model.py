@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from drpt_ray.data.synthetic import LETTERS, SHIFT_A, SHIFT_B, conflicting_response, format_prompt, format_response, shift
+from drpt_ray.data.synthetic import (LETTERS, SHIFT_A, SHIFT_B, conflicting_response, format_prompt, format_response,
+                                     shift)
 
 TARGET_LAYOUT = re.compile(r"([a-z]),([a-z])")
 CONFLICTING_LAYOUT = re.compile(r"([a-z]);([a-z])\.")

@@ -67,7 +67,8 @@ def spec_for(args, workers: int, out: str, fsdp: bool = False) -> JobSpec:
 def batches(spec: JobSpec, tok, n: int):
     splits = load_task(spec.data)
     g, t = BatchSampler(splits.general, spec.batch_size, 0), BatchSampler(splits.target, spec.target_batch_size, 1)
-    return [(tokenize_sft(tok, g.next(), spec.data.max_len), tokenize_sft(tok, t.next(), spec.data.max_len)) for _ in range(n)]
+    return [(tokenize_sft(tok, g.next(), spec.data.max_len), tokenize_sft(tok, t.next(), spec.data.max_len))
+            for _ in range(n)]
 
 
 def _collective_times(learner, repeats: int) -> dict:
@@ -100,7 +101,8 @@ def _cache_mb(learner) -> float:
 def _state_mb(learner) -> float:
     """MiB this rank holds of parameters, gradients and AdamW state (local shards under FSDP)."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    tensors = [p for p in learner.policy.parameters()] + [p.grad for p in learner.policy.parameters() if p.grad is not None]
+    tensors = ([p for p in learner.policy.parameters()]
+               + [p.grad for p in learner.policy.parameters() if p.grad is not None])
     tensors += [v for st in learner.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
     return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**20
 
@@ -161,7 +163,8 @@ def main() -> int:
     p.add_argument("--target", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process learner (a Ray worker of 1 CPU gets 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the in-process learner (a Ray worker of 1 CPU gets 1)")
     args = p.parse_args()
     machine = machine_summary()
     print(f"machine: {machine}", flush=True)
@@ -185,15 +188,17 @@ def main() -> int:
         "",
         f"machine: {machine}",
         "",
-        "| config | start (s) | step (ms) | speed-up vs N=1 | capture+reduce (ms) | g_T all-reduce (ms) | g_T all-reduce / step | grad all-reduce (ms) | round trip (ms) | params+grads+AdamW per rank (MiB) | g_T cache per rank (MiB) |",
+        "| config | start (s) | step (ms) | speed-up vs N=1 | capture+reduce (ms) | g_T all-reduce (ms) | "
+        "g_T all-reduce / step | grad all-reduce (ms) | round trip (ms) | params+grads+AdamW per rank (MiB) | "
+        "g_T cache per rank (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
         frac = f"{100 * r['target_allreduce_s'] / r['step_s']:.1f}%" if "target_allreduce_s" in r else "-"
-        lines.append(f"| {r['config']} | {r['start_s']:.1f} | {1e3 * r['step_s']:.1f} | {base / r['step_s']:.2f}x | {ms('capture_s')} | "
-                     f"{ms('target_allreduce_s')} | {frac} | {ms('grad_allreduce_s')} | {ms('round_trip_s')} | {r['state_mb']:.1f} | "
-                     f"{r['target_cache_mb']:.2f} |")
+        lines.append(f"| {r['config']} | {r['start_s']:.1f} | {1e3 * r['step_s']:.1f} | {base / r['step_s']:.2f}x | "
+                     f"{ms('capture_s')} | {ms('target_allreduce_s')} | {frac} | {ms('grad_allreduce_s')} | "
+                     f"{ms('round_trip_s')} | {r['state_mb']:.1f} | {r['target_cache_mb']:.2f} |")
     per_round_fsdp = [a / b for a, b in zip(rows[2]["steps"], rows[3]["steps"])]
     lines += ["", f"N=2 speed-up over N=1 as the median of per-round ratios: {statistics.median(per_round):.2f}x; "
                   f"N=2 fsdp step / N=2 data-parallel step: {1 / statistics.median(per_round_fsdp):.2f}x; "

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_until(ready, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 120.0) -> None:
-    """Poll `ready()` until it is true; if `proc` exits or `timeout_s` passes first, end it and exit with its log's tail."""
+    """Poll `ready()` until it is true; if `proc` exits or `timeout_s` passes first, end it and exit
+    with its log's tail."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -34,10 +35,12 @@ def start_control_plane(out: Path, ray_url: str, token: str) -> tuple[subprocess
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, DRPT_API_TOKENS=token, RAY_ADDRESS=ray_url, DRPT_PUBLIC_URL=url, DRPT_MAX_RUNNING_JOBS="1",
-               DATABASE_URL=f"sqlite:///{(out / 'control_plane.sqlite').resolve()}", DRPT_RUNS_DIR=str((out / "api").resolve()),
+               DATABASE_URL=f"sqlite:///{(out / 'control_plane.sqlite').resolve()}",
+               DRPT_RUNS_DIR=str((out / "api").resolve()),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log = out / "control_plane.log"
-    proc = subprocess.Popen([sys.executable, "-m", "services.control_plane", "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "services.control_plane",
+                             "--port", str(port), "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:

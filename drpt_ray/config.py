@@ -34,7 +34,8 @@ MAX_SWEEP_TRIALS = 100_000  # trials of any sweep, checked before its values are
 Int = Annotated[int, annotated_types.Le(INT32_MAX)]
 # A Field(le=...) on an Int does not tighten Int's own bound (pydantic keeps the type's), so a
 # tighter bound is a type of its own.
-MAX_WORKERS = 4096  # rollout or learner workers of one job: beyond any cluster's, and a plan of them stays cheap to build
+# rollout or learner workers of one job: beyond any cluster's, and a plan of them stays cheap to build
+MAX_WORKERS = 4096
 WorkerCount = Annotated[int, annotated_types.Ge(1), annotated_types.Le(MAX_WORKERS)]
 PoolSize = Annotated[int, annotated_types.Ge(1), annotated_types.Le(1_000_000)]
 Seed = Annotated[int, annotated_types.Ge(0), annotated_types.Le(INT32_MAX)]  # numpy takes 0 <= seed < 2**32
@@ -151,7 +152,8 @@ class RegularizerSpec(Spec):
         0.5,
         ge=0.0,
         le=1.0,
-        description="topk: fraction kept (k = max(1, floor(frac*n))); filter: fraction of negatives dropped, most negative first.",
+        description="topk: fraction kept (k = max(1, floor(frac*n))); filter: fraction of negatives dropped, most "
+        "negative first.",
     )
     passes: Literal["one_pass", "two_pass"] = Field(
         "one_pass", description="global_subset only: assemble from retained (dY, X), or re-run backward on the subset."
@@ -196,7 +198,8 @@ class ReasoningGymDataset(Spec):
 
     name: str = Field(description="A reasoning-gym dataset name (reasoning_gym.factory.DATASETS), e.g. chain_sum.")
     config: dict[str, int | float | str | bool] = Field(
-        default_factory=dict, description="Its config dataclass's fields (difficulty knobs), e.g. {min_terms: 2, max_digits: 1}."
+        default_factory=dict,
+        description="Its config dataclass's fields (difficulty knobs), e.g. {min_terms: 2, max_digits: 1}."
     )
 
     @model_validator(mode="after")
@@ -215,23 +218,27 @@ class ReasoningGymSpec(Spec):
     """
 
     target: list[ReasoningGymDataset] = Field(
-        default_factory=lambda: [ReasoningGymDataset(name="chain_sum", config={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})],
+        default_factory=lambda: [ReasoningGymDataset(name="chain_sum", config={"min_terms": 2, "max_terms": 2,
+                                                                               "min_digits": 1, "max_digits": 2})],
         min_length=1, max_length=16, description="Datasets of the scarce target pool and the held-out eval pool.",
     )
     general: list[ReasoningGymDataset] | None = Field(
         None, min_length=1, max_length=16,
-        description="Datasets of the general pool; None: the target's (the 'format' setting), else e.g. other tasks ('task mix').",
+        description="Datasets of the general pool; None: the target's (the 'format' setting), else e.g. other "
+        "tasks ('task mix').",
     )
     general_verifier: Literal["strict", "lenient"] = Field(
-        "lenient", description="How general rollouts are scored: strict (the demanded format) or lenient (the right answer "
-        "anywhere in the reply). Target and eval are always strict.",
+        "lenient", description="How general rollouts are scored: strict (the demanded format) or lenient (the right "
+        "answer anywhere in the reply). Target and eval are always strict.",
     )
     general_format_frac: float = Field(
         0.5, ge=0, le=1, description="Fraction of lenient general examples whose SFT response (read by SFT and warm "
-        "starts only) is in the demanded format; the rest answer in a plain sentence, as data of mixed provenance does.",
+        "starts only) is in the demanded format; the rest answer in a plain sentence, as data of mixed "
+        "provenance does.",
     )
     answer_format: Literal["answer_tag", "last_line"] = Field(
-        "answer_tag", description="The format the strict verifier demands: <answer>...</answer>, or the reply's last line."
+        "answer_tag",
+        description="The format the strict verifier demands: <answer>...</answer>, or the reply's last line."
     )
     instruction: str | None = Field(
         None, max_length=1000, description="Text after each question; None: the answer format's own wording."
@@ -243,7 +250,8 @@ class DataSpec(Spec):
         "scarce_target",
         description="Built-in task, one of drpt_ray.tasks.TASKS (scarce_target: synthetic letter maps, SFT and RL; "
         "arithmetic: synthetic, RL with math answers; gsm8k: real GSM8K problems, after `drpt-ray data fetch gsm8k`; "
-        "reasoning_gym: procedural tasks of the reasoning-gym package, see data.reasoning_gym); None means the paths below.",
+        "reasoning_gym: procedural tasks of the reasoning-gym package, see data.reasoning_gym); None means "
+        "the paths below.",
     )
     general_path: str | None = Field(None, description="jsonl/parquet of general examples (prompt, response).")
     target_path: str | None = Field(None, description="jsonl/parquet of the scarce target pool.")
@@ -259,12 +267,14 @@ class DataSpec(Spec):
     )
     p_clean: float = Field(0.3, ge=0, le=1, description="scarce_target: fraction of fully correct general examples.")
     reasoning_gym: ReasoningGymSpec | None = Field(
-        None, description="data.task 'reasoning_gym': datasets, verifiers and answer format; None: ReasoningGymSpec's defaults."
+        None,
+        description="data.task 'reasoning_gym': datasets, verifiers and answer format; None: "
+        "ReasoningGymSpec's defaults."
     )
     chat_template: bool | None = Field(
         None,
-        description="Render prompts as a user turn with the model's chat template; None: the task's default (on for gsm8k "
-        "and reasoning_gym, off for the synthetic tasks and files).",
+        description="Render prompts as a user turn with the model's chat template; None: the task's default (on for "
+        "gsm8k and reasoning_gym, off for the synthetic tasks and files).",
     )
     max_len: Int = Field(64, ge=4, description="Max tokens of prompt + response.")
     seed: Seed = Field(0, description="Data seed (task generation and shuffling).")
@@ -288,7 +298,8 @@ class DataSpec(Spec):
 
     @property
     def uses_chat_template(self) -> bool:
-        """`chat_template`, with None resolved by the task: real-problem tasks are chat prompts, synthetic ones are not."""
+        """`chat_template`, with None resolved by the task: real-problem tasks are chat prompts,
+        synthetic ones are not."""
         if self.chat_template is not None:
             return self.chat_template
         from drpt_ray.tasks import get_task
@@ -332,27 +343,33 @@ class RolloutSpec(Spec):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of training rollouts.")
     max_staleness: Int = Field(
         0, ge=0,
-        description="Asynchronous RL: rollouts for up to this many coming steps are generated while the learner updates, "
-        "and no sample is trained more than this many weight versions after the weights that sampled it (older ones are "
-        "dropped and counted in rollout/dropped); algorithm.tis_cap corrects the difference. 0: the synchronous loop.",
+        description="Asynchronous RL: rollouts for up to this many coming steps are generated while the learner "
+        "updates, and no sample is trained more than this many weight versions after the weights that sampled it "
+        "(older ones are dropped and counted in rollout/dropped); algorithm.tis_cap corrects the difference. 0: the "
+        "synchronous loop.",
     )
     partial_rollouts: bool = Field(
         False, description="Asynchronous RL: new weights reach a generation in progress at its next chunk boundary and "
-        "its sequences continue under them (each token records its version); false: weights change between generate calls only.",
+        "its sequences continue under them (each token records its version); false: weights change between "
+        "generate calls only.",
     )
-    partial_chunk_tokens: Int = Field(32, ge=1, description="Partial rollouts: tokens generated between checks for new weights.")
+    partial_chunk_tokens: Int = Field(
+        32, ge=1, description="Partial rollouts: tokens generated between checks for new weights.",
+    )
 
 
 class AlgorithmSpec(Spec):
     """How rollouts become a policy loss (RL modes); names resolve in drpt_ray.algorithms registries."""
 
-    advantage: str = Field("grpo", description="Advantage estimator: grpo | grpo_no_std | rloo | reinforce_pp | gae (PPO).")
+    advantage: str = Field(
+        "grpo", description="Advantage estimator: grpo | grpo_no_std | rloo | reinforce_pp | gae (PPO).",
+    )
     policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip | reinforce.")
     loss_agg: str = Field(
         "token_mean",
-        description="How token losses are averaged (also the regularizer's normaliser units): token_mean | seq_mean_token_mean | "
-        "seq_mean_token_sum | seq_mean_token_sum_norm, Dr. GRPO's constant normaliser (token sum / (responses x "
-        "rollout.sampling.max_new_tokens)).",
+        description="How token losses are averaged (also the regularizer's normaliser units): token_mean | "
+        "seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm, Dr. GRPO's constant normaliser (token sum "
+        "/ (responses x rollout.sampling.max_new_tokens)).",
     )
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO clip-higher); None: clip_eps.")
@@ -364,20 +381,34 @@ class AlgorithmSpec(Spec):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss weight (PPO critic).")
     critic_lr: float = Field(1e-3, gt=0, description="Critic (value head) learning rate.")
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: the loss subtracts entropy_coef x the policy's token entropy (aggregated like loss_agg).")
+    entropy_coef: float = Field(
+        0.0, ge=0,
+        description="Entropy bonus: the loss subtracts entropy_coef x the policy's token entropy (aggregated "
+        "like loss_agg).",
+    )
     filter_zero_variance_groups: bool = Field(
-        False, description="DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill the batch."
+        False,
+        description="DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to "
+        "refill the batch."
     )
-    max_sampling_rounds: Int = Field(3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).")
+    max_sampling_rounds: Int = Field(
+        3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).",
+    )
     tis_cap: float | None = Field(
-        None, gt=0, description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct the rollout engine's mismatch; None: off."
+        None, gt=0,
+        description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct "
+        "the rollout engine's mismatch; None: off."
     )
-    mask_truncated_completions: bool = Field(False, description="Responses cut at max_new_tokens get no policy gradient (they still count in the group's advantages).")
+    mask_truncated_completions: bool = Field(
+        False,
+        description="Responses cut at max_new_tokens get no policy gradient (they still count in the "
+        "group's advantages).",
+    )
     target_objective: str = Field(
         "token_pg",
-        description="Target loss for g_T: token policy gradient with the target rollouts' own (group-relative) advantages "
-        "(default), the paper's reward-weighted log-prob with batch-standardised rewards, or the training loss itself "
-        "(docs/target-objectives.md says why token_pg is the default).",
+        description="Target loss for g_T: token policy gradient with the target rollouts' own (group-relative) "
+        "advantages (default), the paper's reward-weighted log-prob with batch-standardised rewards, or the training "
+        "loss itself (docs/target-objectives.md says why token_pg is the default).",
     )
 
     @field_validator("advantage", "policy_loss", "kl_estimator", "target_objective")
@@ -385,7 +416,8 @@ class AlgorithmSpec(Spec):
     def _registered(cls, v: str, info: ValidationInfo) -> str:
         import drpt_ray.algorithms as A
 
-        registry = {"advantage": A.ADVANTAGE_ESTIMATORS, "policy_loss": A.POLICY_LOSSES, "kl_estimator": A.KL_ESTIMATORS,
+        registry = {"advantage": A.ADVANTAGE_ESTIMATORS,
+                    "policy_loss": A.POLICY_LOSSES, "kl_estimator": A.KL_ESTIMATORS,
                     "target_objective": A.TARGET_OBJECTIVES}[info.field_name]
         registry.check(v)  # lists the valid names; imports nothing (see Registry.check)
         return v
@@ -403,15 +435,19 @@ class AlgorithmSpec(Spec):
 class RewardSpec(Spec):
     kind: Literal["task", "exact_match", "math", "function", "model"] = Field(
         "task",
-        description="task: the built-in task's verifiers; exact_match / math (math-verify) against the reference answer; function: a user `module:function`; model: a reward model (RLHF).",
+        description="task: the built-in task's verifiers; exact_match / math (math-verify) against the reference "
+        "answer; function: a user `module:function`; model: a reward model (RLHF).",
     )
     function: str | None = Field(None, description="kind=function: import path `package.module:function`.")
-    model_path: str | None = Field(None, description="kind=model: sequence-classification model dir; None builds a tiny one in code.")
+    model_path: str | None = Field(
+        None, description="kind=model: sequence-classification model dir; None builds a tiny one in code.",
+    )
     timeout_s: float = Field(5.0, gt=0, description="Per-call timeout of a user reward function (reward 0 on timeout).")
     target_kind: Literal["task", "exact_match", "math"] | None = Field(
         None,
-        description="Score the target split (target rollouts, held-out evaluation) with this verifier instead of `kind`: "
-        "e.g. an RLHF job whose reward model can be gamed while the scarce target data has a checkable wanted behaviour.",
+        description="Score the target split (target rollouts, held-out evaluation) with this verifier instead of "
+        "`kind`: e.g. an RLHF job whose reward model can be gamed while the scarce target data has a checkable "
+        "wanted behaviour.",
     )
 
     @model_validator(mode="after")
@@ -433,28 +469,39 @@ class DivergenceSpec(Spec):
     """When an RL run counts as collapsed: an `alert` event, and with `stop_on_divergence` the end of the job."""
 
     zero_variance_steps: Int = Field(
-        10, ge=0, description="Alert after this many consecutive steps in which every general reward of the batch is equal (0: never)."
+        10, ge=0,
+        description="Alert after this many consecutive steps in which every general reward of the batch is "
+        "equal (0: never)."
     )
-    entropy_floor: float | None = Field(None, ge=0, description="Alert when policy/entropy falls below this (None: never).")
+    entropy_floor: float | None = Field(
+        None, ge=0, description="Alert when policy/entropy falls below this (None: never).",
+    )
     entropy_ceiling_frac: float | None = Field(
         0.8, gt=0, le=1, description="Alert when policy/entropy rises above this fraction of ln(vocabulary size), a "
         "uniform policy's entropy: the policy is dissolving (None: never)."
     )
-    stop_on_divergence: bool = Field(False, description="End the job with status DIVERGED at the first alert (its last good checkpoint kept).")
+    stop_on_divergence: bool = Field(
+        False, description="End the job with status DIVERGED at the first alert (its last good checkpoint kept).",
+    )
 
 
 class ResourcesSpec(Spec):
-    learner_num_workers: WorkerCount = Field(1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.")
+    learner_num_workers: WorkerCount = Field(
+        1, description="Data-parallel learner workers (Ray Train); 1 = a single learner.",
+    )
     learner_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner worker.")
     learner_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement of the learner workers' bundles."
     )
-    fsdp: bool = Field(False, description="Shard the policy with torch FSDP (fully_shard) across learner workers (GPU).")
+    fsdp: bool = Field(
+        False, description="Shard the policy with torch FSDP (fully_shard) across learner workers (GPU).",
+    )
 
 
 # The fields that may name user code as 'package.module:function' (imported where the job runs).
-CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"), ("algorithm", "kl_estimator"),
+CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algorithm", "policy_loss"),
+                                            ("algorithm", "kl_estimator"),
                                             ("algorithm", "target_objective"), ("reward", "function"))
 # The fields that name a file or directory a job reads (a server admits only paths under its read roots).
 PATH_FIELDS: tuple[tuple[str, ...], ...] = (("model", "path"), ("data", "general_path"), ("data", "target_path"),
@@ -465,7 +512,9 @@ class JobSpec(Spec):
     """One post-training job: SFT, RLHF or RLVR with a Dr. regularizer. The REST API, the CLI, the
     library and Ray Tune all read this model."""
 
-    mode: Literal["sft", "rlhf", "rlvr"] = Field("sft", description="sft | rlhf (reward model) | rlvr (verifiable rewards).")
+    mode: Literal["sft", "rlhf", "rlvr"] = Field(
+        "sft", description="sft | rlhf (reward model) | rlvr (verifiable rewards).",
+    )
     name: str | None = Field(None, max_length=NAME_MAX_LEN, description="Free-form job name.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -478,25 +527,34 @@ class JobSpec(Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     steps: Int = Field(2000, ge=1, description="Optimizer steps (RL: rollout batches).")
-    batch_size: Int = Field(8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).")
-    target_batch_size: Int = Field(1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.")
+    batch_size: Int = Field(
+        8, ge=1, description="SFT: general examples per step; RL: prompts per step (x rollout.sampling.n responses).",
+    )
+    target_batch_size: Int = Field(
+        1, ge=1, description="SFT: target examples per capture; RL: target prompts per capture.",
+    )
     warm_start_sft_steps: Int = Field(0, ge=0, description="RL: SFT steps on warm_start_pool before RL starts.")
     warm_start_lr: float = Field(3e-3, gt=0, description="RL: constant AdamW LR of the warm-start SFT steps.")
     warm_start_batch_size: Int = Field(16, ge=1, description="RL: examples per warm-start SFT step.")
     warm_start_pool: Literal["general", "target"] = Field(
-        "general", description="RL: the pool the warm-start SFT steps train on (target: teach the scarce target's format)."
+        "general",
+        description="RL: the pool the warm-start SFT steps train on (target: teach the scarce target's format)."
     )
     eval_before_warm_start: bool = Field(
-        False, description="RL: also evaluate the model as loaded, before the warm start (logged at step 0 as eval_base/...)."
+        False,
+        description="RL: also evaluate the model as loaded, before the warm start (logged at step 0 as eval_base/...)."
     )
     eval_every: Int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: Int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
-    eval_samples: Int = Field(8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).")
+    eval_samples: Int = Field(
+        8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).",
+    )
     eval_k: Int = Field(4, ge=1, description="RL: k of the reported pass@k (<= eval_samples; unbiased estimator).")
     seed: Seed = Field(0, description="Training seed.")
     output_dir: str = Field(
-        "runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go. Through the REST API: a relative "
-        "path inside the job's own run directory (DRPT_RUNS_DIR/<job id>); an absolute path or '..' is refused (422).",
+        "runs/job", description="Where metrics.jsonl, checkpoints, the model and plots go. Through the REST API: a "
+        "relative path inside the job's own run directory (DRPT_RUNS_DIR/<job id>); an absolute path or '..' "
+        "is refused (422).",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
@@ -510,15 +568,16 @@ class JobSpec(Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, TARGET_OBJECTIVES  # torch: loaded only when a spec is checked
+        # torch: loaded only when a spec is checked
+        from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, TARGET_OBJECTIVES
 
         if self.mode == "rlhf" and self.reward.kind != "model":
             raise ValueError("mode 'rlhf' scores with a reward model: set reward.kind to 'model'")
         if self.mode == "rlvr" and self.reward.kind == "model":
             raise ValueError("mode 'rlvr' uses verifiable rewards: reward.kind 'model' belongs to mode 'rlhf'")
         if self.mode == "sft" and FEASIBLE_SETS.get(self.regularizer.feasible_set).filters_buffer:
-            raise ValueError(f"regularizer.feasible_set {self.regularizer.feasible_set!r} filters an RL rollout buffer; "
-                             "SFT has none: use layerwise_subset, global_subset or soft_subset")
+            raise ValueError(f"regularizer.feasible_set {self.regularizer.feasible_set!r} filters an RL rollout "
+                             "buffer; SFT has none: use layerwise_subset, global_subset or soft_subset")
         alg = self.algorithm
         if ":" not in alg.advantage + alg.target_objective:  # user code's metadata is read where it runs (preflight)
             self.check_algorithm(ADVANTAGE_ESTIMATORS.meta(alg.advantage), TARGET_OBJECTIVES.meta(alg.target_objective))
@@ -545,11 +604,12 @@ class JobSpec(Spec):
         if self.mode == "sft":
             return
         if advantage.needs_groups and self.rollout.sampling.n < 2:
-            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: rollout.sampling.n must be >= 2")
+            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} normalises within groups: "
+                             "rollout.sampling.n must be >= 2")
         if self.rollout.max_staleness and not objective.weighs_advantages:
-            raise ValueError(f"algorithm.target_objective {self.algorithm.target_objective!r} does not read the advantages, so "
-                             "the importance weights of stale target rollouts cannot reach it: use 'token_pg' or "
-                             "'train_loss' with rollout.max_staleness > 0")
+            raise ValueError(f"algorithm.target_objective {self.algorithm.target_objective!r} does not read the "
+                             "advantages, so the importance weights of stale target rollouts cannot reach it: use "
+                             "'token_pg' or 'train_loss' with rollout.max_staleness > 0")
 
     def user_code(self) -> dict[tuple[str, ...], str]:
         """The `module:function` paths this job would import and run, by field location."""
@@ -560,12 +620,13 @@ class JobSpec(Spec):
         """What the data-parallel / FSDP learner cannot run (drpt_ray/learner/fsdp.py says why)."""
         res, reg = self.resources, self.regularizer
         if res.learner_num_workers > 1 and reg.target_mode == "merged":
-            raise ValueError("regularizer.target_mode: 'merged' needs one learner worker (target rows share each rank's "
-                             "backward); use 'separate' with resources.learner_num_workers > 1")
+            raise ValueError("regularizer.target_mode: 'merged' needs one learner worker (target rows share each "
+                             "rank's backward); use 'separate' with resources.learner_num_workers > 1")
         if not res.fsdp:
             return
         if res.learner_num_workers < 2:
-            raise ValueError("resources.fsdp shards the policy over learner workers: set resources.learner_num_workers >= 2")
+            raise ValueError("resources.fsdp shards the policy over learner workers: set "
+                             "resources.learner_num_workers >= 2")
         if self.model.lora is not None:
             raise ValueError("resources.fsdp is not supported with model.lora (a LoRA model's trained weights fit one "
                              "device; use data parallelism with fsdp: false)")
@@ -573,7 +634,8 @@ class JobSpec(Spec):
             raise ValueError("regularizer.target_mode 'merged' is not supported with resources.fsdp; use 'separate'")
         if FEASIBLE_SETS.get(reg.feasible_set).granularity(reg) is Granularity.GLOBAL and reg.passes != "two_pass":
             raise ValueError(f"regularizer.passes: global selection ({reg.feasible_set}) with resources.fsdp needs "
-                             "passes: two_pass (one-pass writes gradients after the backward, when FSDP has reduced them)")
+                             "passes: two_pass (one-pass writes gradients after the backward, when FSDP "
+                             "has reduced them)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,13 +684,19 @@ class SweepSpec(Spec):
     name: str | None = Field(None, max_length=NAME_MAX_LEN, description="Free-form sweep name.")
     base: JobSpec = Field(default_factory=JobSpec, description="The job every trial starts from.")
     space: dict[str, SearchDim] = Field(
-        ..., description="Dotted JobSpec field paths (e.g. regularizer.tau, optim.lr, algorithm.kl_coef) -> search dimension."
+        ...,
+        description="Dotted JobSpec field paths (e.g. regularizer.tau, optim.lr, algorithm.kl_coef) -> "
+        "search dimension."
     )
     metric: str = Field("eval/target_reward", description="Metric the best trial maximises or minimises.")
     mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
-    scheduler: Literal["grid", "random", "asha"] = Field("grid", description="grid: every combination; random / asha: num_samples draws (ASHA stops bad trials early).")
+    scheduler: Literal["grid", "random", "asha"] = Field(
+        "grid", description="grid: every combination; random / asha: num_samples draws (ASHA stops bad trials early).",
+    )
     num_samples: Int = Field(1, ge=1, description="Draws for random / asha (grid: repeats of the grid).")
-    max_concurrent_trials: Int = Field(1, ge=1, description="Trials running at once (each reserves its actors' resources).")
+    max_concurrent_trials: Int = Field(
+        1, ge=1, description="Trials running at once (each reserves its actors' resources).",
+    )
     output_dir: str = Field(
         "runs/sweep", description="Trial output dirs (<output_dir>/<trial id>) go under here. Through the REST API: a "
         "relative path inside the sweep's own run directory; an absolute path or '..' is refused (422).",
@@ -641,7 +709,8 @@ class SweepSpec(Spec):
         if self.scheduler == "grid" and any(d.values is None for d in self.space.values()):
             raise ValueError("scheduler 'grid' needs values for every space entry")
         if self.trial_count() > MAX_SWEEP_TRIALS:  # before the (per-value, ~1 ms each) checks below
-            raise ValueError(f"space: the sweep would run {self.trial_count()} trials; a sweep runs at most {MAX_SWEEP_TRIALS}")
+            raise ValueError(f"space: the sweep would run {self.trial_count()} trials; a sweep runs at most "
+                             f"{MAX_SWEEP_TRIALS}")
         base = self.base.model_dump()
         for path, dim in self.space.items():
             if path in TRIAL_OWNED:
@@ -668,7 +737,8 @@ class SweepSpec(Spec):
         out = {("base", *loc): path for loc, path in self.base.user_code().items()}
         for path, dim in self.space.items():
             if tuple(path.split(".")) in CODE_FIELDS:
-                out |= {("space", path, "values", i): v for i, v in enumerate(dim.values or []) if isinstance(v, str) and ":" in v}
+                out |= {("space", path, "values", i): v
+                        for i, v in enumerate(dim.values or []) if isinstance(v, str) and ":" in v}
         return out
 
 
@@ -731,13 +801,15 @@ class _SpecLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key_node.tag != "tag:yaml.org,2002:merge" and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
             seen.append(key)
         return super().construct_mapping(node, deep)
 
 
 _SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
 
 
 def load_spec(path: str | Path, model: type[Spec]) -> Spec:

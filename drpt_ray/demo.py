@@ -50,7 +50,8 @@ REAL_DEMO = {
     "regularizer": {"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0},
     "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip", "tis_cap": 2.0},
     # 2 CPUs for the engine: the synchronous loop's learner waits while it generates, so it may use both cores.
-    "rollout": {"max_model_len": 256, "num_cpus_per_worker": 2.0, "sampling": {"n": 4, "max_new_tokens": 12, "temperature": 0.7}},
+    "rollout": {"max_model_len": 256, "num_cpus_per_worker": 2.0,
+                "sampling": {"n": 4, "max_new_tokens": 12, "temperature": 0.7}},
     "reward": {"kind": "task"},
     "optim": {"lr": 3e-4, "warmup_frac": 0.0, "schedule": "constant"},
     "resources": {"learner_num_cpus": 2.0},  # likewise: the learner's phases run while the engine waits

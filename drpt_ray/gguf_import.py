@@ -94,7 +94,8 @@ def import_gguf(gguf_file: Path | str, out_dir: Path | str, progress: bool = Tru
     gguf_file, out_dir = Path(gguf_file).expanduser(), Path(out_dir).expanduser()
     arch = gguf_architecture(gguf_file)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{gguf_file}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise ValueError(f"{gguf_file}: architecture {arch!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)})")
     marker = _fingerprint(gguf_file)
     if read_marker(out_dir, _MARKER) == marker:
         return out_dir
@@ -109,7 +110,8 @@ def import_gguf(gguf_file: Path | str, out_dir: Path | str, progress: bool = Tru
     # A tied lm_head is not stored in the file; anything else missing means a broken conversion.
     allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed or unexpected:
-        raise ValueError(f"{gguf_file}: tensors do not match a {arch} model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{gguf_file}: tensors do not match a {arch} model (missing {missing}, "
+                         f"unexpected {unexpected})")
     model.tie_weights()
     bar.update()
     save_model_dir(out_dir, _MARKER, marker, model, tokenizer)

@@ -103,7 +103,8 @@ def init_ray(cpus_needed: float, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
-    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
+    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1),
+             include_dashboard=False, runtime_env=runtime_env)
 
 
 def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
@@ -135,7 +136,8 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
             return ctx.general.next(), ctx.target.next() if learner.needs_target(index) else None
 
         workers = make_rollout_workers(str(path), spec.rollout, spec.seed)
-        ctx.rollouts = RolloutPipeline(workers, spec.rollout, spec.seed, spec.steps, lambda p: tokenizer(p)["input_ids"], draw)
+        ctx.rollouts = RolloutPipeline(workers, spec.rollout, spec.seed, spec.steps,
+                                       lambda p: tokenizer(p)["input_ids"], draw)
         ctx.reward = make_reward(spec.reward, spec.data.task, out)
     return ctx
 

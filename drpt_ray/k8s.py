@@ -110,7 +110,8 @@ def _check_paths(spec: JobSpec) -> None:
             f"volume every Ray pod mounts), e.g. {DATA_DIR}/runs/{spec.name or 'job'}"
         )
     if spec.model.path and spec.model.path.startswith("/") and not under_data(spec.model.path):
-        raise ValueError(f"model.path {spec.model.path!r}: a local model must lie under {DATA_DIR} to be seen by every pod")
+        raise ValueError(f"model.path {spec.model.path!r}: a local model must lie under {DATA_DIR} to be "
+                         "seen by every pod")
 
 
 def _quantity(x: float) -> str:
@@ -136,8 +137,10 @@ def _probe(path: str, port: int, failure_threshold: int, initial_delay: int) -> 
     }
 
 
-def _pod_template(*, container: str, image: str, resources: dict, configmap: str, data_pvc: str, head: bool, component: str) -> dict:
-    health = ("/api/gcs_healthz", RAY_PORTS["dashboard"]) if head else ("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT)
+def _pod_template(*, container: str, image: str, resources: dict, configmap: str,
+                  data_pvc: str, head: bool, component: str) -> dict:
+    health = (("/api/gcs_healthz", RAY_PORTS["dashboard"]) if head
+              else ("/api/local_raylet_healthz", DASHBOARD_AGENT_PORT))
     c: dict[str, Any] = {"name": container, "image": image}
     if head:
         c["ports"] = [{"containerPort": port, "name": name} for name, port in RAY_PORTS.items()]
@@ -163,11 +166,13 @@ def _pod_template(*, container: str, image: str, resources: dict, configmap: str
     }
     if any("nvidia.com/gpu" in resources[k] for k in ("limits", "requests")):
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return {"metadata": {"labels": {"app.kubernetes.io/part-of": PROJECT, "app.kubernetes.io/component": component}}, "spec": pod}
+    return {"metadata": {"labels": {"app.kubernetes.io/part-of": PROJECT, "app.kubernetes.io/component": component}},
+            "spec": pod}
 
 
 def _labels(name: str, component: str) -> dict:
-    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": component, "app.kubernetes.io/part-of": PROJECT}
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": PROJECT}
 
 
 def configmap_name(name: str) -> str:
@@ -286,7 +291,8 @@ def on_shared_volume(spec: JobSpec, name: str) -> JobSpec:
     return out
 
 
-def render(spec: JobSpec, image: str | None = None, name: str | None = None, namespace: str = "drpt", **kwargs) -> list[dict]:
+def render(spec: JobSpec, image: str | None = None, name: str | None = None,
+           namespace: str = "drpt", **kwargs) -> list[dict]:
     """[ConfigMap with the JobSpec, RayJob]: everything `kubectl apply -f` needs besides the `drpt-runs`
     claim. A relative `output_dir` moves to the shared volume (`on_shared_volume`)."""
     name = name or default_name(spec)
@@ -321,7 +327,8 @@ def _render_cmd(args: argparse.Namespace) -> int:
         spec.output_dir = args.output_dir
     text = dump(
         render(spec, image=args.image, name=args.name, namespace=args.namespace, backoff_limit=args.backoff_limit,
-               active_deadline_seconds=args.active_deadline_seconds, ttl_seconds_after_finished=args.ttl_seconds_after_finished)
+               active_deadline_seconds=args.active_deadline_seconds,
+               ttl_seconds_after_finished=args.ttl_seconds_after_finished)
     )
     if args.output in (None, "-"):
         sys.stdout.write(text)
@@ -344,9 +351,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--image", help="container image (default drpt-ray:<version>-gpu if the job uses GPUs, else -cpu)")
     r.add_argument("--name", help="RayJob name (default from the spec's name)")
     r.add_argument("--namespace", default="drpt", help="namespace (default drpt)")
-    r.add_argument("--output-dir", help=f"override output_dir (under {DATA_DIR}; a relative one goes to {DATA_DIR}/runs/k8s/NAME/)")
+    r.add_argument("--output-dir",
+                   help=f"override output_dir (under {DATA_DIR}; a relative one goes to {DATA_DIR}/runs/k8s/NAME/)")
     r.add_argument("--backoff-limit", type=int, default=1, help="retries of a failed job, each on a fresh cluster")
     r.add_argument("--active-deadline-seconds", type=int, default=7 * 24 * 3600, help="give up after this long")
-    r.add_argument("--ttl-seconds-after-finished", type=int, default=3600, help="delete the cluster this long after the end")
+    r.add_argument("--ttl-seconds-after-finished", type=int, default=3600,
+                   help="delete the cluster this long after the end")
     r.add_argument("-o", "--output", help="output file (default stdout)")
     r.set_defaults(func=_render_cmd)

@@ -40,7 +40,8 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t >= 1: (n, L-1) in the model's dtype."""
-    return next_token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, input_ids)
+    return next_token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,
+                               input_ids)
 
 
 def sequence_loss_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

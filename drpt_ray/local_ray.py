@@ -94,7 +94,8 @@ def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0)
     deadline = time.monotonic() + timeout_s
     while not dashboard_up(url):
         if time.monotonic() > deadline:
-            raise ValueError(f"the local Ray started but its dashboard did not answer at {url} within {timeout_s:.0f} s")
+            raise ValueError(f"the local Ray started but its dashboard did not answer at {url} "
+                             f"within {timeout_s:.0f} s")
         time.sleep(0.5)
     print(f"drpt-ray serve: local Ray up, dashboard {url} (it keeps running after serve exits; `ray stop` ends it)")
     return url

@@ -36,7 +36,8 @@ def cpu_flags() -> list[str]:
 
 
 def machine_summary() -> str:
-    """e.g. 'Intel(R) Xeon(R) Processor @ 2.80GHz (2 cores; avx2 avx512f), torch 2.13.0+cpu, BLAS mkl, torch CPU kernels AVX512, 2 threads'."""
+    """e.g. 'Intel(R) Xeon(R) Processor @ 2.80GHz (2 cores; avx2 avx512f), torch 2.13.0+cpu, BLAS mkl,
+    torch CPU kernels AVX512, 2 threads'."""
     import torch
 
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())

@@ -269,7 +269,8 @@ def model_dir(spec: ModelSpec, work_dir: Path | str) -> Path:
     if local.is_dir():
         missing = [what for what, names in _REQUIRED_FILES.items() if not any((local / n).exists() for n in names)]
         if missing:
-            raise ValueError(f"model.path: {local} has no {' and no '.join(missing)}: not a Hugging Face model directory")
+            raise ValueError(f"model.path: {local} has no {' and no '.join(missing)}: not a Hugging Face "
+                             "model directory")
         return local
     if not _HUB_NAME.match(spec.path):
         raise ValueError(f"model.path: {spec.path!r} is neither an existing directory nor a hub name 'org/name'")

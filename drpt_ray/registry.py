@@ -74,7 +74,8 @@ class Registry(Generic[F]):
         try:
             return self._fns[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()}" + (" or 'module:function'" if self.paths else "")) from None
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()}"
+                             + (" or 'module:function'" if self.paths else "")) from None
 
     def check(self, name: str) -> None:
         """Refuse what `get` could never return, importing nothing: an unknown registered name, or an

@@ -216,7 +216,8 @@ class EventReporter:
             return
         if r.status_code >= 500 or r.status_code in RETRYABLE:
             raise _Retry(f"HTTP {r.status_code}")
-        self._warn(f"http{r.status_code}", f"control plane refused events (HTTP {r.status_code}: {r.text[:200]}); dropping them")
+        self._warn(f"http{r.status_code}",
+                   f"control plane refused events (HTTP {r.status_code}: {r.text[:200]}); dropping them")
         if self._next_seq is None:  # cannot even learn the sequence: nothing will ever be accepted
             with self._cond:
                 self.dropped += len(self._queue)

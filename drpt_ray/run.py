@@ -93,7 +93,8 @@ def artifacts(out: Path) -> dict:
     """Paths a finished job leaves in its output_dir (absolute, as seen by the driver)."""
     out = Path(out).resolve()
     found = {"output_dir": str(out), "checkpoints": sorted(str(p) for p in (out / "checkpoints").glob("step_*"))}
-    for key, name in (("model", "model"), ("metrics", "metrics.jsonl"), ("curves", "curves.png"), ("tensorboard", "tb")):
+    for key, name in (("model", "model"), ("metrics", "metrics.jsonl"),
+                      ("curves", "curves.png"), ("tensorboard", "tb")):
         if (out / name).exists():
             found[key] = str(out / name)
     return found

@@ -42,7 +42,8 @@ def watch(run: Job | Sweep, out=None) -> str:
     from drpt_ray.metrics import HEADLINE
 
     out = out or sys.stdout
-    bar = tqdm(total=run.info.steps or None, desc=run.id, unit="step", file=out, dynamic_ncols=True) if isinstance(run, Job) else None
+    bar = (tqdm(total=run.info.steps or None, desc=run.id, unit="step", file=out, dynamic_ncols=True)
+           if isinstance(run, Job) else None)
     final = run.info.state
     write = (lambda s: bar.write(s, file=out)) if bar is not None else (lambda s: print(s, file=out, flush=True))
     try:
@@ -201,7 +202,8 @@ def _serve(args) -> int:
     docs = "docs at /docs" if settings.public_docs else "schema at /openapi.json"
     print(f"drpt-ray serve: API on http://{args.host}:{args.port} ({docs}), Ray Jobs API at {settings.dashboard_url}, "
           f"database {settings.database_url}", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0
 
 

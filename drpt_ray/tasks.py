@@ -34,7 +34,8 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "scarce_target": Task(
-        lambda d: scarce_target_task(n_general=d.n_general, n_target=d.n_target, n_eval=d.n_eval, p_clean=d.p_clean, seed=d.seed),
+        lambda d: scarce_target_task(n_general=d.n_general, n_target=d.n_target,
+                                     n_eval=d.n_eval, p_clean=d.p_clean, seed=d.seed),
         verifiers.scarce_target_verifier, chat=False),
     "arithmetic": Task(
         lambda d: arithmetic_task(n_general=d.n_general, n_target=d.n_target, n_eval=d.n_eval, seed=d.seed),

@@ -48,7 +48,8 @@ from drpt_ray.config import JobSpec, SamplingSpec
 from drpt_ray.data import BatchSampler, Example, tokenize_sft
 from drpt_ray.errors import Diverged
 from drpt_ray.learner import RLBatch, build_batch
-from drpt_ray.job import Context, absolute_paths, build, latest_checkpoint, preflight, restore, save_checkpoint, shutdown
+from drpt_ray.job import (Context, absolute_paths, build, latest_checkpoint, preflight, restore, save_checkpoint,
+                          shutdown)
 from drpt_ray.metrics import MetricLogger, PhaseTimer
 from drpt_ray.rollout import Rollout
 from drpt_ray.rollout.pipeline import Sampled
@@ -89,7 +90,8 @@ def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
             for i, e in enumerate(examples)]
 
 
-def sample(ctx: Context, examples: list[Example], split: str, sampling: SamplingSpec, t: PhaseTimer) -> tuple[list[Group], float]:
+def sample(ctx: Context, examples: list[Example], split: str,
+           sampling: SamplingSpec, t: PhaseTimer) -> tuple[list[Group], float]:
     """gen + reward for `examples` with the current weights; returns the groups and the workers' busy seconds."""
     with t("gen"):
         rollouts, busy = ctx.rollouts.generate(examples, sampling)
@@ -117,7 +119,8 @@ def general_groups(ctx: Context, first: list[Group], sampling: SamplingSpec, t: 
     # and the one whose variance tells the divergence guard whether anything is left to learn.
     every = torch.tensor([x for g in r.seen for x in g.rewards])
     m = {"reward/zero_variance_frac": sum(not has_reward_variance(g.rewards) for g in first) / len(first),
-         "reward/reward_mean": float(every.mean()), "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0,
+         "reward/reward_mean": float(every.mean()),
+         "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0,
          "time/rollout_busy": busy}
     if not alg.filter_zero_variance_groups:
         return first, m
@@ -191,7 +194,8 @@ def step(ctx: Context) -> dict:
         # overlap did not hide deeper); the workers idle the rest of the step. A batch generated
         # during the previous step counts in the step that trains on it.
         m["throughput/learner_idle_frac"] = m["time/gen"] / m["time/step"]
-        m["throughput/rollout_idle_frac"] = max(0.0, 1 - m["time/rollout_busy"] / (len(ctx.rollouts.workers) * m["time/step"]))
+        m["throughput/rollout_idle_frac"] = max(
+            0.0, 1 - m["time/rollout_busy"] / (len(ctx.rollouts.workers) * m["time/step"]))
         m["throughput/steps_per_s"] = 1 / m["time/step"]
     ctx.step += 1
     return m
@@ -202,7 +206,8 @@ def sft_step(ctx: Context, t: PhaseTimer) -> dict:
     spec = ctx.spec
     with t("sample"):
         general = tokenize_sft(ctx.tokenizer, ctx.general.next(), spec.data.max_len)
-        target = tokenize_sft(ctx.tokenizer, ctx.target.next(), spec.data.max_len) if ctx.learner.needs_target(ctx.step) else None
+        target = (tokenize_sft(ctx.tokenizer, ctx.target.next(), spec.data.max_len)
+                  if ctx.learner.needs_target(ctx.step) else None)
     return ctx.learner.sft_step(general, target)  # times its own capture and update (one merged call)
 
 
@@ -253,7 +258,8 @@ def evaluate(ctx: Context) -> dict:
         out["eval/target_reward_sampled"] = _mean(rewards)
         if all(x in (0.0, 1.0) for x in rewards):  # pass@k needs a right/wrong verdict
             for k in sorted({1, spec.eval_k}):
-                out[f"eval/target_pass@{k}"] = _mean([pass_at_k(spec.eval_samples, int(sum(g.rewards)), k) for g in groups])
+                out[f"eval/target_pass@{k}"] = _mean([pass_at_k(spec.eval_samples, int(sum(g.rewards)), k)
+                                                      for g in groups])
     return out
 
 
@@ -311,7 +317,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     if ctx.rollouts is not None and (resume is not None or spec.warm_start_sft_steps):
         ctx.rollouts.publish(ctx.learner.weights_ref())
     log = MetricLogger(ctx.out, spec.tensorboard, on_metrics, resume_step=ctx.step)
-    bar = tqdm(total=spec.steps, initial=ctx.step, disable=not spec.progress, desc=f"{spec.mode}[{spec.regularizer.feasible_set}]")
+    bar = tqdm(total=spec.steps, initial=ctx.step, disable=not spec.progress,
+               desc=f"{spec.mode}[{spec.regularizer.feasible_set}]")
     try:
         if ctx.step == 0:
             log.write({"step": 0, **base, **evaluate(ctx)})
@@ -321,7 +328,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
                 m.update(evaluate(ctx))
             log.write(m)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k in log.headline and isinstance(v, float)})
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}"
+                             for k, v in m.items() if k in log.headline and isinstance(v, float)})
             alert = divergence(ctx, m)
             if alert is not None:
                 tqdm.write(f"ALERT step {ctx.step}: {alert}")
@@ -330,7 +338,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
                 if spec.divergence.stop_on_divergence or alert.startswith("non-finite"):
                     raise Diverged(ctx.step, alert)
             alarmed = ctx.guard is not None and ctx.guard.alarmed
-            if spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0 and ctx.step < spec.steps and not alarmed:
+            if (spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0
+                and ctx.step < spec.steps and not alarmed):
                 save_checkpoint(ctx)
         ctx.learner.save_model(str(ctx.out / "model"))
     finally:

@@ -16,7 +16,8 @@ A `SweepSpec` (drpt_ray.config) names dotted JobSpec paths and a search dimensio
   in the trial's bundles, and they die with the trial's group and with the trial process that
   owns them: a trial stopped early by ASHA leaks nothing even when `run_job`'s `finally` does
   not get to run. The learner is the exception: in RL (and SFT with more than one learner
-  worker) `run_job` runs it as a Ray Train (V2) worker group, which reserves a placement group of its own (`learner_resources`; Ray has no nested
+  worker) `run_job` runs it as a Ray Train (V2) worker group, which reserves a placement group of
+  its own (`learner_resources`; Ray has no nested
   placement groups), owned by a Train controller that the trial process owns in turn. Tune
   does not see that group, so `run_sweep` lowers `max_concurrent_trials` to the number of
   trials (both groups counted) the cluster holds at once (`concurrency`).
@@ -181,7 +182,8 @@ class SweepResult:
         head = ["trial_id", *paths, "state", "steps", f"{self.metric} (last)", "best"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for t in self.trials:
-            cells = [t.trial_id, *[_fmt(t.config.get(p)) for p in paths], t.state, str(t.steps), _fmt(t.value), _fmt(t.best_value)]
+            cells = [t.trial_id, *[_fmt(t.config.get(p)) for p in paths],
+                     t.state, str(t.steps), _fmt(t.value), _fmt(t.best_value)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -221,7 +223,8 @@ class _TrialEvents(tune.Callback):
     def _emit(self, row: TrialRow, metrics: dict, **extra) -> None:
         if self.on_event is None:
             return
-        event = {"type": "trial", "trial_id": row.trial_id, "config": dict(row.config), "state": row.state, "metrics": metrics, **extra}
+        event = {"type": "trial", "trial_id": row.trial_id, "config": dict(row.config),
+                 "state": row.state, "metrics": metrics, **extra}
         try:
             self.on_event(event)
         except Exception as e:  # a reporter's network hiccup must not end the sweep
@@ -327,7 +330,8 @@ class _DrptTrial(tune.Trainable):
         self._stop.set()
         self._thread.join(timeout=STOP_WAIT_S)
         if self._thread.is_alive():
-            print(f"drpt_ray.tune: trial {self.trial_id}: run_job did not stop within {STOP_WAIT_S:.0f} s", file=sys.stderr)
+            print(f"drpt_ray.tune: trial {self.trial_id}: run_job did not stop within {STOP_WAIT_S:.0f} s",
+                  file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,9 +390,11 @@ def concurrency(spec: SweepSpec) -> int:
     """
     need = peak_trial_demand(spec)
     total = ray.cluster_resources()
-    fits = min((int(total.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0), default=spec.max_concurrent_trials)
+    fits = min((int(total.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0),
+               default=spec.max_concurrent_trials)
     if fits < 1:
-        print(f"drpt_ray.tune: a trial needs {need}, more than the cluster has now ({total}); waiting for resources", file=sys.stderr)
+        print(f"drpt_ray.tune: a trial needs {need}, more than the cluster has now ({total}); waiting for resources",
+              file=sys.stderr)
         return spec.max_concurrent_trials
     if fits < spec.max_concurrent_trials:
         print(f"drpt_ray.tune: max_concurrent_trials {spec.max_concurrent_trials} -> {fits}: a trial holds {need} "
@@ -427,7 +433,8 @@ def run_sweep(spec: SweepSpec, on_event: EventCallback | None = None, address: s
         max_t = _max_steps(spec)
         scheduler = ASHAScheduler(
             time_attr="step", metric=spec.metric, mode=spec.mode, max_t=max_t,
-            grace_period=min(spec.base.eval_every, max_t), reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False,
+            grace_period=min(spec.base.eval_every, max_t),
+            reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False,
         )
     else:
         scheduler = FIFOScheduler()
@@ -436,7 +443,8 @@ def run_sweep(spec: SweepSpec, on_event: EventCallback | None = None, address: s
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher, num_samples=spec.num_samples, reuse_actors=False),
+        tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher,
+                                    num_samples=spec.num_samples, reuse_actors=False),
         run_config=tune.RunConfig(
             name=spec.name or "sweep", storage_path=str(root / "tune"), callbacks=[events], verbose=0,
             # run_job writes its own checkpoints (JobSpec.checkpoint); Tune would ask a class
@@ -510,7 +518,8 @@ def _print_result(spec: SweepSpec, result: SweepResult) -> None:
     print(result.table())
     if result.best is not None:
         b = result.best
-        print(f"best trial: {b.trial_id} {b.config} {spec.metric}={b.value:.4g} (last reported, mode {spec.mode}); output {b.output_dir}")
+        print(f"best trial: {b.trial_id} {b.config} {spec.metric}={b.value:.4g} (last reported, mode {spec.mode}); "
+              f"output {b.output_dir}")
     else:
         print(f"best trial: none (no trial reported {spec.metric})")
     if result.plot is not None:
@@ -534,7 +543,8 @@ def reported_sweep(args: argparse.Namespace) -> int:
     try:
         from drpt_ray.reporting import EventReporter, _jsonable, run_reported
     except ImportError as e:
-        print(f"drpt_ray.tune: error: --report-url needs drpt_ray.reporting (EventReporter), which cannot be imported: {e}", file=sys.stderr)
+        print("drpt_ray.tune: error: --report-url needs drpt_ray.reporting (EventReporter), which cannot "
+              f"be imported: {e}", file=sys.stderr)
         return 2
     reporter = EventReporter(args.report_url, args.sweep_id, os.environ.get("DRPT_INGEST_TOKEN"))
 

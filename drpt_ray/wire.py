@@ -58,7 +58,9 @@ class SweepPublic(RunPublic):
     metric: str
     mode: str
     trials: list[TrialPublic]
-    best: TrialPublic | None = Field(description="Best trial (the driver's pick, else the best last value of `metric`).")
+    best: TrialPublic | None = Field(
+        description="Best trial (the driver's pick, else the best last value of `metric`).",
+    )
 
 
 class Page(BaseModel):
@@ -76,17 +78,25 @@ class SweepPage(Page):
 
 
 class MetricsPage(Page):
-    items: list[dict[str, Any]] = Field(description="One dict per reported step (as run_job reported it), in stream order.")
+    items: list[dict[str, Any]] = Field(
+        description="One dict per reported step (as run_job reported it), in stream order.",
+    )
 
 
 class StreamToken(BaseModel):
     token: str = Field(description="Opens this run's event stream as `?stream_token=`; read-only, this run only.")
-    expires_at: datetime = Field(description="After this a stream cannot be opened (or reopened) with it; one already open goes on.")
-    events_url: str = Field(description="The stream's path with the token in its query: what a browser's EventSource opens.")
+    expires_at: datetime = Field(
+        description="After this a stream cannot be opened (or reopened) with it; one already open goes on.",
+    )
+    events_url: str = Field(
+        description="The stream's path with the token in its query: what a browser's EventSource opens.",
+    )
 
 
 class FieldError(BaseModel):
-    loc: list[str | int] = Field(description="Where the bad value is: `body.regularizer.tau`, `query.offset`, `header.last-event-id`.")
+    loc: list[str | int] = Field(
+        description="Where the bad value is: `body.regularizer.tau`, `query.offset`, `header.last-event-id`.",
+    )
     msg: str
     type: str = Field(description="pydantic's error type (`missing`, `greater_than`, `json_invalid`, ...).")
     input: Any = Field(None, description="The value refused, when it is a short scalar.")
@@ -96,7 +106,9 @@ class ErrorResponse(BaseModel):
     """The body of every 4xx (and of a 500): one line for a person, plus the fields at fault."""
 
     message: str = Field(description="What was refused and why, in one line.")
-    detail: list[FieldError] = Field(default_factory=list, description="One item per bad field (a 422); empty otherwise.")
+    detail: list[FieldError] = Field(
+        default_factory=list, description="One item per bad field (a 422); empty otherwise.",
+    )
 
 
 class ArtifactFile(BaseModel):
@@ -110,8 +122,8 @@ class Artifacts(BaseModel):
     checkpoints: list[str]
     reported: dict[str, Any] = Field(description="Everything the driver reported.")
     files: list[ArtifactFile] | None = Field(
-        description="Files under output_dir, when the control plane can see that directory and it lies inside the job's "
-        "own run directory (DRPT_RUNS_DIR/<id>)."
+        description="Files under output_dir, when the control plane can see that directory and it lies inside the "
+        "job's own run directory (DRPT_RUNS_DIR/<id>)."
     )
 
 
@@ -183,7 +195,8 @@ class SweepEvent(_Event):
 
 
 # One driver event (drpt_ray/reporting.py's wire format), told apart by `type`.
-IngestEvent = Annotated[StateEvent | MetricsEvent | LogEvent | AlertEvent | TrialEvent | SweepEvent, Field(discriminator="type")]
+IngestEvent = Annotated[StateEvent | MetricsEvent | LogEvent | AlertEvent | TrialEvent | SweepEvent,
+                        Field(discriminator="type")]
 
 
 class IngestBatch(BaseModel):

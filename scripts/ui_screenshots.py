@@ -30,8 +30,10 @@ def rl_metrics(step: int, rng: random.Random) -> dict:
     """One RL step's metrics, shaped like a run that learns (keys as run_job reports them)."""
     rise = 1 - math.exp(-step / 25)
     m = {"step": step, "loss": rng.gauss(0, 0.02), "reward/reward_mean": 0.35 + 0.5 * rise + rng.gauss(0, 0.04),
-         "reg/kept_frac_mean": 0.62 - 0.12 * rise + rng.gauss(0, 0.02), "reg/cos": 0.22 + 0.3 * rise + rng.gauss(0, 0.03)}
-    for phase, seconds in (("gen", 0.9), ("reward", 0.05), ("logprob", 0.2), ("regularize", 0.35), ("update", 0.25), ("sync", 0.08)):
+         "reg/kept_frac_mean": 0.62 - 0.12 * rise + rng.gauss(0, 0.02),
+         "reg/cos": 0.22 + 0.3 * rise + rng.gauss(0, 0.03)}
+    for phase, seconds in (("gen", 0.9), ("reward", 0.05), ("logprob", 0.2),
+                           ("regularize", 0.35), ("update", 0.25), ("sync", 0.08)):
         m[f"time/{phase}"] = seconds * (1 + rng.gauss(0, 0.08))
     if step % RL["eval_every"] == 0:
         m["eval/target_reward"] = 0.73 + 0.2 * rise + rng.gauss(0, 0.015)
@@ -42,10 +44,12 @@ def seed_runs(c) -> tuple[str, str]:
     """A running RL job at step 60 of 100, a finished and a cancelled SFT job, and a sweep over tau
     whose held-out loss is U-shaped. Returns the RL job's and the sweep's ids."""
     post = lambda run_id, events: c.post(f"/v1/ingest/{run_id}", json={"events": events}).raise_for_status()  # noqa: E731
-    done = c.post("/v1/jobs", json={"mode": "sft", "name": "sft-target-only", "steps": 300, "progress": False}).json()["id"]
+    done = c.post("/v1/jobs",
+                  json={"mode": "sft", "name": "sft-target-only", "steps": 300, "progress": False}).json()["id"]
     post(done, [{"seq": 1, "type": "metrics", "step": 300, "metrics": {"step": 300, "loss": 0.21}},
                 {"seq": 2, "type": "state", "state": "SUCCEEDED", "message": "300 steps"}])
-    cancelled = c.post("/v1/jobs", json={"mode": "sft", "name": "sft-full", "steps": 300, "progress": False}).json()["id"]
+    cancelled = c.post("/v1/jobs",
+                       json={"mode": "sft", "name": "sft-full", "steps": 300, "progress": False}).json()["id"]
     wait_for(lambda: c.get(f"/v1/jobs/{cancelled}").json()["state"] == "RUNNING", 30, "the dry-run launcher")
     c.post(f"/v1/jobs/{cancelled}/cancel").raise_for_status()
 
@@ -56,11 +60,14 @@ def seed_runs(c) -> tuple[str, str]:
         events.append({"type": "metrics", "step": step, "metrics": rl_metrics(step, rng)})
         if step % 10 == 0:
             m = events[-1]["metrics"]
-            events.append({"type": "log", "line": f"step {step:3d}  reward {m['reward/reward_mean']:.3f}  kept {m['reg/kept_frac_mean']:.2f}"})
+            events.append({"type": "log",
+                           "line": f"step {step:3d}  reward {m['reward/reward_mean']:.3f}  kept "
+                           f"{m['reg/kept_frac_mean']:.2f}"})
     post(job, [dict(e, seq=i + 1) for i, e in enumerate(events)])
 
     sweep = c.post("/v1/sweeps", json={"name": "tau-sweep", "metric": "eval/target_loss", "mode": "min",
-                                       "base": {"mode": "sft", "steps": 300, "progress": False, "regularizer": {"feasible_set": "soft_subset"}},
+                                       "base": {"mode": "sft", "steps": 300, "progress": False,
+                                                "regularizer": {"feasible_set": "soft_subset"}},
                                        "space": {"regularizer.tau": {"values": TAUS}}}).json()["id"]
     trials = []
     for i, tau in enumerate(TAUS):
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             with server.http() as c, headless_chromium(Path(tmp)) as driver:
                 job, sweep = seed_runs(c)
                 ready = lambda css: wait_for(lambda: shown(driver, css), 30, css)  # noqa: E731
-                for name, view, css, height in (("jobs", "", "#jobs table", 640), ("job", f"#/job/{job}", '[data-chart="time"]', 1480),
+                for name, view, css, height in (("jobs", "", "#jobs table", 640),
+                                                ("job", f"#/job/{job}", '[data-chart="time"]', 1480),
                                                 ("sweep", f"#/sweep/{sweep}", '[data-chart="strength"]', 1000)):
                     driver.set_window_size(1360, height)
                     open_dashboard(driver, server.url, TOKEN, view)

@@ -38,7 +38,8 @@ KUBERAY_VERSION = "v1.7.0"
 CRD_ENV = "DRPT_KUBERAY_CRDS"
 CRD_DEFAULT = "../shared/kuberay-crds"
 CRD_FETCH = "bash scripts/fetch_kuberay_crds.sh"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml",
+             "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 # Kubernetes versions the core objects are validated against (kubernetes-validate ships 1.25-1.37).
 K8S_VERSIONS = ("1.29", "1.37")
 
@@ -99,7 +100,8 @@ def strictify(schema: Any) -> Any:
             out[k] = v
         else:
             out[k] = strictify(v)
-    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (isinstance(out.get("properties"), dict) and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False
     if out.get("nullable") is True and isinstance(out.get("type"), str):
         out["type"] = [out["type"], "null"]
@@ -234,7 +236,8 @@ def kustomize_build(path: Path) -> list[dict]:
 
 
 def _resid(d: dict) -> tuple:
-    return (d["apiVersion"].split("/")[0] if "/" in d["apiVersion"] else "", d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])
+    return (d["apiVersion"].split("/")[0] if "/" in d["apiVersion"] else "",
+            d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])
 
 
 def _matches(d: dict, target: dict) -> bool:
@@ -344,7 +347,8 @@ def _set_images(node: Any, img: dict) -> None:
                                 c["image"] = f"{new}@{img['digest']}"
                             else:
                                 t = img.get("newTag", tag)
-                                c["image"] = new + (f":{t}" if t else "") + (f"@{digest}" if digest and "newTag" not in img else "")
+                                c["image"] = (new + (f":{t}" if t else "")
+                                              + (f"@{digest}" if digest and "newTag" not in img else ""))
             _set_images(value, img)
     elif isinstance(node, list):
         for item in node:

@@ -290,7 +290,8 @@ def test_estimators_are_zero_outside_mask(name):
     g = torch.Generator().manual_seed(1)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
     garbage = torch.randn(4, 4, generator=g, dtype=D).masked_fill(~mask, math.inf)
-    x = AdvantageInputs(t([1.0, 0.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 1]), mask, values=garbage, token_rewards=garbage)
+    x = AdvantageInputs(t([1.0, 0.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 1]),
+                        mask, values=garbage, token_rewards=garbage)
     a, _ = compute_advantages(name, x)
     assert torch.equal(a[~mask], torch.zeros(int((~mask).sum()), dtype=D))
     assert torch.isfinite(a).all() and (a[mask] != 0).any()

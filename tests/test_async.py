@@ -46,7 +46,8 @@ def test_staleness_0_is_the_synchronous_loop(tmp_path):
     logged before the asynchronous mode existed comes out the same (rewards, lengths and evaluations
     exactly, losses and norms to float32 rounding); only timings differ and new keys may join."""
     timings = ("time/", "reg/time_s", "reg/score_s")
-    got = [{k: v for k, v in m.items() if not k.startswith(timings)} for m in run_job(rlvr(tmp_path, **SYNC_RUN)).history]
+    got = [{k: v for k, v in m.items() if not k.startswith(timings)}
+           for m in run_job(rlvr(tmp_path, **SYNC_RUN)).history]
     if os.environ.get("DRPT_WRITE_GOLDEN"):
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     want = json.loads(GOLDEN.read_text())
@@ -66,16 +67,19 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
     logp_behaviour), tis_cap), with logp_now from an independent float64 forward of the learner's
     current weights and logp_behaviour the rollout engine's own log-probs of what it sampled."""
     cap = 1.5
-    spec = rlvr(tmp_path, rollout={"max_staleness": 1, "sampling": {"n": 8, "max_new_tokens": 8, "temperature": 1.0, "seed": 3}},
+    spec = rlvr(tmp_path,
+                rollout={"max_staleness": 1, "sampling": {"n": 8, "max_new_tokens": 8, "temperature": 1.0, "seed": 3}},
                 algorithm={"advantage": "grpo", "policy_loss": "ppo_clip", "tis_cap": cap})
     learner = Learner(spec)
     tok = learner.tokenizer
     splits = load_task(spec.data)
     (worker,) = make_rollout_workers(str(model_dir(spec.model, tmp_path)), spec.rollout, 0)
     examples = splits.general[:4]
-    rollouts = ray.get(worker.generate.remote([tok(e.prompt)["input_ids"] for e in examples], spec.rollout.sampling), timeout=300)
+    rollouts = ray.get(worker.generate.remote([tok(e.prompt)["input_ids"] for e in examples], spec.rollout.sampling),
+                       timeout=300)
     assert {r.weights_version for r in rollouts} == {0}
-    learner.warm_start([tokenize_sft(tok, splits.general[i : i + 16], spec.data.max_len) for i in range(0, 320, 16)], 1e-3)
+    learner.warm_start([tokenize_sft(tok, splits.general[i : i + 16], spec.data.max_len) for i in range(0, 320, 16)],
+                       1e-3)
     n = spec.rollout.sampling.n
     groups = [Group(e, rollouts[i * n : (i + 1) * n], [float(j % 2) for j in range(n)]) for i, e in enumerate(examples)]
 
@@ -84,9 +88,11 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
         return rollout_batch(ctx, groups, "general", stale=True, t=PhaseTimer())[0]
 
     corrected = batch_of(spec)
-    plain = batch_of(rlvr(tmp_path, rollout=spec.rollout.model_dump(exclude={"max_staleness"}), algorithm={"tis_cap": None}))
+    plain = batch_of(rlvr(tmp_path, rollout=spec.rollout.model_dump(exclude={"max_staleness"}),
+                          algorithm={"tis_cap": None}))
     # the oracle: the learner's current weights in a plain float64 HF model
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64,
+                                                 attn_implementation="eager")
     model.load_state_dict({k: v.double() for k, v in learner.weights().items()})
     with torch.no_grad():
         logits = model.eval()(input_ids=plain.input_ids, attention_mask=plain.attention_mask).logits[:, :-1]
@@ -101,7 +107,8 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
     assert torch.allclose(got[informative], want[informative], rtol=1e-3), (got - want).abs().max()
 
 
-ASYNC = {"rollout": {**RLVR_DEMO["rollout"], "max_staleness": 1}, "algorithm": {**RLVR_DEMO["algorithm"], "tis_cap": 2.0}}
+ASYNC = {"rollout": {**RLVR_DEMO["rollout"], "max_staleness": 1},
+         "algorithm": {**RLVR_DEMO["algorithm"], "tis_cap": 2.0}}
 
 
 def _assert_bounded_staleness(history: list[dict], k: int, batch: int) -> None:
@@ -150,11 +157,13 @@ def test_partial_rollouts_job(tmp_path):
     a sequence's tokens may span versions; the staleness bound holds on the oldest token, and the
     tokens are never older than their sequence."""
     rollout = {**ASYNC["rollout"], "partial_rollouts": True, "partial_chunk_tokens": 2}
-    r = run_job(rlvr(tmp_path, steps=4, eval_every=4, warm_start_sft_steps=4, rollout=rollout, algorithm=ASYNC["algorithm"]))
+    r = run_job(rlvr(tmp_path, steps=4, eval_every=4, warm_start_sft_steps=4,
+                     rollout=rollout, algorithm=ASYNC["algorithm"]))
     assert r.steps == 4
     _assert_bounded_staleness(r.history, 1, 64)
     steps = [m for m in r.history if m["step"] > 0]
-    assert all(0 <= m["rollout/token_staleness_mean"] <= m["rollout/staleness_mean"] and 0 <= m["rollout/partial_frac"] <= 1 for m in steps)
+    assert all(0 <= m["rollout/token_staleness_mean"] <= m["rollout/staleness_mean"]
+               and 0 <= m["rollout/partial_frac"] <= 1 for m in steps)
     assert "eval/target_reward" in r.history[-1]
 
 

@@ -14,7 +14,8 @@ def test_yaml_spellings_of_numbers_stay_valid(tmp_path):
     # an int for a float, exponent floats PyYAML alone reads as strings, a list for the betas pair
     p.write_text("steps: 1_000\noptim: {lr: 1, weight_decay: 1e-2, betas: [0.9, 0.95]}\nwarm_start_lr: 5E-4\n")
     spec = load_spec(p, JobSpec)
-    assert (spec.steps, spec.optim.lr, spec.optim.weight_decay, spec.optim.betas, spec.warm_start_lr) == (1000, 1.0, 0.01, (0.9, 0.95), 5e-4)
+    assert ((spec.steps, spec.optim.lr, spec.optim.weight_decay, spec.optim.betas, spec.warm_start_lr)
+            == (1000, 1.0, 0.01, (0.9, 0.95), 5e-4))
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -47,11 +48,13 @@ def test_a_repeated_yaml_key_is_an_error_naming_it(tmp_path, capsys):
 
 
 def test_every_searched_value_is_checked_not_only_the_first():
-    with pytest.raises(ValueError, match=r"regularizer\.tau=-2\.0 is not a valid value: Input should be greater than 0"):
+    with pytest.raises(ValueError,
+                       match=r"regularizer\.tau=-2\.0 is not a valid value: Input should be greater than 0"):
         SweepSpec.model_validate({"space": {"regularizer.tau": {"values": [1.0, 0.5, -2.0]}}})
     with pytest.raises(ValueError, match=r"regularizer\.frac=1\.5 is not a valid value"):  # a range's upper end
         SweepSpec.model_validate({"scheduler": "random", "space": {"regularizer.frac": {"low": 0.1, "high": 1.5}}})
-    with pytest.raises(ValueError, match=r"space: batch_size: the range \[2\.2, 2\.8\] of an integer field holds no integer"):
+    with pytest.raises(ValueError,
+                       match=r"space: batch_size: the range \[2\.2, 2\.8\] of an integer field holds no integer"):
         SweepSpec.model_validate({"scheduler": "random", "space": {"batch_size": {"low": 2.2, "high": 2.8}}})
     with pytest.raises(ValueError, match=r"'output_dir' is set for each trial"):
         SweepSpec.model_validate({"space": {"output_dir": {"values": ["a", "b"]}}})
@@ -63,4 +66,5 @@ def test_asynchronous_rl_settings_that_can_run(tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text("mode: rlvr\nrollout: {max_staleness: 2, partial_rollouts: true}\nalgorithm: {tis_cap: 2.0}\n")
     spec = load_spec(p, JobSpec)
-    assert (spec.rollout.max_staleness, spec.rollout.partial_rollouts, spec.rollout.partial_chunk_tokens) == (2, True, 32)
+    assert ((spec.rollout.max_staleness, spec.rollout.partial_rollouts, spec.rollout.partial_chunk_tokens)
+            == (2, True, 32))

@@ -60,12 +60,15 @@ CONTROL_PLANE_PORT = 8000
 
 # JobSpecs that drpt_ray.k8s renders in the tests (a local model.path is checked at preflight, not here).
 SAMPLES = {
-    "rlvr-gpu": {"name": "GRPO on GPUs", "mode": "rlvr", "rollout": {"num_workers": 2, "num_gpus_per_worker": 1, "num_cpus_per_worker": 4},
-                 "resources": {"learner_num_gpus": 1, "learner_num_cpus": 8}, "output_dir": "/data/runs/grpo", "steps": 10},
+    "rlvr-gpu": {"name": "GRPO on GPUs", "mode": "rlvr",
+                 "rollout": {"num_workers": 2, "num_gpus_per_worker": 1, "num_cpus_per_worker": 4},
+                 "resources": {"learner_num_gpus": 1, "learner_num_cpus": 8},
+                 "output_dir": "/data/runs/grpo", "steps": 10},
     "rlvr-cpu": {"mode": "rlvr", "reward": {"kind": "task"}, "output_dir": "/data/runs/rlvr-cpu"},
     "rlhf-cpu": {"mode": "rlhf", "reward": {"kind": "model"}, "algorithm": {"advantage": "gae", "kl_coef": 0.05},
                  "output_dir": "/data/runs/rlhf"},
-    "sft-gpu": {"mode": "sft", "resources": {"learner_num_gpus": 1, "learner_num_cpus": 4}, "output_dir": "/data/runs/sft",
+    "sft-gpu": {"mode": "sft", "resources": {"learner_num_gpus": 1, "learner_num_cpus": 4},
+                "output_dir": "/data/runs/sft",
                 "model": {"path": "/data/models/tiny", "lora": {"r": 8}}},
     "sft-ddp": {"mode": "sft", "resources": {"learner_num_workers": 4, "learner_num_gpus": 1, "learner_num_cpus": 4},
                 "output_dir": "/data/runs/sft-ddp"},
@@ -183,13 +186,15 @@ def _flags(args: list[str]) -> list[str]:
 
 def test_manifests_parse_as_kubernetes_objects():
     files = H.manifest_files()
-    assert {f.name for f in files} >= {"raycluster.yaml", "control-plane.yaml", "rayjob-post-training.yaml", "rayjob-sweep.yaml"}
+    assert {f.name for f in files} >= {"raycluster.yaml", "control-plane.yaml",
+                                       "rayjob-post-training.yaml", "rayjob-sweep.yaml"}
     for f in files:
         docs = H.load_docs(f)
         assert docs, f"{f}: no documents"
         for d in docs:
             assert isinstance(d, dict) and {"apiVersion", "kind", "metadata"} <= d.keys(), f"{f}: {str(d)[:200]}"
-            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), f"{f}: name {d['metadata']['name']!r}"
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), (
+                f"{f}: name {d['metadata']['name']!r}")
 
 
 @pytest.mark.parametrize("path", H.manifest_files(), ids=lambda p: str(p.relative_to(H.DEPLOY)))
@@ -203,12 +208,14 @@ def test_kustomization_renders_and_validates(kdir, rendered):
     assert docs
     for doc in docs:
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") == "drpt", f"{kdir}: {doc['kind']}/{doc['metadata']['name']} has no namespace drpt"
+            assert doc["metadata"].get("namespace") == "drpt", (
+                f"{kdir}: {doc['kind']}/{doc['metadata']['name']} has no namespace drpt")
     _assert_all_valid(docs, f"kustomize build {kdir.relative_to(H.REPO)}")
 
 
 def test_overlays_exist_and_differ_as_intended(rendered):
-    assert {"base", "jobs", "overlays/cpu-dev", "overlays/gpu-prod", "overlays/cpu-dev/jobs", "overlays/gpu-prod/jobs"} <= rendered.keys()
+    assert {"base", "jobs", "overlays/cpu-dev", "overlays/gpu-prod",
+            "overlays/cpu-dev/jobs", "overlays/gpu-prod/jobs"} <= rendered.keys()
 
     def images(docs):
         return {c["image"] for d in docs for _, pod in H.pod_templates(d) for c in pod["containers"]}
@@ -295,7 +302,8 @@ def test_rayjob_specs_come_from_mounted_configmaps_and_fit_the_pods(rendered):
         module, args = _python_module_cmd(job["spec"]["entrypoint"])
         spec_path = args[args.index("--spec") + 1]
         texts = {_mounted_file(pod, c, spec_path, docs) for _, pod, c in _ray_containers(job)}
-        assert len(texts) == 1 and None not in texts, f"{where}: {spec_path} is not the same ConfigMap key in every Ray pod"
+        assert len(texts) == 1 and None not in texts, (
+            f"{where}: {spec_path} is not the same ConfigMap key in every Ray pod")
         raw = yaml.safe_load(texts.pop())
         cluster = job["spec"]["rayClusterSpec"]
         (group,) = cluster["workerGroupSpecs"]
@@ -320,7 +328,8 @@ def test_rayjob_specs_come_from_mounted_configmaps_and_fit_the_pods(rendered):
             from drpt_ray.tune import trial_resources
 
             driver_cpus = trial_resources(spec).bundles[0].get("CPU", 0) * trials
-            assert driver_cpus <= float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"]), f"{where}: no head CPUs for the trial drivers"
+            assert driver_cpus <= float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"]), (
+                f"{where}: no head CPUs for the trial drivers")
             shapes = [(b.cpus, b.gpus) for b in topology.actors]
         for c, g in shapes:
             assert c <= cpus and g <= gpus, f"{where}: an actor of {c} CPUs / {g} GPUs does not fit a {cpus}/{gpus} pod"
@@ -400,7 +409,8 @@ def test_ray_versions_and_image_tags_match_pyproject(rendered):
         for _, pod in H.pod_templates(doc):
             for c in pod["containers"]:
                 name, tag, _ = H.split_image(c["image"])
-                assert name.rsplit("/", 1)[-1] == "drpt-ray" and tag in (f"{VERSION}-gpu", f"{VERSION}-cpu"), f"{where}: {c['image']}"
+                assert (name.rsplit("/", 1)[-1] == "drpt-ray"
+                        and tag in (f"{VERSION}-gpu", f"{VERSION}-cpu")), f"{where}: {c['image']}"
 
 
 def test_entrypoint_modules_exist_import_and_take_the_flags(rendered, help_text):
@@ -455,7 +465,8 @@ def test_control_plane_settings_accept_the_manifests(rendered, monkeypatch):
     (Settings ignores unknown ones, so a typo would silently fall back to a default)."""
     from services.control_plane.settings import Settings
 
-    aliases = {c for f in Settings.model_fields.values() if f.validation_alias for c in f.validation_alias.choices if c.isupper()}
+    aliases = {c for f in Settings.model_fields.values() if f.validation_alias
+               for c in f.validation_alias.choices if c.isupper()}
     required = {"DRPT_API_TOKENS", "DATABASE_URL", "RAY_ADDRESS", "DRPT_PUBLIC_URL", "DRPT_MAX_RUNNING_JOBS"}
     assert required <= aliases
     for key in ("overlays/cpu-dev", "overlays/gpu-prod"):
@@ -468,17 +479,20 @@ def test_control_plane_settings_accept_the_manifests(rendered, monkeypatch):
         assert ours <= aliases, f"{key}: {sorted(ours - aliases)} are read by nothing in the control plane"
         assert env["DRPT_API_TOKENS"] == "<secret:drpt-api-tokens/DRPT_API_TOKENS>", key
         secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "drpt-api-tokens"]
-        env["DRPT_API_TOKENS"] = secrets[0]["stringData"]["DRPT_API_TOKENS"] if secrets else "a-token-from-the-secret-store"
+        env["DRPT_API_TOKENS"] = (secrets[0]["stringData"]["DRPT_API_TOKENS"]
+                                  if secrets else "a-token-from-the-secret-store")
         for name in aliases:
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         s = Settings()
-        assert s.ray_address == "http://drpt-ray-head-svc:8265" and s.public_url == "http://drpt-control-plane:8000", key
+        assert (s.ray_address == "http://drpt-ray-head-svc:8265"
+                and s.public_url == "http://drpt-control-plane:8000"), key
         assert s.database_url.startswith("sqlite:////var/lib/drpt/"), key
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/var/lib/drpt" in mounts, f"{key}: the SQLite file is not on the volume"
-        assert str(s.runs_dir).startswith("/data/"), f"{key}: run directories must be on the shared volume of the Ray pods"
+        assert str(s.runs_dir).startswith("/data/"), (
+            f"{key}: run directories must be on the shared volume of the Ray pods")
         assert s.launcher == "ray" and s.max_running_jobs >= 1
     # the placeholder of the production example is refused, so applying it by mistake fails loudly
     (example,) = H.load_docs(H.K8S / "overlays/gpu-prod/api-tokens.secret.example.yaml")
@@ -496,19 +510,24 @@ def test_ports_line_up(rendered):
         (cp,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "drpt-control-plane"]
         # RAY_ADDRESS: KubeRay's head Service of this RayCluster, dashboard port.
         ray = urlparse(cp["data"]["RAY_ADDRESS"])
-        head_ports = {p["name"]: p["containerPort"] for p in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        head_ports = {p["name"]: p["containerPort"]
+                      for p in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
         assert head_ports["dashboard"] == RAY_PORTS["dashboard"], key
-        assert (ray.scheme, ray.hostname, ray.port) == ("http", f"{rc['metadata']['name']}-head-svc", RAY_PORTS["dashboard"]), key
+        assert ((ray.scheme, ray.hostname, ray.port)
+                == ("http", f"{rc['metadata']['name']}-head-svc", RAY_PORTS["dashboard"])), key
         # DRPT_PUBLIC_URL: the control plane's own Service.
         public = urlparse(cp["data"]["DRPT_PUBLIC_URL"])
         (sport,) = svc["spec"]["ports"]
         assert sport["port"] == CONTROL_PLANE_PORT, key
-        assert (public.scheme, public.hostname, public.port) == ("http", svc["metadata"]["name"], CONTROL_PLANE_PORT), key
+        assert ((public.scheme, public.hostname, public.port)
+                == ("http", svc["metadata"]["name"], CONTROL_PLANE_PORT)), key
         c = dep["spec"]["template"]["spec"]["containers"][0]
         cports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert cports[sport["targetPort"]] == CONTROL_PLANE_PORT == int(c["command"][c["command"].index("--port") + 1]), key
+        assert (cports[sport["targetPort"]] == CONTROL_PLANE_PORT
+                == int(c["command"][c["command"].index("--port") + 1])), key
         assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(), key
-        assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(), key
+        assert (dep["spec"]["selector"]["matchLabels"].items()
+                <= dep["spec"]["template"]["metadata"]["labels"].items()), key
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] in cports, key
     for where, job, _ in _rayjobs(rendered):
@@ -556,23 +575,27 @@ def test_rendered_rayjob_validates(sample):
 def test_render_defaults_and_options():
     spec = _spec(SAMPLES["rlvr-gpu"])
     cm, job = k8s.render(spec, image="reg.io/x/drpt-ray:dev", namespace="ml", backoff_limit=3)
-    labels = {"app.kubernetes.io/name": "grpo-on-gpus", "app.kubernetes.io/component": "job", "app.kubernetes.io/part-of": "drpt-ray"}
+    labels = {"app.kubernetes.io/name": "grpo-on-gpus",
+              "app.kubernetes.io/component": "job", "app.kubernetes.io/part-of": "drpt-ray"}
     assert job["metadata"] == {"name": "grpo-on-gpus", "namespace": "ml", "labels": labels}
     assert cm["metadata"]["name"] == "grpo-on-gpus-spec" and cm["metadata"]["namespace"] == "ml"
     assert job["spec"]["backoffLimit"] == 3
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 3  # learner + 2 rollout workers
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi",
+                                                                                 "nvidia.com/gpu": "1"}
     assert {c["image"] for _, _, c in _ray_containers(job)} == {"reg.io/x/drpt-ray:dev"}
     assert k8s.pod_shapes(_spec(SAMPLES["rlhf-cpu"]))[-1] == (REWARD_MODEL_CPUS, 0.0)
     assert [k8s.default_name(_spec({"name": n})) for n in ("My Job #2", "2024 run", None, "x" * 60)] == [
         "my-job-2", "drpt-2024-run", "drpt-sft", "x" * 47]
     # learner workers that must share a node (STRICT_PACK) need one pod that holds them all
-    packed = _spec({"mode": "rlvr", "resources": {"learner_num_workers": 2, "learner_num_gpus": 1, "placement_strategy": "STRICT_PACK"},
+    packed = _spec({"mode": "rlvr",
+                    "resources": {"learner_num_workers": 2, "learner_num_gpus": 1, "placement_strategy": "STRICT_PACK"},
                     "rollout": {"num_gpus_per_worker": 1}, "output_dir": "/data/x"})
     assert k8s.pod_shapes(packed) == [(2.0, 2.0), (1.0, 1.0)]
     (group,) = k8s.render_rayjob(packed)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert (group["replicas"] == 2
+            and group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2")
 
 
 @pytest.mark.parametrize(
@@ -599,10 +622,12 @@ def test_k8s_render_cli(tmp_path, capsys):
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(SAMPLES["rlvr-cpu"] | {"name": "demo"}))
     out = tmp_path / "out.yaml"
-    args = parser.parse_args(["k8s", "render", str(spec_file), "--image", "drpt-ray:dev", "-o", str(out), "--backoff-limit", "0"])
+    args = parser.parse_args(["k8s", "render", str(spec_file), "--image",
+                              "drpt-ray:dev", "-o", str(out), "--backoff-limit", "0"])
     assert args.func(args) == 0
     cm, job = H.load_docs(out)
-    assert (cm["kind"], job["kind"], job["metadata"]["name"], job["spec"]["backoffLimit"]) == ("ConfigMap", "RayJob", "demo", 0)
+    assert (cm["kind"], job["kind"], job["metadata"]["name"],
+            job["spec"]["backoffLimit"]) == ("ConfigMap", "RayJob", "demo", 0)
     _assert_all_valid([cm, job], "drpt-ray k8s render")
     args = parser.parse_args(["k8s", "render", str(spec_file), "--output-dir", "/data/runs/other"])
     assert args.func(args) == 0
@@ -677,7 +702,8 @@ def test_kubernetes_validate_rejects_misspelt_fields(rendered):
     bad["spec"]["ports"][0]["targetport"] = bad["spec"]["ports"][0].pop("targetPort")
     assert any("targetport" in e for e in H.core_errors(bad))
     # a kind without a schema is an error here, not kubernetes-validate's silent skip
-    assert any("not validated" in e for e in H.core_errors({"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}}))
+    assert any("not validated" in e
+               for e in H.core_errors({"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}}))
 
 
 def test_kustomize_helper_refuses_what_it_cannot_render(tmp_path):
@@ -704,7 +730,8 @@ def test_kustomize_helper_refuses_what_it_cannot_render(tmp_path):
 
 def test_kustomize_helper_images():
     doc = {"spec": {"template": {"spec": {"initContainers": [{"name": "i", "image": "localhost:5000/drpt-ray:1"}],
-                                          "containers": [{"name": "c", "image": "drpt-ray:1"}, {"name": "o", "image": "other:1"}]}}}}
+                                          "containers": [{"name": "c", "image": "drpt-ray:1"},
+                                                         {"name": "o", "image": "other:1"}]}}}}
     H._set_images(doc, {"name": "drpt-ray", "newName": "reg.io/drpt-ray", "newTag": "2"})
     H._set_images(doc, {"name": "localhost:5000/drpt-ray", "newTag": "3"})
     pod = doc["spec"]["template"]["spec"]

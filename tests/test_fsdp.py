@@ -5,7 +5,8 @@ tests/test_learner_group.py); each runs the same SFT steps twice on its row shar
 data-parallel rank and once with the policy sharded. Sharding must not change a number: the
 losses, the gradient norm, the cosine metrics (computed from local rows plus a SUM under FSDP),
 the weights after two steps, the eval loss, and a checkpoint written by FSDP ranks must load
-into data-parallel ranks. Under FSDP the full-size target caches must be sharded. The configurations cover the regularizer's sharded paths: sketch
+into data-parallel ranks. Under FSDP the full-size target caches must be sharded. The
+configurations cover the regularizer's sharded paths: sketch
 cosines with an output factor and biases (qwen2), target_only's cached-g_T writes, two-pass
 global selection, soft weights, direct kernel with hooked embeddings.
 """
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.slow
 def _spec(out: str, fsdp: bool, arch: str, reg: dict) -> JobSpec:
     return JobSpec.model_validate({
         "mode": "sft", "output_dir": out,
-        "model": {"dtype": "float64", "tiny": {"arch": arch.removesuffix("-gc")}, "gradient_checkpointing": arch.endswith("-gc")},
+        "model": {"dtype": "float64", "tiny": {"arch": arch.removesuffix("-gc")},
+                  "gradient_checkpointing": arch.endswith("-gc")},
         "regularizer": reg, "optim": {"max_grad_norm": 1.0, "warmup_frac": 0.0},
         "resources": {"learner_num_workers": 2, "fsdp": fsdp}, "progress": False, "tensorboard": False,
     })

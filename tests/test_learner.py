@@ -17,7 +17,8 @@ def test_zero_variance_guard():
     z = standardised_rewards(torch.tensor([1.0, 0.0, 0.0, 1.0]))
     assert torch.allclose(z, torch.tensor([0.866025, -0.866025, -0.866025, 0.866025], dtype=torch.float64), atol=1e-6)
     # no variance, or one sample: r - 0.5, so the target gradient is never silently zero
-    assert torch.equal(standardised_rewards(torch.tensor([1.0, 1.0, 1.0])), torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
+    assert torch.equal(standardised_rewards(torch.tensor([1.0, 1.0, 1.0])),
+                       torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
     assert torch.equal(standardised_rewards(torch.tensor([0.0])), torch.tensor([-0.5], dtype=torch.float64))
 
 
@@ -48,14 +49,16 @@ def _rl_batch(learner: Learner, n_prompts=4, n=4, seed=0, prompt_len=6) -> "RLBa
         prompt = torch.randint(5, 200, (prompt_len,), generator=g).tolist()
         for _ in range(n):
             prompts.append(prompt)
-            responses.append(torch.randint(5, 200, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist())
+            responses.append(torch.randint(5, 200, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+                             .tolist())
             rewards.append(float(torch.rand(1, generator=g) > 0.5))
             groups.append(p)
     batch = build_batch(prompts, responses, rewards, groups, pad_id=3)
     batch = learner.score_rollouts(batch)
     from drpt_ray.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
 
-    batch.advantages = ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(batch.rewards, batch.group_ids, batch.response_mask))
+    batch.advantages = ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(batch.rewards, batch.group_ids,
+                                                                        batch.response_mask))
     return batch
 
 
@@ -84,7 +87,8 @@ def test_token_pg_target_gradient_matches_brute_force(tmp_path):
     batch = _rl_batch(learner, n_prompts=2, n=3)
     learner.capture_target(batch)
     got = {name: t["weight"] for name, t in learner.reg.state_dict()["targets"].items()}
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64,
+                                                 attn_implementation="eager")
     model.load_state_dict({k: v.double() for k, v in hf_state_dict(learner.policy).items()})
     weights = {name: model.get_submodule(name).weight for name in got}
     tokens = int(batch.response_mask.sum())
@@ -123,7 +127,8 @@ def test_merged_target_rows_equal_a_separate_capture_in_rl(tmp_path, reg, object
     grads, metrics = {}, {}
     for mode in ("separate", "merged"):
         lrn = learner(mode)
-        general, target = _rl_batch(lrn, n_prompts=3, n=4, seed=1), _rl_batch(lrn, n_prompts=2, n=4, seed=2, prompt_len=9)
+        general = _rl_batch(lrn, n_prompts=3, n=4, seed=1)
+        target = _rl_batch(lrn, n_prompts=2, n=4, seed=2, prompt_len=9)
         assert general.input_ids.shape[1] != target.input_ids.shape[1]
         assert general.advantages.abs().sum() > 0 and target.advantages.abs().sum() > 0
         lrn.capture_target(target)
@@ -145,7 +150,8 @@ def test_merged_mode_needs_the_target_rows_before_the_step(tmp_path):
 
 
 def test_iif_filters_the_buffer_then_trains_plainly(tmp_path):
-    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path), regularizer={"feasible_set": "iif", "selection": "filter", "frac": 1.0})
+    spec = JobSpec(mode="rlvr", output_dir=str(tmp_path),
+                   regularizer={"feasible_set": "iif", "selection": "filter", "frac": 1.0})
     learner = Learner(spec)
     batch = _rl_batch(learner)
     learner.capture_target(batch)
@@ -170,7 +176,8 @@ def test_lora_checkpoint_round_trip(tmp_path):
     """The name-keyed checkpoint (weights + AdamW state of a peft model) restores a fresh learner exactly."""
     from drpt_ray.data import load_task, tokenize_sft
 
-    spec = JobSpec(mode="sft", output_dir=str(tmp_path), model={"lora": {"r": 4, "alpha": 8}}, regularizer={"feasible_set": "full"})
+    spec = JobSpec(mode="sft", output_dir=str(tmp_path),
+                   model={"lora": {"r": 4, "alpha": 8}}, regularizer={"feasible_set": "full"})
     a = Learner(spec)
     splits = load_task(spec.data)
     batch = lambda lo: tokenize_sft(a.tokenizer, splits.general[lo : lo + 4], spec.data.max_len)  # noqa: E731
@@ -216,7 +223,8 @@ def test_kept_advantage_mean_by_hand():
     everyone = torch.ones(3, dtype=torch.float64)
     assert kept_advantage_mean({"a": everyone}, batch) == pytest.approx(0.0)  # the full group cancels
     # Layer a keeps rows 0 and 1 (mean -0.5), layer b keeps row 2 twice as heavily as row 1 ((2 - 2) / 3 = 0).
-    weights = {"a": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), "b": torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)}
+    weights = {"a": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64),
+               "b": torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)}
     assert kept_advantage_mean(weights, batch) == pytest.approx((-0.5 + 0.0) / 2)
 
 

@@ -171,12 +171,14 @@ def rl_rows(learner: Learner, n_prompts: int, n: int, seed: int = 0):
         prompt = torch.randint(5, 200, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
         for _ in range(n):
             prompts.append(prompt)
-            responses.append(torch.randint(5, 200, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist())
+            responses.append(torch.randint(5, 200, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)
+                             .tolist())
             rewards.append(float(torch.rand(1, generator=g) > 0.5))
             groups.append(p)
     batch = learner.score_rollouts(build_batch(prompts, responses, rewards, groups, pad_id=3))
     if n > 1:
-        batch.advantages = ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(batch.rewards, batch.group_ids, batch.response_mask))
+        batch.advantages = ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(batch.rewards, batch.group_ids,
+                                                                            batch.response_mask))
     return batch
 
 
@@ -323,7 +325,8 @@ def test_layerwise_subset_matches_brute_force(layerwise, tmp_path):
     assert_ranks_identical(grads)
     assert_close(grads[0], want, rtol=1e-9)
     # the reported cosine is that of the applied (reduced) update with g_T over the hooked weights
-    dot, nd, nt = (sum(float((a * b).sum()) for a, b in ((want[n] if x else g_t[n], want[n] if y else g_t[n]) for n in hooked))
+    dot, nd, nt = (sum(float((a * b).sum())
+                       for a, b in ((want[n] if x else g_t[n], want[n] if y else g_t[n]) for n in hooked))
                    for x, y in ((True, False), (True, True), (False, False)))
     assert m["reg/cos"] == pytest.approx(dot / (nd * nt) ** 0.5, rel=1e-9)
     # local selection is not the one-process selection over the concatenated batch

@@ -70,7 +70,8 @@ def test_needs_groups_comes_from_the_estimator_registry():
 def test_fsdp_layouts_that_work_validate():
     for reg in ({"feasible_set": "layerwise_subset"}, {"feasible_set": "global_subset", "passes": "two_pass"},
                 {"feasible_set": "soft_subset", "soft_granularity": "layer"}, {"feasible_set": "target_only"}):
-        spec = JobSpec.model_validate({**BASE, "regularizer": reg, "resources": {"fsdp": True, "learner_num_workers": 2}})
+        spec = JobSpec.model_validate({**BASE, "regularizer": reg,
+                                       "resources": {"fsdp": True, "learner_num_workers": 2}})
         assert spec.resources.fsdp
 
 

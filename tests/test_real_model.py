@@ -80,7 +80,8 @@ def test_vllm_greedy_equals_transformers_on_smollm2(smollm2: Path, tmp_path: Pat
 
     llm = LLM(model=str(smollm2), dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
     try:
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], SamplingParams(temperature=0.0, max_tokens=12))
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                            SamplingParams(temperature=0.0, max_tokens=12))
     finally:
         del llm
         cleanup_dist_env_and_memory()
@@ -107,8 +108,9 @@ def test_lora_rl_steps_on_smollm2_keep_vllm_in_sync(smollm2: Path, tmp_path: Pat
         "mode": "rlvr", "output_dir": str(tmp_path), "progress": False, "steps": 2, "eval_every": 100,
         "model": {"path": str(smollm2), "lora": {"r": 8, "alpha": 16}},
         "data": {"task": "reasoning_gym", "n_general": 64, "n_target": 8, "n_eval": 8, "max_len": 128,
-                 "reasoning_gym": {"general": [{"name": "basic_arithmetic", "config": {"min_terms": 2, "max_terms": 2,
-                                                                                      "min_digits": 1, "max_digits": 1}}]}},
+                 "reasoning_gym": {"general": [{"name": "basic_arithmetic",
+                                                "config": {"min_terms": 2, "max_terms": 2,
+                                                           "min_digits": 1, "max_digits": 1}}]}},
         "reward": {"kind": "task"},
         "regularizer": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5},
         "algorithm": {"kl_coef": 1e-3, "entropy_coef": 0.01},

@@ -57,7 +57,8 @@ def test_strict_verifier_is_score_answer_on_the_tagged_answer():
         assert _score(e, f"<answer>{wrong}</answer> no, <answer>{answer}</answer>", "target") == 1.0  # the last tag
         assert _score(e, f"<answer>{answer}</answer> no, <answer>{wrong}</answer>", "target") == 0.0
         assert _score(e, f"The answer is {answer}.", "target") == 0.0  # right, but not in the demanded format
-        assert _score(e, f"<answer>{answer} legs</answer>", "target") == float(_oracle(e, f"{answer} legs") == 1.0) == 0.0
+        assert (_score(e, f"<answer>{answer} legs</answer>", "target")
+                == float(_oracle(e, f"{answer} legs") == 1.0) == 0.0)
         assert e.response == f"<answer>{answer}</answer>"  # what a warm start on the target teaches
 
 
@@ -91,7 +92,8 @@ def test_last_line_format_and_a_strict_general_pool():
 def test_pools_are_disjoint_and_sized():
     spec = _spec()
     splits = load_task(spec)
-    qs = {name: [json.loads(e.reference)["entry"]["question"] for e in getattr(splits, name)] for name in ("target", "eval", "general")}
+    qs = {name: [json.loads(e.reference)["entry"]["question"] for e in getattr(splits, name)]
+          for name in ("target", "eval", "general")}
     assert [len(qs[n]) for n in ("target", "eval", "general")] == [8, 40, 80]
     assert all(len(set(v)) == len(v) for v in qs.values())
     assert not set(qs["target"]) & set(qs["eval"]) and not set(qs["general"]) & (set(qs["target"]) | set(qs["eval"]))
@@ -108,13 +110,17 @@ def test_task_mix_general_pool_uses_other_datasets():
 def test_too_small_a_question_space_is_an_error_naming_the_sizes():
     tiny = [{"name": "chain_sum", "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]
     with pytest.raises(ValueError, match="n_general"):
-        load_task(DataSpec(task="reasoning_gym", reasoning_gym={"target": tiny}, n_target=16, n_eval=100, n_general=5000))
+        load_task(DataSpec(task="reasoning_gym", reasoning_gym={"target": tiny},
+                           n_target=16, n_eval=100, n_general=5000))
 
 
 @pytest.mark.parametrize("data,needle", [
     ({"task": "reasoning_gym", "reasoning_gym": {"target": [{"name": "no_such_task"}]}}, "'chain_sum'"),
-    ({"task": "reasoning_gym", "reasoning_gym": {"target": [{"name": "chain_sum", "config": {"max_termz": 3}}]}}, "'max_terms'"),
-    ({"task": "reasoning_gym", "reasoning_gym": {"target": [{"name": "chain_sum", "config": {"min_terms": 5, "max_terms": 2}}]}}, "refuses config"),
+    ({"task": "reasoning_gym", "reasoning_gym": {"target": [{"name": "chain_sum", "config": {"max_termz": 3}}]}},
+     "'max_terms'"),
+    ({"task": "reasoning_gym",
+      "reasoning_gym": {"target": [{"name": "chain_sum", "config": {"min_terms": 5, "max_terms": 2}}]}},
+     "refuses config"),
     ({"task": "reasoning_gym", "reasoning_gym": {"answer_format": "json"}}, "answer_format"),
     ({"task": "gsm8k", "reasoning_gym": {}}, "but data.task is 'gsm8k'"),
     ({"task": "nope"}, "'reasoning_gym'"),
@@ -130,7 +136,8 @@ def test_bad_task_settings_are_cli_errors_naming_the_key(tmp_path, capsys, data,
 def test_one_registry_holds_loader_verifier_and_chat_default():
     assert sorted(TASKS) == ["arithmetic", "gsm8k", "reasoning_gym", "scarce_target"]
     assert DataSpec(task="reasoning_gym").uses_chat_template and DataSpec(task="gsm8k").uses_chat_template
-    assert not DataSpec(task="scarce_target").uses_chat_template and not DataSpec(task=None, general_path="g", target_path="t").uses_chat_template
+    assert (not DataSpec(task="scarce_target").uses_chat_template
+            and not DataSpec(task=None, general_path="g", target_path="t").uses_chat_template)
 
 
 def test_the_real_example_is_the_demo_spec():

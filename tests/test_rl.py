@@ -55,7 +55,8 @@ def test_rlvr_demo_learns_without_collapsing(tmp_path):
 def test_rlhf_ppo_with_critic_and_kl(tmp_path):
     spec = rlvr(
         tmp_path, mode="rlhf", steps=4, eval_every=2, reward={"kind": "model"},
-        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "token_pg"},
+        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05,
+                   "ppo_epochs": 2, "target_objective": "token_pg"},
         regularizer={"feasible_set": "global_subset", "passes": "two_pass", "selection": "filter", "frac": 1.0},
         warm_start_sft_steps=20,
     )
@@ -93,10 +94,12 @@ def test_kl_loss_is_k3_to_the_starting_weights(tmp_path):
 
     def next_token_logp(weights: dict) -> torch.Tensor:  # (n, L-1): logit of the next token - logsumexp
         # a plain HF model (the learner's carries the regularizer's hooks)
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64,
+                                                     attn_implementation="eager")
         model.load_state_dict(weights)
         with torch.no_grad():
-            logits = model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].double()
+            logits = model.eval()(input_ids=batch.input_ids,
+                                  attention_mask=batch.attention_mask).logits[:, :-1].double()
         return logits.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
 
     d = next_token_logp(start) - next_token_logp(current)
@@ -124,7 +127,8 @@ def test_rl_with_fsdp_learner(tmp_path):
         # non-zero (token_pg's g_T would be 0: nothing for the sharded cosines to check). With zero
         # advantages and the KL reference equal to the warm-started policy, the entropy bonus is
         # what makes the update non-zero, so that the cosine exists.
-        algorithm={"advantage": "gae", "policy_loss": "ppo_clip", "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "reward",
+        algorithm={"advantage": "gae", "policy_loss": "ppo_clip",
+                   "kl_coef": 0.05, "ppo_epochs": 2, "target_objective": "reward",
                    "entropy_coef": 0.01},
         regularizer={"feasible_set": "layerwise_subset", "kernel": "sketch"},
     )
@@ -136,15 +140,19 @@ def test_rl_with_fsdp_learner(tmp_path):
     assert {"loss/policy", "loss/kl", "loss/value", "reg/cos", "eval/target_reward"} <= set(m)
     assert m["time/sync"] > 0
     for a, b in zip(r.history[1:], dp.history[1:], strict=True):
-        assert (a["reward/reward_mean"], a["reward/response_len"]) == (b["reward/reward_mean"], b["reward/response_len"])
-        for key in ("loss", "loss/kl", "loss/value", "grad_norm", "approx_kl", "reg/cos", "reg/cos_layer_min", "rollout/mismatch_kl"):
+        assert ((a["reward/reward_mean"], a["reward/response_len"])
+                == (b["reward/reward_mean"], b["reward/response_len"]))
+        for key in ("loss", "loss/kl", "loss/value", "grad_norm", "approx_kl",
+                    "reg/cos", "reg/cos_layer_min", "rollout/mismatch_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     # the checkpoint (step 2) holds full tensors of policy and critic, the final model one full copy,
     # each equal to the data-parallel one
-    ckpt, ckpt_dp = (torch.load(latest_checkpoint(tmp_path / x) / "learner.pt", weights_only=False)["model"] for x in ("fsdp", "dp"))
+    ckpt, ckpt_dp = (torch.load(latest_checkpoint(tmp_path / x) / "learner.pt", weights_only=False)["model"]
+                     for x in ("fsdp", "dp"))
     final, final_dp = (load_file(tmp_path / x / "model" / "model.safetensors") for x in ("fsdp", "dp"))
     assert latest_checkpoint(tmp_path / "fsdp").name == "step_0000002"
-    assert {"policy.lm_head.weight", "value_head.weight"} <= set(ckpt) and set(ckpt) == set(ckpt_dp) and set(final) == set(final_dp)
+    assert ({"policy.lm_head.weight", "value_head.weight"} <= set(ckpt)
+            and set(ckpt) == set(ckpt_dp) and set(final) == set(final_dp))
     diffs = []
     for got, want in ((ckpt, ckpt_dp), (final, final_dp)):
         scale = max(float(v.abs().max()) for v in want.values())

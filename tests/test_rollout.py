@@ -179,11 +179,13 @@ def test_partial_rollout_continues_under_weights_offered_mid_generation(worker, 
                 self.offer_weights(self.staged, 1)
             super()._take_offered(min_version, timeout)
 
-    actor = ray.remote(OfferAtFirstBoundary).options(num_cpus=1).remote(model_path, RolloutSpec(partial_rollouts=True), 0)
+    actor = ray.remote(OfferAtFirstBoundary).options(num_cpus=1).remote(
+        model_path, RolloutSpec(partial_rollouts=True), 0)
     ray.get(actor.stage.remote(new_weights), timeout=START_TIMEOUT_S)
     chunk = 4
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
-    rollouts = ray.get(actor.generate.remote(prompts, SamplingSpec(n=2, max_new_tokens=12, temperature=1.0, seed=5), 0, chunk), timeout=120)
+    rollouts = ray.get(actor.generate.remote(prompts, SamplingSpec(n=2, max_new_tokens=12, temperature=1.0, seed=5),
+                                             0, chunk), timeout=120)
     assert len(rollouts) == 8 and any(len(r.response_ids) > chunk for r in rollouts)
     for r in rollouts:
         n = len(r.response_ids)

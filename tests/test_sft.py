@@ -44,7 +44,8 @@ def test_step_clips_the_curated_gradient(tmp_path):
     # the reported cosine is that of the applied update with g_T over the hooked weights (clipping
     # rescales the update, not its direction), computed here by hand from .grad and the cached g_T
     pairs = [(getattr(b, part).grad, g) for b, t in learner.reg.targets.items() for part, g in t.parts().items()]
-    dot, nd, nt = (sum(float((x.double() * y.double()).sum()) for x, y in ((a if i else b, a if j else b) for a, b in pairs))
+    dot, nd, nt = (sum(float((x.double() * y.double()).sum())
+                       for x, y in ((a if i else b, a if j else b) for a, b in pairs))
                    for i, j in ((True, False), (True, True), (False, False)))
     assert m["reg/cos"] == pytest.approx(dot / (nd * nt) ** 0.5, rel=1e-6)
     assert m["target_loss"] > 0

@@ -87,7 +87,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert [m["loss"] for m in resumed.history if m["step"] > 0] == [m["loss"] for m in full.history if m["step"] > 0]
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "a" / "model" / "model.safetensors"), load_file(tmp_path / "b" / "model" / "model.safetensors")
+    a, b = (load_file(tmp_path / "a" / "model" / "model.safetensors"),
+            load_file(tmp_path / "b" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # metrics.jsonl holds each step once, in order, despite the crash after step 4
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

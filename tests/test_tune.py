@@ -15,7 +15,8 @@ from ray import tune
 from drpt_ray.demo import RLVR_DEMO
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.tune import main as tune_main
-from drpt_ray.tune import _error_summary, learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand, trial_resources
+from drpt_ray.tune import (_error_summary, learner_resources, peak_trial_demand, run_sweep, search_space, trial_demand,
+                           trial_resources)
 from drpt_ray.wire import IngestBatch
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,8 @@ def test_grid_sweep_of_tau_runs_real_trials(local_ray, tmp_path):
 
 def test_asha_random_sweep_stops_early_and_releases_resources(local_ray, tmp_path):
     spec = SweepSpec.model_validate({
-        "base": SFT_TOY, "space": {"regularizer.tau": {"low": 0.1, "high": 20.0, "log": True}, "optim.lr": {"values": [3e-4, 3e-3]}},
+        "base": SFT_TOY,
+        "space": {"regularizer.tau": {"low": 0.1, "high": 20.0, "log": True}, "optim.lr": {"values": [3e-4, 3e-3]}},
         "metric": METRIC, "mode": "min", "scheduler": "asha", "num_samples": 4, "max_concurrent_trials": 2,
         "output_dir": str(tmp_path),
     })
@@ -114,10 +116,12 @@ def test_trial_resources_bundles():
     assert learner_resources(rl) == [{"CPU": 2.0, "GPU": 1.0}]  # Ray Train's own placement group
     assert trial_demand(rl) == {"CPU": 6.5, "GPU": 2.0}
     sft = JobSpec(mode="sft")
-    assert trial_resources(sft).bundles == [{"CPU": 1.0}] and learner_resources(sft) == []  # learner in the trial process
+    # learner in the trial process
+    assert trial_resources(sft).bundles == [{"CPU": 1.0}] and learner_resources(sft) == []
     assert learner_resources(JobSpec(mode="sft", resources={"learner_num_workers": 2})) == [{"CPU": 1.0}] * 2
     assert trial_resources(JobSpec(mode="rlvr")).bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
-    sweep = SweepSpec(base={"mode": "rlvr"}, space={"rollout.num_workers": {"values": [1, 3]}, "optim.lr": {"values": [1e-3, 1e-4]}})
+    sweep = SweepSpec(base={"mode": "rlvr"},
+                      space={"rollout.num_workers": {"values": [1, 3]}, "optim.lr": {"values": [1e-3, 1e-4]}})
     assert peak_trial_demand(sweep) == {"CPU": 5.0}  # driver + 3 rollout workers + learner
 
 
@@ -131,7 +135,8 @@ def test_search_space_mapping():
     assert isinstance(tau, tune.search.sample.Categorical) and tau.categories == [0.5, 2.0]
     assert isinstance(lr.get_sampler(), tune.search.sample.Float._LogUniform) and (lr.lower, lr.upper) == (1e-4, 1e-2)
     assert isinstance(frac.get_sampler(), tune.search.sample.Float._Uniform) and (frac.lower, frac.upper) == (0.1, 0.9)
-    assert isinstance(bs, tune.search.sample.Integer) and (bs.lower, bs.upper) == (2, 17)  # int field: randint, high inclusive
+    # int field: randint, high inclusive
+    assert isinstance(bs, tune.search.sample.Integer) and (bs.lower, bs.upper) == (2, 17)
 
 
 def test_bad_space_path_is_named():
@@ -161,7 +166,8 @@ def test_rl_trial_actors_land_in_the_trial_placement_group(local_ray, tmp_path):
     assert [t.state for t in result.trials] == ["TERMINATED"] and result.trials[0].steps == 3
     assert result.best.value is not None and "reward/reward_mean" in result.trials[0].history[-1]
     cpu_free, groups = seen[0]
-    assert cpu_free == 0.0 and groups == [(0.5, 0.0), (1.5, 0.0)]  # learner group, trial group: all CPUs held and in use
+    # learner group, trial group: all CPUs held and in use
+    assert cpu_free == 0.0 and groups == [(0.5, 0.0), (1.5, 0.0)]
     assert_cluster_free()
 
 

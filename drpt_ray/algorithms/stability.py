@@ -260,4 +260,5 @@ class DivergenceGuard:
         """Restore the state saved by `state_dict`."""
         self.streak, self.low_entropy = int(state["streak"]), bool(state["low_entropy"])
         # absent in checkpoints from before the ceiling
-        self.high_entropy, self.was_below_ceiling = bool(state.get("high_entropy", 0)), bool(state.get("was_below_ceiling", 0))
+        self.high_entropy, self.was_below_ceiling = (bool(state.get("high_entropy", 0)),
+                                                     bool(state.get("was_below_ceiling", 0)))

@@ -51,7 +51,8 @@ def _rg():
     try:
         import reasoning_gym
     except ImportError:  # pragma: no cover - the `real` extra installs it
-        raise ValueError("data.task 'reasoning_gym' needs the reasoning-gym package: pip install 'drpt-ray[real]'") from None
+        raise ValueError("data.task 'reasoning_gym' needs the reasoning-gym package: "
+                         "pip install 'drpt-ray[real]'") from None
     return reasoning_gym
 
 
@@ -141,7 +142,8 @@ def _pool(datasets: list, n: int, seed: int, verifier: str, spec, exclude: set[s
     instruction = spec.instruction if spec.instruction is not None else INSTRUCTIONS[spec.answer_format]
     per = -(-n // len(datasets))
     # Indexed, not iterated: a reasoning-gym dataset's __iter__ restarts at entry 0.
-    streams = [(d, rg.create_dataset(d.name, size=per * _DRAW_FACTOR + _DRAW_EXTRA, seed=seed * 1009 + i, **d.config), [0])
+    streams = [(d, rg.create_dataset(d.name, size=per * _DRAW_FACTOR + _DRAW_EXTRA, seed=seed * 1009 + i,
+                                     **d.config), [0])
                for i, d in enumerate(datasets)]
     out, seen = [], set(exclude)
     formats = random.Random(seed)  # which lenient examples' responses use the demanded format

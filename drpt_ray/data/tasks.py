@@ -14,7 +14,8 @@ def load_task(spec: DataSpec) -> TaskSplits:
 
     With `spec.task` set, the registered task's loader builds them (`drpt_ray.tasks.TASKS`: the
     synthetic tasks from the `n_*` and `seed` fields, "gsm8k" from the cache of `drpt-ray data
-    fetch gsm8k`, "reasoning_gym" from its generators) and the paths are ignored. With `spec.task is None` the pools are read from `general_path`, `target_path` and
+    fetch gsm8k`, "reasoning_gym" from its generators) and the paths are ignored. With `spec.task is
+    None` the pools are read from `general_path`, `target_path` and
     `eval_path`; when `eval_path` is None the target pool doubles as the eval pool, so the
     reported "held-out" loss is then a training-set loss on the target pool.
 

@@ -36,7 +36,8 @@ class RLBatch:
 
     def to(self, device) -> "RLBatch":
         """The batch on `device` (tensors already there are shared, not copied)."""
-        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                for f in fields(self)})
 
     @property
     def size(self) -> int:
@@ -62,7 +63,8 @@ def cat_rl(parts: list[RLBatch]) -> RLBatch:
             continue
         if any(v is None for v in vals):
             raise ValueError(f"cannot stack RL batches: {f.name} is set in some and not in others")
-        out[f.name] = torch.cat([F.pad(v, (0, width - b.input_ids.shape[1])) if v.dim() == 2 else v for v, b in zip(vals, parts)])
+        out[f.name] = torch.cat([F.pad(v, (0, width - b.input_ids.shape[1])) if v.dim() == 2 else v
+                                 for v, b in zip(vals, parts)])
     return RLBatch(**out)
 
 

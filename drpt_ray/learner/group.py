@@ -200,7 +200,8 @@ def _serve(config: dict) -> None:
     except BaseException:
         ray.get(mailbox.reply.remote(rank, ("error", traceback.format_exc())))
         raise
-    me = {"pid": os.getpid(), "actor": ray.get_runtime_context().current_actor, "node": ray.get_runtime_context().get_node_id()}
+    me = {"pid": os.getpid(), "actor": ray.get_runtime_context().current_actor,
+          "node": ray.get_runtime_context().get_node_id()}
     ray.get(mailbox.reply.remote(rank, ("ok", me)))
     try:
         while True:
@@ -253,7 +254,8 @@ class LearnerGroup:
                                          placement_strategy=res.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(collective_timeout_s)),
             run_config=RunConfig(name=f"learner-{uuid.uuid4().hex[:8]}", storage_path=self._storage,
-                                 failure_config=FailureConfig(max_failures=0, controller_failure_limit=0, max_preemption_failures=0)),
+                                 failure_config=FailureConfig(max_failures=0, controller_failure_limit=0,
+                                                              max_preemption_failures=0)),
         )
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="learner-group-fit", daemon=True)
         self._thread.start()
@@ -305,7 +307,8 @@ class LearnerGroup:
     def warm_start(self, batches: list[dict], lr: float) -> float:
         for b in batches:
             _need_rows(b["input_ids"].shape[0], self.num_workers, "a warm-start batch")
-        per_rank = list(zip(*[shard_dict(b, self.num_workers) for b in batches])) if batches else [()] * self.num_workers
+        per_rank = (list(zip(*[shard_dict(b, self.num_workers) for b in batches]))
+                    if batches else [()] * self.num_workers)
         return self._call(Learner.warm_start, [(list(p), lr) for p in per_rank])[0]
 
     def needs_target(self, step: int) -> bool:
@@ -391,10 +394,11 @@ class LearnerGroup:
                 break
             if not self._thread.is_alive():
                 self._fail(f"the learner worker group stopped during {method} "
-                           f"(ranks {sorted(set(range(self.num_workers)) - set(replies))} never answered): {self._fit_error!r}")
+                           f"(ranks {sorted(set(range(self.num_workers)) - set(replies))} never answered): "
+                           f"{self._fit_error!r}")
             if time.monotonic() > deadline:
-                self._fail(f"no answer to {method} from learner ranks {sorted(set(range(self.num_workers)) - set(replies))} "
-                           f"within {timeout_s:.0f} s")
+                self._fail(f"no answer to {method} from learner ranks "
+                           f"{sorted(set(range(self.num_workers)) - set(replies))} within {timeout_s:.0f} s")
         return [replies[r] for r in range(self.num_workers)]
 
     def _fail(self, reason: str):

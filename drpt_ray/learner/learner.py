@@ -77,7 +77,8 @@ def kept_advantage_mean(weights: dict[str, torch.Tensor], batch: RLBatch) -> flo
     punctuation) cancel; a selection that drifts from 0 trains those shared directions one way."""
     mask = batch.response_mask.cpu()
     seq_adv = ((batch.advantages.cpu() * mask).sum(1) / mask.sum(1).clamp(min=1)).double()
-    means = [float((w * seq_adv).sum() / w.sum()) for w in weights.values() if w.numel() == seq_adv.numel() and w.sum() > 0]
+    means = [float((w * seq_adv).sum() / w.sum()) for w in weights.values()
+             if w.numel() == seq_adv.numel() and w.sum() > 0]
     return sum(means) / len(means) if means else 0.0
 
 
@@ -195,7 +196,8 @@ class Learner:
         rl = spec.mode != "sft"
         self.value_head = None
         if rl and ADVANTAGE_ESTIMATORS.meta(alg.advantage).needs_critic:
-            hidden = self.policy.config.hidden_size if not hasattr(self.policy, "get_base_model") else self.policy.get_base_model().config.hidden_size
+            base = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+            hidden = base.config.hidden_size
             self.value_head = nn.Linear(hidden, 1).to(dtype=getattr(torch, spec.model.dtype), device=home)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -208,7 +210,8 @@ class Learner:
             for m in self._modules():
                 shard_policy(m, self.device)
         # What the optimizer updates, by name (the checkpoint's optimizer state is keyed by these names).
-        self.trained = nn.ModuleDict({"policy": self.policy, **({"value_head": self.value_head} if self.value_head is not None else {})})
+        critic = {"value_head": self.value_head} if self.value_head is not None else {}
+        self.trained = nn.ModuleDict({"policy": self.policy, **critic})
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
         if self.value_head is not None:
             groups.append({"params": list(self.value_head.parameters()), "lr": alg.critic_lr})
@@ -239,7 +242,8 @@ class Learner:
                 loss_t = sums.sum() / self.comm.sum(counts.sum()).clamp(min=1)  # global token-mean's local part
                 self.reg.capture_target(loss_t)
                 self._reduce_target()
-                metrics.update({"target_loss": float(self.comm.sum(loss_t.detach())), "time/regularize": time.perf_counter() - c0})
+                metrics.update({"target_loss": float(self.comm.sum(loss_t.detach())),
+                                "time/regularize": time.perf_counter() - c0})
         seen: dict = {}
 
         def loss_fn(rows):
@@ -374,7 +378,8 @@ class Learner:
                 else:
                     logp, values, entropy = self._forward(merged, entropy=True)
                     g = general_rows
-                    total, parts = self._rl_loss(merged.rows(g), logp[g], values[g] if values is not None else None, entropy[g])
+                    g_values = values[g] if values is not None else None
+                    total, parts = self._rl_loss(merged.rows(g), logp[g], g_values, entropy[g])
                     objective = self._target_objective(merged.rows(target_rows), logp[target_rows], n_target)
                     parts["target/objective"] = float(objective.detach())
                     total = (u_g * total + u_t * objective) / (u_g + u_t)
@@ -510,7 +515,8 @@ class Learner:
         """Loss-like metrics become the global (share-weighted) mean; the rest stay this rank's."""
         if not self.comm.active:
             return
-        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/") or k in ("clip_frac", "approx_kl", "policy/entropy"))
+        keys = sorted(k for k in metrics
+                      if k == "loss" or k.startswith("loss/") or k in ("clip_frac", "approx_kl", "policy/entropy"))
         vals = self.comm.sum(torch.tensor([float(metrics[k]) * share for k in keys], dtype=torch.float64))
         metrics.update({k: float(v) for k, v in zip(keys, vals)})
 
@@ -551,7 +557,8 @@ class Learner:
             advantages=torch.zeros(1, 1),
         )
 
-    def _forward(self, batch: RLBatch, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _forward(self, batch: RLBatch,
+                 entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs of every next token (n, L-1); with a critic, values (n, L-1); with `entropy`, the
         policy's entropy at every position (n, L-1), differentiable only when the loss has a bonus."""
         out = self.policy(
@@ -594,7 +601,8 @@ class Learner:
         def train_loss() -> torch.Tensor:
             loss = self._policy_loss(batch, logp).loss
             if self.comm.active:  # this rank's part of the global aggregate
-                units = example_units(mask, self.spec.algorithm.loss_agg, self.max_new_tokens) if n_rows else torch.zeros(1)
+                units = (example_units(mask, self.spec.algorithm.loss_agg, self.max_new_tokens) if n_rows
+                         else torch.zeros(1))
                 loss = loss * self._share(units)
             return loss
 
@@ -611,11 +619,13 @@ class Learner:
         if alg.entropy_coef > 0:
             total = total - alg.entropy_coef * aggregate(entropy, b.response_mask, alg.loss_agg, self.max_new_tokens)
         if b.ref_logprobs is not None and not alg.kl_in_reward:
-            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg, max_len=self.max_new_tokens)
+            kl = kl_loss(logp, b.ref_logprobs, b.response_mask, kind=alg.kl_estimator, agg=alg.loss_agg,
+                         max_len=self.max_new_tokens)
             total = total + alg.kl_coef * kl
             parts["loss/kl"] = float(kl.detach())
         if values is not None:
-            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg, max_len=self.max_new_tokens)
+            vl = value_loss(values, b.values, b.returns, b.response_mask, clip=alg.clip_eps, agg=alg.loss_agg,
+                            max_len=self.max_new_tokens)
             total = total + alg.vf_coef * vl.loss
             parts["loss/value"] = float(vl.loss.detach())
         parts["loss"] = float(total.detach())

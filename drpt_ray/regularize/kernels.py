@@ -96,7 +96,8 @@ class SketchFactors:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
         return x if self.p_in is None else x @ self.p_in
 
-    def project_grad(self, weight: torch.Tensor, bias: torch.Tensor | None, p_out: torch.Tensor | None = None) -> torch.Tensor:
+    def project_grad(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                     p_out: torch.Tensor | None = None) -> torch.Tensor:
         """P1^T [W | b] P2: the sketch of a full gradient (used for the cosine metric). Given rows of
         [W | b] and the matching rows `p_out` of P1, it is those rows' summand of the sketch."""
         g = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)

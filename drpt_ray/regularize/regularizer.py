@@ -77,11 +77,13 @@ class RegStats:
 
     def summary(self, prefix: str = "reg/") -> dict[str, float]:
         """Flat scalar metrics (what goes to JSONL / the metric stream)."""
-        out = {f"{prefix}score_s": self.score_seconds, f"{prefix}time_s": self.seconds, f"{prefix}empty": float(self.empty)}
+        out = {f"{prefix}score_s": self.score_seconds,
+               f"{prefix}time_s": self.seconds, f"{prefix}empty": float(self.empty)}
         for key, d in (("kept_frac", self.kept), ("cos_layer", self.cos)):
             if d:
                 v = list(d.values())
-                out.update({f"{prefix}{key}_mean": sum(v) / len(v), f"{prefix}{key}_min": min(v), f"{prefix}{key}_max": max(v)})
+                out.update({f"{prefix}{key}_mean": sum(v) / len(v),
+                            f"{prefix}{key}_min": min(v), f"{prefix}{key}_max": max(v)})
         if self.cos_overall is not None:
             out[f"{prefix}cos"] = self.cos_overall
         return out
@@ -113,7 +115,8 @@ class _Pass:
 class Regularizer:
     """Dr. Post-Training gradient curation for one model, selected by a `RegularizerSpec`."""
 
-    def __init__(self, model: nn.Module, spec: RegularizerSpec, shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, spec: RegularizerSpec,
+                 shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.spec = model, spec
         self.shard_sum = shard_sum or (lambda t: t)  # SUM over the ranks that shard the parameters
         self.feasible = FEASIBLE_SETS.get(spec.feasible_set)
@@ -193,7 +196,8 @@ class Regularizer:
             self._two_pass(loss_fn, p)
         else:
             p.mode = "layer" if self.granularity in (Granularity.LAYER, Granularity.NONE) else "retain"
-            with self._in_pass(p), self._unhooked_grads(scale=p.normaliser / _sum(p.units[: p.n_train]) if n_target_rows else 1.0):
+            with self._in_pass(p), self._unhooked_grads(scale=p.normaliser / _sum(p.units[: p.n_train])
+                                                        if n_target_rows else 1.0):
                 _call(loss_fn, None).backward()
             if p.mode == "retain":
                 self._assemble_global(p)
@@ -241,7 +245,8 @@ class Regularizer:
         """Restore `state_dict()` (tensors may come from another device, e.g. a checkpoint read on CPU)."""
         by_name = {b.name: b for b in self.blocks}
         params = dict(self.unhooked)
-        self.targets = {by_name[n]: K.Target(**t).map(lambda k, v, b=by_name[n]: self._shard_like(b, k, v.to(self.device)))
+        self.targets = {by_name[n]: K.Target(**t).map(
+                            lambda k, v, b=by_name[n]: self._shard_like(b, k, v.to(self.device)))
                         for n, t in state["targets"].items()}
         self.unhooked_targets = {k: _like(v.to(self.device), params[k]) for k, v in state["unhooked_targets"].items()}
         self.captured = state["captured"]
@@ -260,7 +265,8 @@ class Regularizer:
         if p is None:
             return False
         if p.mode == "capture":
-            self._accumulate_target(block, self._target_from(block, dy.reshape(-1, dy.shape[-1])[None], _rows3(x, 1, block)))
+            self._accumulate_target(block,
+                                    self._target_from(block, dy.reshape(-1, dy.shape[-1])[None], _rows3(x, 1, block)))
             return True
         n = p.n_rows
         if dy.shape[0] != n:
@@ -418,7 +424,8 @@ class Regularizer:
                     continue
                 pairs = [(f.project_grad(d_w, d_b), _rows(t.sketch, b.weight))]
             else:
-                pairs = [(d_w, _rows(t.weight, b.weight))] + ([(d_b, _rows(t.bias, b.bias))] if t.bias is not None else [])
+                pairs = ([(d_w, _rows(t.weight, b.weight))]
+                         + ([(d_b, _rows(t.bias, b.bias))] if t.bias is not None else []))
             disjoint[b.name] = torch.stack([sum((d * g).sum() for d, g in pairs), sum((d * d).sum() for d, _ in pairs),
                                             sum((g * g).sum() for _, g in pairs)]).double()
         parts = dict(zip(disjoint, self.shard_sum(torch.stack(list(disjoint.values()))))) if disjoint else {}
@@ -460,7 +467,8 @@ class Regularizer:
         if f is None:
             out_dim, in_dim = block.shape
             w = block.weight
-            f = K.SketchFactors.for_block(out_dim, in_dim, block.bias is not None, block.index, self.spec.sketch, w.dtype, w.device)
+            f = K.SketchFactors.for_block(out_dim, in_dim, block.bias is not None,
+                                          block.index, self.spec.sketch, w.dtype, w.device)
             self._factors[block] = f
         return f
 
@@ -477,7 +485,8 @@ class Regularizer:
     def _check_call(self, n_target_rows: int, units: torch.Tensor) -> None:
         merged = self.spec.target_mode == "merged"
         if merged and n_target_rows <= 0:
-            raise ValueError("regularizer.target_mode is 'merged': pass n_target_rows > 0 (target rows last in the batch)")
+            raise ValueError("regularizer.target_mode is 'merged': pass n_target_rows > 0 (target rows "
+                             "last in the batch)")
         if not merged and n_target_rows:
             raise ValueError("n_target_rows given but regularizer.target_mode is 'separate'")
         if n_target_rows >= units.numel():

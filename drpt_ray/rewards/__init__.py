@@ -86,7 +86,8 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
         )
 
 
-def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str, num_cpus: float = REWARD_MODEL_CPUS) -> Reward:
+def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str,
+                num_cpus: float = REWARD_MODEL_CPUS) -> Reward:
     """Build the reward that `spec` describes (after `check_reward`).
 
     Args:
@@ -130,7 +131,8 @@ class SplitReward(Reward):
     def __init__(self, general: Reward, target: Reward) -> None:
         self.general, self.target = general, target
 
-    def __call__(self, prompts: list[str], responses: list[str], references: list[str | None], split: Split) -> RewardResult:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 references: list[str | None], split: Split) -> RewardResult:
         return (self.target if split == "target" else self.general)(prompts, responses, references, split)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ the scarce high-fidelity target signal of the paper. Eval prompts are scored as 
 | arithmetic    | math-verify against the reference              | math-verify against the reference      |
 | gsm8k         | math-verify: answer after the last '####' vs N | the same (N: the reference's '#### N') |
 | reasoning_gym | reasoning-gym's `score_answer`, by the verifier each example names (lenient or strict; drpt_ray/data/reasoning_gym.py) | strict |
-"""
+"""  # noqa: E501 (Markdown table rows cannot be wrapped)
 
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ class RolloutPipeline:
             for name, examples, rollouts in (("general", job.general_examples, job.general),
                                               ("target", job.target_examples, job.target)):
                 if rollouts is not None:
-                    saved[name] = {"examples": [e.__dict__ for e in examples], "rollouts": [r.__dict__ for r in rollouts]}
+                    saved[name] = {"examples": [e.__dict__ for e in examples],
+                                   "rollouts": [r.__dict__ for r in rollouts]}
             jobs.append(saved)
         return {"weights_version": self.weights.version, "pipeline": jobs}
 
@@ -163,7 +164,8 @@ class RolloutPipeline:
         self.weights.load_state_dict({"version": state.get("weights_version", 1)})
         self._jobs = deque()
         for saved in state.get("pipeline", []):
-            parts = {name: ([Example(**e) for e in saved[name]["examples"]], [Rollout(**r) for r in saved[name]["rollouts"]])
+            parts = {name: ([Example(**e) for e in saved[name]["examples"]],
+                            [Rollout(**r) for r in saved[name]["rollouts"]])
                      for name in ("general", "target") if name in saved}
             self._jobs.append(_Job(saved["index"], *parts["general"], *parts.get("target", (None, None))))
 

@@ -190,7 +190,8 @@ class RolloutEngine:
         self.n_generated += len(rollouts)
         return rollouts
 
-    def _generate_in_chunks(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec, chunk: int) -> list[Rollout]:
+    def _generate_in_chunks(self, prompts: list[str] | list[list[int]], sampling: SamplingSpec,
+                            chunk: int) -> list[Rollout]:
         """Partial rollouts: the first chunk samples `n` responses per prompt; each unfinished one then
         continues alone from its prompt + response so far, `chunk` tokens at a time, under the newest
         offered weights. A continuation is seeded from the sampling seed, the chunk and the sequence."""
@@ -205,7 +206,8 @@ class RolloutEngine:
                 s["ids"] += list(c.token_ids)
                 s["lps"] += [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
                 s["versions"] += [self.weights_version] * len(c.token_ids)
-                full = len(s["ids"]) >= sampling.max_new_tokens or len(s["prompt"]) + len(s["ids"]) >= self.max_model_len
+                full = (len(s["ids"]) >= sampling.max_new_tokens
+                        or len(s["prompt"]) + len(s["ids"]) >= self.max_model_len)
                 if str(c.finish_reason) != "length" or full:
                     s["finish"] = str(c.finish_reason)
             todo = [s for s in seqs if s["finish"] is None]

@@ -51,9 +51,10 @@ def admit_sweep(spec: SweepSpec, settings: Settings, launcher: Launcher) -> None
     refuse_escaping_paths({("output_dir",): spec.output_dir, ("base", "output_dir"): spec.base.output_dir})
     refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
     errors: list[Error] = []
-    if spec.trial_count() > settings.max_sweep_trials:  # counted, never enumerated: 1000^3 grid points cost nothing here
-        errors.append(_error(("space",), None, f"the sweep would run {spec.trial_count()} trials; this server allows at most "
-                                               f"{settings.max_sweep_trials} (DRPT_MAX_SWEEP_TRIALS)"))
+    # counted, never enumerated: 1000^3 grid points cost nothing here
+    if spec.trial_count() > settings.max_sweep_trials:
+        errors.append(_error(("space",), None, f"the sweep would run {spec.trial_count()} trials; this server allows "
+                                               f"at most {settings.max_sweep_trials} (DRPT_MAX_SWEEP_TRIALS)"))
     paths = {("base", *loc): p for loc, p in _read_paths(spec.base).items()}
     for field, dim in spec.space.items():
         if tuple(field.split(".")) in PATH_FIELDS:
@@ -99,7 +100,8 @@ def _largest_trial(spec: SweepSpec) -> JobSpec:
     body = spec.base.model_dump()
     for field, dim in spec.space.items():
         if field.startswith(RESOURCE_FIELDS):
-            numbers = [v for v in dim.probes(get_path(body, field)) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            numbers = [v for v in dim.probes(get_path(body, field))
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
             if numbers:  # (a range's probes are its ends)
                 body = set_path(body, field, max(numbers))
     return JobSpec.model_validate(body)
@@ -110,7 +112,8 @@ def _oversized(spec: JobSpec, prefix: tuple, settings: Settings, capacity: dict[
     errors = []
     p = plan(spec)
     demand = p.total()
-    for key, limit, name in (("CPU", settings.max_run_cpus, "DRPT_MAX_RUN_CPUS"), ("GPU", settings.max_run_gpus, "DRPT_MAX_RUN_GPUS")):
+    for key, limit, name in (("CPU", settings.max_run_cpus, "DRPT_MAX_RUN_CPUS"),
+                             ("GPU", settings.max_run_gpus, "DRPT_MAX_RUN_GPUS")):
         need = demand.get(key, 0.0)
         if limit is not None and need > limit:
             why = f"this server allows {limit:g} per job ({name})"
@@ -120,18 +123,21 @@ def _oversized(spec: JobSpec, prefix: tuple, settings: Settings, capacity: dict[
             continue
         errors.append(_error(prefix + ("resources",), None,
                              f"the job reserves {need:g} {key}s in all (driver {_each([p.driver], key)}, learner "
-                             f"{len(p.learner)} x {_each(p.learner, key)}, rollout {len(p.rollout)} x {_each(p.rollout, key)}: "
-                             f"resources.* and rollout.num_workers / num_*_per_worker); {why}"))
+                             f"{len(p.learner)} x {_each(p.learner, key)}, rollout {len(p.rollout)} x "
+                             f"{_each(p.rollout, key)}: resources.* and rollout.num_workers / num_*_per_worker); "
+                             f"{why}"))
     if spec.mode != "sft":
         kv = spec.rollout.kv_cache_gib * spec.rollout.num_workers
         if kv > settings.max_kv_cache_gib:
             errors.append(_error(prefix + ("rollout", "kv_cache_gib"), spec.rollout.kv_cache_gib,
-                                 f"{spec.rollout.num_workers} rollout worker(s) x {spec.rollout.kv_cache_gib} GiB = {kv} GiB of KV cache; "
-                                 f"this server allows {settings.max_kv_cache_gib:g} GiB per job (DRPT_MAX_KV_CACHE_GIB)"))
+                                 f"{spec.rollout.num_workers} rollout worker(s) x {spec.rollout.kv_cache_gib} GiB = "
+                                 f"{kv} GiB of KV cache; this server allows {settings.max_kv_cache_gib:g} GiB per job "
+                                 "(DRPT_MAX_KV_CACHE_GIB)"))
     for field in ("batch_size", "target_batch_size"):
         if getattr(spec, field) > settings.max_batch_size:
             errors.append(_error(prefix + (field,), getattr(spec, field),
-                                 f"{getattr(spec, field)} is above this server's limit {settings.max_batch_size} (DRPT_MAX_BATCH_SIZE)"))
+                                 f"{getattr(spec, field)} is above this server's limit {settings.max_batch_size} "
+                                 "(DRPT_MAX_BATCH_SIZE)"))
     return errors
 
 

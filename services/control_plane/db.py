@@ -16,7 +16,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event, make_url
+from sqlalchemy import (JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event,
+                        make_url)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from drpt_ray.config import NAME_MAX_LEN
@@ -36,7 +37,8 @@ class RunColumns:
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True, server_default=DEFAULT_TENANT)  # the submitting token's
     name: Mapped[str | None] = mapped_column(String(NAME_MAX_LEN))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # drpt_ray.reporting.STATES; no CHECK, so a new state needs no migration
+    # drpt_ray.reporting.STATES; no CHECK, so a new state needs no migration
+    state: Mapped[str] = mapped_column(String(16), index=True)
     message: Mapped[str | None] = mapped_column(Text)
     spec: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, index=True)  # unix seconds
@@ -153,7 +155,8 @@ def engine_url(url: str) -> str:
     """A plain `postgresql://` URL means psycopg 3, the driver installed (SQLAlchemy's default
     for that scheme is psycopg2)."""
     u = make_url(url)
-    return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False) if u.drivername == "postgresql" else url
+    return (u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+            if u.drivername == "postgresql" else url)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -9,7 +9,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from drpt_ray.config import INT64_MAX
 from services.control_plane.db import Database
-from services.control_plane.idempotency import DESCRIPTION as IDEMPOTENCY_DESCRIPTION, HEADER as IDEMPOTENCY_HEADER, IdempotencyKey
+from services.control_plane.idempotency import (DESCRIPTION as IDEMPOTENCY_DESCRIPTION, HEADER as IDEMPOTENCY_HEADER,
+                                                IdempotencyKey)
 from services.control_plane.launcher import Launcher
 from services.control_plane.notify import Hub
 from services.control_plane.security import Caller, bearer, bearer_token, require_api_token

@@ -13,7 +13,7 @@ and every route declares in /openapi.json the statuses it can send (`errors(...)
 A body that cannot be parsed is a 422 like any other bad body, on every route: FastAPI answers a
 non-UTF-8 body with a 400 of its own, which is turned into the 422 here (the API sends no other
 400). A 500 is never meant to be sent: its body says only that the log has the details.
-"""
+"""  # noqa: E501 (Markdown table rows cannot be wrapped)
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def errors(*codes: int) -> dict:
     return {code: {"model": ErrorResponse, "description": WHEN[code]} for code in codes}
 
 
-def error_response(status: int, message: str, detail: list[FieldError] = (), headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, detail: list[FieldError] = (),
+                   headers: dict | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(message=message, detail=list(detail)).model_dump(mode="json", exclude_none=True),
                         status_code=status, headers=headers)
 
@@ -62,7 +63,8 @@ def install(app: FastAPI) -> None:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 naming every bad field by its path (`body.regularizer.feasible_set`), without tracebacks."""
     detail = [_field_error(e) for e in exc.errors()]
-    message = "; ".join(f"{'.'.join(map(str, d.loc)) or '<root>'}: {d.msg}" + (f" (got {d.input!r})" if d.input is not None else "")
+    message = "; ".join(f"{'.'.join(map(str, d.loc)) or '<root>'}: {d.msg}"
+                        + (f" (got {d.input!r})" if d.input is not None else "")
                         for d in detail)
     return error_response(422, message, detail)
 
@@ -70,9 +72,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _field_error(e: dict) -> FieldError:
     if e.get("type") == "json_invalid":  # FastAPI's loc is ("body", <character position>): no field of the body
         _, pos = e["loc"]
-        return FieldError(loc=["body"], msg=f"the body is not valid JSON: {e['ctx']['error']} at character {pos}", type="json_invalid")
+        return FieldError(loc=["body"], msg=f"the body is not valid JSON: {e['ctx']['error']} at character {pos}",
+                          type="json_invalid")
     got = e.get("input")
-    return FieldError(loc=list(e.get("loc", ())), msg=e.get("msg", ""), type=e.get("type", ""), input=got if _echoable(got) else None)
+    return FieldError(loc=list(e.get("loc", ())), msg=e.get("msg", ""),
+                      type=e.get("type", ""), input=got if _echoable(got) else None)
 
 
 def _echoable(value) -> bool:

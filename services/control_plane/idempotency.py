@@ -62,7 +62,8 @@ def create_once(db: Database, key: IdempotencyKey | None, body: dict, create: Cr
         return _create_once(db, key, fingerprint, create, now)
 
 
-def _create_once(db: Database, key: IdempotencyKey | None, fingerprint: str, create: Create, now: float) -> JSONResponse:
+def _create_once(db: Database, key: IdempotencyKey | None, fingerprint: str,
+                 create: Create, now: float) -> JSONResponse:
     with db.write() as s:
         if key is not None:
             # Expired keys go first (this one's too, so it can be used afresh); the index on
@@ -73,8 +74,10 @@ def _create_once(db: Database, key: IdempotencyKey | None, fingerprint: str, cre
                 if stored.fingerprint != fingerprint:
                     raise RequestValidationError([{
                         "loc": ("header", HEADER), "type": "value_error", "input": key.key,
-                        "msg": f"this {HEADER} was used within 24 h for a different request; send a new key for a new submission"}])
-                return JSONResponse(stored.body, stored.status_code, {"Location": stored.location, "Idempotent-Replayed": "true"})
+                        "msg": f"this {HEADER} was used within 24 h for a different request; send a new key for "
+                        "a new submission"}])
+                return JSONResponse(stored.body, stored.status_code,
+                                    {"Location": stored.location, "Idempotent-Replayed": "true"})
         model, location = create(s)
         body = model.model_dump(mode="json")
         if key is not None:

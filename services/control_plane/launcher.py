@@ -186,7 +186,8 @@ class RayJobsLauncher:
             return self._capacity[1]
         token = ray_auth_token(self.settings)
         try:
-            r = httpx.get(f"{self.settings.dashboard_url}/api/v0/nodes", params={"detail": "1", "limit": "10000"}, timeout=5.0,
+            r = httpx.get(f"{self.settings.dashboard_url}/api/v0/nodes",
+                          params={"detail": "1", "limit": "10000"}, timeout=5.0,
                           headers={"Authorization": f"Bearer {token}"} if token else None)
             rows = r.json()["data"]["result"]["result"] if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):

@@ -65,7 +65,8 @@ class LatencyMiddleware:
             if message["type"] == "http.response.start":
                 route = scope.get("route")
                 path = getattr(route, "path", None) or "<unmatched>"
-                self.metrics.latency.labels(scope["method"], path, str(message["status"])).observe(time.perf_counter() - t0)
+                self.metrics.latency.labels(scope["method"], path, str(message["status"])).observe(
+                    time.perf_counter() - t0)
             await send(message)
 
         await self.app(scope, receive, timed_send)

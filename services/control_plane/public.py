@@ -14,7 +14,8 @@ def _ts(x: float | None) -> datetime | None:
 
 def _common(run: Job | Sweep) -> dict:
     return dict(
-        id=run.id, tenant=run.tenant, name=run.name, state=run.state, message=run.message, created_at=_ts(run.created_at),
+        id=run.id, tenant=run.tenant, name=run.name, state=run.state,
+        message=run.message, created_at=_ts(run.created_at),
         started_at=_ts(run.started_at), finished_at=_ts(run.finished_at), ray_job_id=run.ray_job_id,
         events=run.n_events, artifacts=run.artifacts or {},
     )

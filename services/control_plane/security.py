@@ -133,7 +133,8 @@ def refuse_escaping_paths(paths: dict[tuple[str, ...], str]) -> None:
     filesystem a job writes."""
     errors = [
         {"loc": ("body", *loc), "type": "value_error", "input": path,
-         "msg": "must be a relative path inside the run's own directory (DRPT_RUNS_DIR/<id>): no absolute path, no '..'"}
+         "msg": "must be a relative path inside the run's own directory (DRPT_RUNS_DIR/<id>): no "
+         "absolute path, no '..'"}
         for loc, path in paths.items() if PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts
     ]
     if errors:

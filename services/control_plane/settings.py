@@ -25,7 +25,7 @@
 | `DRPT_PUBLIC_DOCS` | serve `/docs`, `/redoc` and `/openapi.json` without a token (false: `/openapi.json` needs one, no UI) |
 | `DRPT_CORS_ORIGINS` | comma-separated origins (`https://ui.example.org`) whose pages may call the API from a browser; empty: none (no CORS) |
 | `DRPT_STREAM_TOKEN_TTL_S` | how long a stream token (`POST /v1/jobs/{id}/stream-token`) can open its run's stream (900) |
-"""
+"""  # noqa: E501 (Markdown table rows cannot be wrapped)
 
 from __future__ import annotations
 
@@ -50,49 +50,76 @@ TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 def _env(name: str, description: str, default=PydanticUndefined, **kw):
     """A setting read from the environment variable `name` (or, in code, by its field name:
     `name` lower-cased without the DRPT_ prefix)."""
-    return Field(default, validation_alias=AliasChoices(name, name.lower().removeprefix("drpt_")), description=description, **kw)
+    return Field(default, validation_alias=AliasChoices(name, name.lower().removeprefix("drpt_")),
+                 description=description, **kw)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
     api_tokens: Annotated[list[str], NoDecode] = _env("DRPT_API_TOKENS", "Bearer tokens accepted by the API, each "
-                                                      "`token` (tenant 'default') or `tenant:token`.", default_factory=list)
-    admin_tenants: Annotated[list[str], NoDecode] = _env("DRPT_ADMIN_TENANTS", "Tenants whose tokens see and cancel every tenant's runs.",
+                                                      "`token` (tenant 'default') or `tenant:token`.",
+                                                      default_factory=list)
+    admin_tenants: Annotated[list[str], NoDecode] = _env("DRPT_ADMIN_TENANTS",
+                                                         "Tenants whose tokens see and cancel every tenant's runs.",
                                                          default_factory=list)
     max_running_per_tenant: int | None = _env("DRPT_MAX_RUNNING_PER_TENANT", "Runs of one tenant on Ray at once (None: "
                                               "only DRPT_MAX_RUNNING_JOBS).", None, ge=1)
-    read_roots: Annotated[list[Path], NoDecode] = _env("DRPT_READ_ROOTS", "Directories server jobs may read models, data "
-                                                       "and reward models from (symlinks resolved); empty: none.", default_factory=list)
-    max_run_cpus: float | None = _env("DRPT_MAX_RUN_CPUS", "Most CPUs one job or sweep trial may reserve (None: the cluster's).", None, gt=0)
-    max_run_gpus: float | None = _env("DRPT_MAX_RUN_GPUS", "Most GPUs one job or sweep trial may reserve (None: the cluster's).", None, ge=0)
-    cluster_capacity: bool = _env("DRPT_CLUSTER_CAPACITY", "Refuse at submission a job (a sweep trial) that needs more CPUs or "
-                                  "GPUs than the Ray cluster's alive nodes hold; off for an autoscaling cluster.", True)
-    max_kv_cache_gib: float = _env("DRPT_MAX_KV_CACHE_GIB", "Most vLLM KV cache (GiB, over its rollout workers) one job may ask for.", 64.0, gt=0)
-    max_batch_size: int = _env("DRPT_MAX_BATCH_SIZE", "Largest batch_size and target_batch_size a job may ask for.", 4096, ge=1)
+    read_roots: Annotated[list[Path], NoDecode] = _env("DRPT_READ_ROOTS", "Directories server jobs may read models, "
+                                                       "data and reward models from (symlinks resolved); empty: none.",
+                                                       default_factory=list)
+    max_run_cpus: float | None = _env("DRPT_MAX_RUN_CPUS",
+                                      "Most CPUs one job or sweep trial may reserve (None: the cluster's).", None, gt=0)
+    max_run_gpus: float | None = _env("DRPT_MAX_RUN_GPUS",
+                                      "Most GPUs one job or sweep trial may reserve (None: the cluster's).", None, ge=0)
+    cluster_capacity: bool = _env("DRPT_CLUSTER_CAPACITY", "Refuse at submission a job (a sweep trial) that needs more "
+                                  "CPUs or GPUs than the Ray cluster's alive nodes hold; off for an "
+                                  "autoscaling cluster.", True)
+    max_kv_cache_gib: float = _env("DRPT_MAX_KV_CACHE_GIB",
+                                   "Most vLLM KV cache (GiB, over its rollout workers) one job may ask for.",
+                                   64.0, gt=0)
+    max_batch_size: int = _env("DRPT_MAX_BATCH_SIZE",
+                               "Largest batch_size and target_batch_size a job may ask for.", 4096, ge=1)
     database_url: str = _env("DATABASE_URL", "SQLAlchemy database URL.", "sqlite:///./drpt-control-plane.sqlite")
-    ray_address: str = _env("RAY_ADDRESS", "Ray dashboard (Jobs API) URL; empty: http://127.0.0.1:8265, the local Ray `drpt-ray serve` starts.", "")
-    ray_auth_token: str | None = _env("DRPT_RAY_AUTH_TOKEN", "Ray token-auth token for the Jobs API (see launcher.ray_auth_token for the fallbacks).", None)
+    ray_address: str = _env("RAY_ADDRESS",
+                            "Ray dashboard (Jobs API) URL; empty: http://127.0.0.1:8265, the local Ray "
+                            "`drpt-ray serve` starts.", "")
+    ray_auth_token: str | None = _env("DRPT_RAY_AUTH_TOKEN",
+                                      "Ray token-auth token for the Jobs API (see launcher.ray_auth_token for "
+                                      "the fallbacks).", None)
     public_url: str = _env("DRPT_PUBLIC_URL", "Base URL job drivers post their events to.", DEFAULT_URL)
     max_running_jobs: int = _env("DRPT_MAX_RUNNING_JOBS", "Runs (jobs and sweeps) submitted to Ray at once.", 1, ge=1)
     max_body_bytes: int = _env("DRPT_MAX_BODY_BYTES", "Largest accepted request body (413 above).", 1 << 20, ge=1024)
-    runs_dir: Path = _env("DRPT_RUNS_DIR", "Parent of each run's working directory on the Ray head node.", Path("runs/api"))
+    runs_dir: Path = _env("DRPT_RUNS_DIR", "Parent of each run's working directory on the Ray head node.",
+                          Path("runs/api"))
     driver_python: str = _env("DRPT_DRIVER_PYTHON", "Python interpreter the Ray job entrypoint runs.", sys.executable)
-    launcher: Literal["ray", "dry-run"] = _env("DRPT_LAUNCHER", "ray: Ray Jobs API; dry-run: record submissions, run nothing.", "ray")
-    ingest_secret: str | None = _env("DRPT_INGEST_SECRET", "HMAC key of the per-run ingest tokens; None: generated once and kept in the database.", None)
-    poll_interval_s: float = _env("DRPT_POLL_INTERVAL_S", "Supervisor tick: admit queued runs, reconcile active ones with Ray.", 1.0, gt=0)
+    launcher: Literal["ray", "dry-run"] = _env("DRPT_LAUNCHER",
+                                               "ray: Ray Jobs API; dry-run: record submissions, run nothing.", "ray")
+    ingest_secret: str | None = _env("DRPT_INGEST_SECRET",
+                                     "HMAC key of the per-run ingest tokens; None: generated once and kept "
+                                     "in the database.", None)
+    poll_interval_s: float = _env("DRPT_POLL_INTERVAL_S",
+                                  "Supervisor tick: admit queued runs, reconcile active ones with Ray.", 1.0, gt=0)
     sse_heartbeat_s: float = _env("DRPT_SSE_HEARTBEAT_S", "Seconds between SSE keep-alive comments.", 15.0, gt=0)
 
-    public_docs: bool = _env("DRPT_PUBLIC_DOCS", "Serve the interactive docs and the OpenAPI schema without a token.", False)
-    cors_origins: Annotated[list[str], NoDecode] = _env("DRPT_CORS_ORIGINS", "Origins allowed to call the API from a browser (CORS).", default_factory=list)
-    user_code: bool = _env("DRPT_USER_CODE", "Accept jobs that name their own code (a 'module:function' in algorithm.advantage, "
-                           "algorithm.policy_loss or reward.function), from DRPT_USER_CODE_MODULES only; off: built-in names only.", False)
+    public_docs: bool = _env("DRPT_PUBLIC_DOCS",
+                             "Serve the interactive docs and the OpenAPI schema without a token.", False)
+    cors_origins: Annotated[list[str], NoDecode] = _env("DRPT_CORS_ORIGINS",
+                                                        "Origins allowed to call the API from a browser (CORS).",
+                                                        default_factory=list)
+    user_code: bool = _env("DRPT_USER_CODE", "Accept jobs that name their own code (a 'module:function' in "
+                           "algorithm.advantage, algorithm.policy_loss or reward.function), from "
+                           "DRPT_USER_CODE_MODULES only; off: built-in names only.", False)
     user_code_modules: Annotated[list[str], NoDecode] = _env(
         "DRPT_USER_CODE_MODULES", "Comma-separated module prefixes job code may come from when DRPT_USER_CODE is on "
-        "(e.g. mycompany.rl allows mycompany.rl and mycompany.rl.*); the operator installs them on the cluster.", default_factory=list)
+        "(e.g. mycompany.rl allows mycompany.rl and mycompany.rl.*); the operator installs them on the cluster.",
+        default_factory=list)
     max_sweep_trials: int = _env("DRPT_MAX_SWEEP_TRIALS", "Most trials one sweep may run (grid: product of the value "
-                                 "counts x num_samples); a bigger sweep is refused at submission (422).", 256, ge=1, le=MAX_SWEEP_TRIALS)
-    stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S", "Lifetime of a stream token (opening, or reopening, a run's stream).", 900.0, gt=0, le=86400)
+                                 "counts x num_samples); a bigger sweep is refused at submission (422).",
+                                 256, ge=1, le=MAX_SWEEP_TRIALS)
+    stream_token_ttl_s: float = _env("DRPT_STREAM_TOKEN_TTL_S",
+                                     "Lifetime of a stream token (opening, or reopening, a run's stream).",
+                                     900.0, gt=0, le=86400)
 
     @field_validator("api_tokens", "admin_tenants", "cors_origins", "user_code_modules", "read_roots", mode="before")
     @classmethod
@@ -109,7 +136,8 @@ class Settings(BaseSettings):
         for entry in v:
             tenant, t = _split_token(entry)
             if not TENANT.fullmatch(tenant):
-                raise ValueError(f"DRPT_API_TOKENS: tenant {tenant!r} is not a tenant name (lower-case letters, digits, '_', '-')")
+                raise ValueError(f"DRPT_API_TOKENS: tenant {tenant!r} is not a tenant name (lower-case letters, "
+                                 "digits, '_', '-')")
             if len(t) < 16 or t.lower() in PLACEHOLDER_TOKENS:
                 raise ValueError(f"DRPT_API_TOKENS: token {t[:4]}... is too weak; use >= 16 random characters")
         return v
@@ -119,7 +147,8 @@ class Settings(BaseSettings):
     def _tenant_names(cls, v: list[str]) -> list[str]:
         for t in v:
             if not TENANT.fullmatch(t):
-                raise ValueError(f"DRPT_ADMIN_TENANTS: {t!r} is not a tenant name (lower-case letters, digits, '_', '-')")
+                raise ValueError(f"DRPT_ADMIN_TENANTS: {t!r} is not a tenant name (lower-case letters, "
+                                 "digits, '_', '-')")
         return v
 
     @field_validator("read_roots")
@@ -136,7 +165,8 @@ class Settings(BaseSettings):
     def _modules(cls, v: list[str]) -> list[str]:
         for m in v:
             if not all(p.isidentifier() for p in m.split(".")):
-                raise ValueError(f"DRPT_USER_CODE_MODULES: {m!r} is not a module name (dotted identifiers, e.g. mycompany.rl)")
+                raise ValueError(f"DRPT_USER_CODE_MODULES: {m!r} is not a module name (dotted identifiers, "
+                                 "e.g. mycompany.rl)")
         return v
 
     @field_validator("cors_origins")
@@ -159,7 +189,8 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str, info) -> str:
         if v and not v.startswith(("http://", "https://")):
             name = "RAY_ADDRESS" if info.field_name == "ray_address" else "DRPT_PUBLIC_URL"
-            raise ValueError(f"{name} must be an http(s) URL (the Ray dashboard, e.g. http://head:8265, for RAY_ADDRESS), got {v!r}")
+            raise ValueError(f"{name} must be an http(s) URL (the Ray dashboard, e.g. http://head:8265, for "
+                             f"RAY_ADDRESS), got {v!r}")
         return v.rstrip("/")
 
     @property

@@ -43,7 +43,8 @@ def model_of(run_id: str) -> type[Job] | type[Sweep]:
     return Sweep if run_id.startswith("swp_") else Job
 
 
-def get_run(s: Session, run_id: str, for_update: bool = False, kind: str | None = None, scope: str | None = None) -> Job | Sweep:
+def get_run(s: Session, run_id: str, for_update: bool = False,
+            kind: str | None = None, scope: str | None = None) -> Job | Sweep:
     """The job or sweep `run_id` (of `kind` when given, of tenant `scope` when given: a route passes
     its caller's); NotFound otherwise, the same for another tenant's run as for no run. An id no
     version of the store could have written never reaches the database (Postgres refuses a NUL in
@@ -83,7 +84,8 @@ def transition(s: Session, run: Job | Sweep, state: str, message: str | None = N
 # creation and cancel
 
 
-def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None = None, tenant: str = DEFAULT_TENANT) -> Job | Sweep:
+def create(s: Session, kind: str, spec: dict, name: str | None,
+           mode: str | None = None, tenant: str = DEFAULT_TENANT) -> Job | Sweep:
     """A new QUEUED run of `tenant`, added in the caller's write transaction: whatever else the caller
     writes there (an idempotency key) commits with it, or nothing does."""
     fields = dict(id=new_id(kind), tenant=tenant, name=name, state="QUEUED", spec=spec, created_at=now(), artifacts={},
@@ -94,7 +96,8 @@ def create(s: Session, kind: str, spec: dict, name: str | None, mode: str | None
     return run
 
 
-def request_cancel(db: Database, run_id: str, kind: str | None = None, scope: str | None = None) -> tuple[Job | Sweep, str | None]:
+def request_cancel(db: Database, run_id: str, kind: str | None = None,
+                   scope: str | None = None) -> tuple[Job | Sweep, str | None]:
     """Mark the run CANCELLED; returns it and the Ray job to stop (None if it never reached Ray)."""
     with db.write() as s:
         run = get_run(s, run_id, for_update=True, kind=kind, scope=scope)
@@ -136,7 +139,8 @@ def ingest(db: Database, run_id: str, events: list[dict]) -> IngestResult:
             append(s, run, e, seq=e["seq"])
         if fresh:
             run.last_seq = max(run.last_seq, fresh[-1]["seq"])
-        return IngestResult(len(fresh), run.last_seq, run.state in TERMINAL and not was_terminal, [e["type"] for e in fresh])
+        return IngestResult(len(fresh), run.last_seq, run.state in TERMINAL and not was_terminal,
+                            [e["type"] for e in fresh])
 
 
 def _apply(s: Session, run: Job | Sweep, e: dict) -> None:
@@ -158,7 +162,8 @@ def _apply_trial(s: Session, sweep: Sweep, e: dict) -> None:
     key = (sweep.id, str(e["trial_id"]))
     t = s.get(Trial, key)
     if t is None:
-        t = Trial(sweep_id=key[0], trial_id=key[1], config=e.get("config") or {}, state="PENDING", metrics={}, steps=0, updated_at=now())
+        t = Trial(sweep_id=key[0], trial_id=key[1], config=e.get("config") or {},
+                  state="PENDING", metrics={}, steps=0, updated_at=now())
         s.add(t)
         s.flush()
     t.state = e.get("state") or t.state

@@ -101,7 +101,9 @@ class Supervisor:
         for run_id in orphans:
             with self.db.write() as s:
                 run = store.get_run(s, run_id, for_update=True)
-                changed = store.transition(s, run, "FAILED", "reported running with no Ray job behind it (not submitted by this control plane)")
+                changed = store.transition(s, run, "FAILED",
+                                           "reported running with no Ray job behind it (not submitted by "
+                                           "this control plane)")
             if changed:
                 self.notify(run_id)
         with self.db.read() as s:
@@ -110,7 +112,9 @@ class Supervisor:
                 rows = s.execute(
                     select(model.id, model.ray_job_id, model.state, model.ray_status).where(
                         model.ray_job_id.is_not(None),
-                        model.state.in_(ACTIVE) | ((model.state == "CANCELLED") & (model.ray_status.is_(None) | model.ray_status.not_in(RAY_TERMINAL + ("MISSING",)))),
+                        model.state.in_(ACTIVE) | ((model.state == "CANCELLED")
+                                                   & (model.ray_status.is_(None)
+                                                      | model.ray_status.not_in(RAY_TERMINAL + ("MISSING",)))),
                     )
                 ).all()
                 todo += rows
@@ -148,7 +152,8 @@ class Supervisor:
                 return
             queued = []
             for model in (Job, Sweep):  # enough to look past the runs of tenants at their limit
-                queued += s.execute(select(model.id, model.created_at, model.spec, model.tenant).where(model.state == "QUEUED")
+                queued += s.execute(select(model.id, model.created_at, model.spec, model.tenant)
+                                    .where(model.state == "QUEUED")
                                     .order_by(model.created_at).limit(free + ADMIT_LOOKAHEAD)).all()
         for run_id, _, spec, tenant in sorted(queued, key=lambda r: r[1]):
             if free <= 0:
@@ -174,6 +179,7 @@ class Supervisor:
                 store.transition(s, run, "FAILED", error)
             else:
                 run.ray_job_id = ray_job_id
-                run.ray_status = None if run.state == "CANCELLED" else "PENDING"  # cancelled meanwhile: reconcile stops it
+                # cancelled meanwhile: reconcile stops it
+                run.ray_status = None if run.state == "CANCELLED" else "PENDING"
                 store.transition(s, run, "PENDING", f"submitted to Ray as {ray_job_id}")
         self.notify(run_id)

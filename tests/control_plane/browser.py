@@ -24,10 +24,13 @@ def headless_chromium(workdir: Path, window: tuple[int, int] = (1280, 900)) -> I
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})  # for console_errors
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", f"--window-size={window[0]},{window[1]}", f"--user-data-dir={workdir / 'chrome-profile'}"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", f"--window-size={window[0]},{window[1]}",
+                 f"--user-data-dir={workdir / 'chrome-profile'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER, log_output=str(workdir / "chromedriver.log")))
+    driver = webdriver.Chrome(options=options,
+                              service=Service(CHROMEDRIVER, log_output=str(workdir / "chromedriver.log")))
     driver.set_page_load_timeout(30)
     try:
         yield driver
@@ -41,7 +44,8 @@ def chrome(tmp_path):
     """Import it into a test module to use it. Without chromium the test is skipped, except in CI
     (`.ci/run` installs it), where that is a failure."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("no chromium: apt-get install -y chromium chromium-driver")
+        (pytest.fail if os.environ.get("CI")
+         else pytest.skip)("no chromium: apt-get install -y chromium chromium-driver")
     with headless_chromium(tmp_path) as driver:
         yield driver
 
@@ -71,4 +75,5 @@ def shown(driver, css: str) -> bool:
 def console_errors(driver) -> list[str]:
     """Errors logged in the browser's console since the last call: script errors and CSP refusals.
     The line Chromium logs for every 4xx/5xx answer is left out: tests provoke those on purpose."""
-    return [e["message"] for e in driver.get_log("browser") if "Failed to load resource: the server responded" not in e["message"]]
+    return [e["message"]
+            for e in driver.get_log("browser") if "Failed to load resource: the server responded" not in e["message"]]

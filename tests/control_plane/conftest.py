@@ -74,7 +74,8 @@ class Server:
         log = self.workdir / f"server-{self.starts}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.control_plane", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "services.control_plane", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning"],
             cwd=ROOT, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -190,7 +191,8 @@ def server_factory(request, tmp_path):
 def dry_server(request, tmp_path_factory):
     """A control plane with the dry-run launcher (nothing runs), shared by a module's fast tests."""
     workdir = tmp_path_factory.mktemp("dry")
-    s = make_server(workdir, database_url(request, request.param, workdir), DRPT_LAUNCHER="dry-run", DRPT_MAX_RUNNING_JOBS=2).start()
+    s = make_server(workdir, database_url(request, request.param, workdir), DRPT_LAUNCHER="dry-run",
+                    DRPT_MAX_RUNNING_JOBS=2).start()
     yield s
     s.stop()
 

@@ -37,7 +37,8 @@ def test_healthz_needs_no_token_and_openapi_documents_v1(dry_server):
     for path in ("/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/artifacts",
                  "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/metrics"):
         assert path in paths
-    assert paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobSpec")
+    assert (paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            .endswith("/JobSpec"))
 
 
 INGEST = "/v1/ingest/job_0000000000000000"
@@ -52,15 +53,22 @@ BAD = [
     ("missing sweep space", "POST", "/v1/sweeps", {"base": TINY_SFT}, H, 422, ["body.space", "required"]),
     ("wrong type", "POST", "/v1/jobs", {"steps": "many"}, H, 422, ["body.steps", "integer"]),
     ("unknown field", "POST", "/v1/jobs", {"stepz": 5}, H, 422, ["body.stepz", "not permitted"]),
-    ("unknown regularizer", "POST", "/v1/jobs", {"regularizer": {"feasible_set": "magic"}}, H, 422, ["body.regularizer.feasible_set", "layerwise_subset"]),
-    ("negative strength", "POST", "/v1/jobs", {"regularizer": {"frac": -0.5}}, H, 422, ["body.regularizer.frac", "greater than or equal to 0"]),
-    ("negative tau", "POST", "/v1/jobs", {"regularizer": {"tau": -1}}, H, 422, ["body.regularizer.tau", "greater than 0"]),
-    ("unknown advantage", "POST", "/v1/jobs", {"mode": "rlvr", "algorithm": {"advantage": "nope"}}, H, 422, ["body.algorithm.advantage", "grpo"]),
+    ("unknown regularizer", "POST", "/v1/jobs", {"regularizer": {"feasible_set": "magic"}},
+     H, 422, ["body.regularizer.feasible_set", "layerwise_subset"]),
+    ("negative strength", "POST", "/v1/jobs", {"regularizer": {"frac": -0.5}},
+     H, 422, ["body.regularizer.frac", "greater than or equal to 0"]),
+    ("negative tau", "POST", "/v1/jobs", {"regularizer": {"tau": -1}},
+     H, 422, ["body.regularizer.tau", "greater than 0"]),
+    ("unknown advantage", "POST", "/v1/jobs", {"mode": "rlvr", "algorithm": {"advantage": "nope"}},
+     H, 422, ["body.algorithm.advantage", "grpo"]),
     ("inconsistent spec", "POST", "/v1/jobs", {"mode": "rlhf"}, H, 422, ["reward.kind"]),
-    ("fsdp on one worker", "POST", "/v1/jobs", {"resources": {"fsdp": True}}, H, 422, ["resources.learner_num_workers"]),
-    ("two_pass on a layer-wise set", "POST", "/v1/jobs", {"regularizer": {"feasible_set": "layerwise_subset", "passes": "two_pass"}}, H, 422,
+    ("fsdp on one worker", "POST", "/v1/jobs", {"resources": {"fsdp": True}},
+     H, 422, ["resources.learner_num_workers"]),
+    ("two_pass on a layer-wise set", "POST", "/v1/jobs",
+     {"regularizer": {"feasible_set": "layerwise_subset", "passes": "two_pass"}}, H, 422,
      ["body.regularizer", "regularizer.passes", "'layerwise_subset'"]),
-    ("sweep over a non-field", "POST", "/v1/sweeps", {"space": {"regularizer.strength": {"values": [1]}}}, H, 422, ["regularizer.strength", "not a JobSpec field"]),
+    ("sweep over a non-field", "POST", "/v1/sweeps", {"space": {"regularizer.strength": {"values": [1]}}},
+     H, 422, ["regularizer.strength", "not a JobSpec field"]),
     ("bad state filter", "GET", "/v1/jobs?state=DONE", None, H, 422, ["query.state"]),
     ("negative page", "GET", "/v1/jobs?offset=-1", None, H, 422, ["query.offset"]),
     ("huge body", "POST", "/v1/jobs", {"name": "x" * (2 << 20)}, H, 413, ["limit"]),
@@ -69,28 +77,36 @@ BAD = [
     ("unknown job events", "GET", "/v1/jobs/job_0000000000000000/events", None, H, 404, ["no job"]),
     ("unknown job metrics", "GET", "/v1/jobs/job_0000000000000000/metrics", None, H, 404, ["no job"]),
     ("unknown sweep", "GET", "/v1/sweeps/swp_0000000000000000", None, H, 404, ["no sweep"]),
-    ("bad ingest token", "GET", "/v1/ingest/job_0000000000000000", None, {"Authorization": "Bearer not-the-ingest-token"}, 403, ["ingest token"]),
+    ("bad ingest token", "GET", "/v1/ingest/job_0000000000000000", None,
+     {"Authorization": "Bearer not-the-ingest-token"}, 403, ["ingest token"]),
     ("alert without message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3}]}, HI, 422,
      ["body.events.0.alert.message", "field required"]),
-    ("alert with a blank message", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": 3, "message": " "}]}, HI, 422,
+    ("alert with a blank message", "POST", INGEST,
+     {"events": [{"seq": 1, "type": "alert", "step": 3, "message": " "}]}, HI, 422,
      ["body.events.0.alert.message", "pattern"]),
     ("alert with a text step", "POST", INGEST, {"events": [{"seq": 1, "type": "alert", "step": "abc", "message": "x"}]},
      HI, 422, ["body.events.0.alert.step", "integer", "'abc'"]),
     ("unknown driver state", "POST", INGEST, {"events": [{"seq": 1, "type": "state", "state": "EXPLODED"}]}, HI, 422,
      ["body.events.0.state.state", "DIVERGED", "'EXPLODED'"]),
     # issue 13, "what an outside client found": each was a 500, a broken stream, or accepted
-    ("huge offset, jobs", "GET", f"/v1/jobs?offset={2**63}", None, H, 422, ["query.offset", "less than or equal to 9223372036854775807"]),
+    ("huge offset, jobs", "GET", f"/v1/jobs?offset={2**63}", None, H,
+     422, ["query.offset", "less than or equal to 9223372036854775807"]),
     ("huge offset, sweeps", "GET", f"/v1/sweeps?offset={2**63}", None, H, 422, ["query.offset"]),
-    ("huge offset, metrics", "GET", f"/v1/jobs/job_0000000000000000/metrics?offset={2**63}", None, H, 422, ["query.offset"]),
-    ("non-ASCII digit in Last-Event-ID", "GET", "/v1/jobs/job_0000000000000000/events", None, H | {"Last-Event-ID": b"\xb2"}, 422,
+    ("huge offset, metrics", "GET", f"/v1/jobs/job_0000000000000000/metrics?offset={2**63}",
+     None, H, 422, ["query.offset"]),
+    ("non-ASCII digit in Last-Event-ID", "GET",
+     "/v1/jobs/job_0000000000000000/events", None, H | {"Last-Event-ID": b"\xb2"}, 422,
      ["header.last-event-id", "integer"]),
-    ("Last-Event-ID past int64", "GET", "/v1/jobs/job_0000000000000000/events", None, H | {"Last-Event-ID": str(2**63)}, 422,
+    ("Last-Event-ID past int64", "GET", "/v1/jobs/job_0000000000000000/events",
+     None, H | {"Last-Event-ID": str(2**63)}, 422,
      ["header.last-event-id", "less than or equal"]),
     ("after past int64", "GET", f"/v1/sweeps/swp_0000000000000000/events?after={2**63}", None, H, 422, ["query.after"]),
     ("NaN lr", "POST", "/v1/jobs", {"optim": {"lr": float("nan")}}, H, 422, ["body.optim.lr", "finite number"]),
-    ("-Infinity tau", "POST", "/v1/jobs", {"regularizer": {"tau": float("-inf")}}, H, 422, ["body.regularizer.tau", "finite number"]),
+    ("-Infinity tau", "POST", "/v1/jobs", {"regularizer": {"tau": float("-inf")}},
+     H, 422, ["body.regularizer.tau", "finite number"]),
     ("Infinity lr", "POST", "/v1/jobs", {"optim": {"lr": float("inf")}}, H, 422, ["body.optim.lr", "finite number"]),
-    ("NaN in a sweep range", "POST", "/v1/sweeps", {"scheduler": "random", "space": {"optim.lr": {"low": float("nan"), "high": 1.0}}}, H, 422,
+    ("NaN in a sweep range", "POST", "/v1/sweeps",
+     {"scheduler": "random", "space": {"optim.lr": {"low": float("nan"), "high": 1.0}}}, H, 422,
      ["body.space.optim.lr.low", "finite number"]),
     ("bool steps", "POST", "/v1/jobs", {"steps": True}, H, 422, ["body.steps", "valid integer", "(got true)"]),
     ("text steps", "POST", "/v1/jobs", {"steps": "30"}, H, 422, ["body.steps", "valid integer", "'30'"]),
@@ -99,30 +115,42 @@ BAD = [
     ("bool lr", "POST", "/v1/jobs", {"optim": {"lr": True}}, H, 422, ["body.optim.lr", "valid number"]),
     ("number for a flag", "POST", "/v1/jobs", {"progress": 1}, H, 422, ["body.progress", "valid boolean"]),
     ("500 kB name", "POST", "/v1/jobs", {"name": "x" * 500_000}, H, 422, ["body.name", "at most 200 characters"]),
-    ("long sweep name", "POST", "/v1/sweeps", {"name": "x" * 201, "space": {"regularizer.tau": {"values": [1.0]}}}, H, 422, ["body.name", "200"]),
+    ("long sweep name", "POST", "/v1/sweeps",
+     {"name": "x" * 201, "space": {"regularizer.tau": {"values": [1.0]}}}, H, 422, ["body.name", "200"]),
     ("second grid value invalid", "POST", "/v1/sweeps", {"space": {"regularizer.tau": {"values": [1.0, -2.0]}}}, H, 422,
      ["regularizer.tau=-2.0", "greater than 0"]),
-    ("grid value of the wrong type", "POST", "/v1/sweeps", {"space": {"steps": {"values": [5, "30"]}}}, H, 422, ["steps='30'", "valid integer"]),
-    ("range end invalid", "POST", "/v1/sweeps", {"scheduler": "random", "space": {"regularizer.frac": {"low": 0.5, "high": 2.0}}}, H, 422,
+    ("grid value of the wrong type", "POST", "/v1/sweeps",
+     {"space": {"steps": {"values": [5, "30"]}}}, H, 422, ["steps='30'", "valid integer"]),
+    ("range end invalid", "POST", "/v1/sweeps",
+     {"scheduler": "random", "space": {"regularizer.frac": {"low": 0.5, "high": 2.0}}}, H, 422,
      ["regularizer.frac=2.0", "less than or equal to 1"]),
-    ("output_dir climbing out", "POST", "/v1/jobs", {"output_dir": "../../../../srv/x"}, H, 422, ["body.output_dir", "no '..'", "../../../../srv/x"]),
-    ("absolute output_dir", "POST", "/v1/jobs", {"output_dir": "/etc/drpt"}, H, 422, ["body.output_dir", "no absolute path"]),
-    ("absolute sweep output_dir", "POST", "/v1/sweeps", {"output_dir": "/etc/drpt", "space": {"regularizer.tau": {"values": [1.0]}}}, H, 422,
+    ("output_dir climbing out", "POST", "/v1/jobs", {"output_dir": "../../../../srv/x"},
+     H, 422, ["body.output_dir", "no '..'", "../../../../srv/x"]),
+    ("absolute output_dir", "POST", "/v1/jobs", {"output_dir": "/etc/drpt"},
+     H, 422, ["body.output_dir", "no absolute path"]),
+    ("absolute sweep output_dir", "POST", "/v1/sweeps",
+     {"output_dir": "/etc/drpt", "space": {"regularizer.tau": {"values": [1.0]}}}, H, 422,
      ["body.output_dir", "relative path"]),
-    ("sweep base output_dir climbing out", "POST", "/v1/sweeps", {"base": {"output_dir": "a/../../x"}, "space": {"regularizer.tau": {"values": [1.0]}}},
+    ("sweep base output_dir climbing out", "POST", "/v1/sweeps",
+     {"base": {"output_dir": "a/../../x"}, "space": {"regularizer.tau": {"values": [1.0]}}},
      H, 422, ["body.base.output_dir", "no '..'"]),
     ("output_dir searched by a sweep", "POST", "/v1/sweeps", {"space": {"output_dir": {"values": ["/etc"]}}}, H, 422,
      ["'output_dir'", "cannot be searched"]),
     ("ingest seq past int32", "POST", INGEST, {"events": [{"seq": 2**70, "type": "log", "line": "x"}]}, HI, 422,
      ["body.events.0.log.seq", "less than or equal to 2147483647"]),
-    ("metrics step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": "abc", "metrics": {}}]}, HI, 422,
+    ("metrics step as text", "POST", INGEST,
+     {"events": [{"seq": 1, "type": "metrics", "step": "abc", "metrics": {}}]}, HI, 422,
      ["body.events.0.metrics.step", "valid integer", "'abc'"]),
-    ("metrics' own step as text", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"step": "abc"}}]}, HI, 422,
+    ("metrics' own step as text", "POST", INGEST,
+     {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"step": "abc"}}]}, HI, 422,
      ["body.events.0.metrics.metrics", "`step` must be an integer", "'abc'"]),
-    ("NaN metric", "POST", INGEST, {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"loss": float("nan")}}]}, HI, 422,
+    ("NaN metric", "POST", INGEST,
+     {"events": [{"seq": 1, "type": "metrics", "step": 1, "metrics": {"loss": float("nan")}}]}, HI, 422,
      ["body.events.0.metrics.metrics.loss", "finite number"]),
-    ("log without line", "POST", INGEST, {"events": [{"seq": 1, "type": "log"}]}, HI, 422, ["body.events.0.log.line", "field required"]),
-    ("unknown event type", "POST", INGEST, {"events": [{"seq": 1, "type": "gossip"}]}, HI, 422, ["body.events.0", "'gossip'", "'metrics'"]),
+    ("log without line", "POST", INGEST, {"events": [{"seq": 1, "type": "log"}]},
+     HI, 422, ["body.events.0.log.line", "field required"]),
+    ("unknown event type", "POST", INGEST, {"events": [{"seq": 1, "type": "gossip"}]},
+     HI, 422, ["body.events.0", "'gossip'", "'metrics'"]),
     ("unknown event field", "POST", INGEST, {"events": [{"seq": 1, "type": "log", "line": "x", "lvl": 3}]}, HI, 422,
      ["body.events.0.log.lvl", "not permitted"]),
 ]
@@ -133,7 +161,8 @@ def test_bad_input_gets_the_right_4xx_naming_the_problem(dry_server, name, metho
     # json.dumps writes NaN and Infinity as the bare tokens a careless client sends (httpx's json= refuses them)
     content = None if body is None else json.dumps(body)
     with httpx.Client(base_url=dry_server.url, timeout=30) as c:
-        r = c.request(method, path, content=content, headers=headers | ({"Content-Type": "application/json"} if content else {}))
+        r = c.request(method, path, content=content,
+                      headers=headers | ({"Content-Type": "application/json"} if content else {}))
     assert r.status_code == status, r.text
     text = r.text
     assert "Traceback" not in text and 'File "' not in text
@@ -176,7 +205,8 @@ def test_50_concurrent_submissions_are_recorded_once_and_queued(server_factory):
         # a job never submitted has no launcher log: its log is the driver's streamed lines, `tail` the last ones
         queued = next(j["id"] for j in c.get("/v1/jobs", params={"state": "QUEUED"}).json()["items"])
         lines = [{"seq": i + 1, "type": "log", "line": f"line {i}"} for i in range(3)]
-        assert c.post(f"/v1/ingest/{queued}", headers=ingest_headers(queued), json={"events": lines}).json()["stored"] == 3
+        assert c.post(f"/v1/ingest/{queued}", headers=ingest_headers(queued),
+                      json={"events": lines}).json()["stored"] == 3
         assert c.get(f"/v1/jobs/{queued}").json()["ray_job_id"] is None
         assert c.get(f"/v1/jobs/{queued}/logs").text == "line 0\nline 1\nline 2\n"
         assert c.get(f"/v1/jobs/{queued}/logs", params={"tail": 2}).text == "line 1\nline 2\n"
@@ -194,17 +224,22 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
         job = c.post("/v1/jobs", json=TINY_SFT).json()
         jid = job["id"]
         # the supervisor launches the job asynchronously; the logs assert below needs it launched
-        wait_for(lambda: c.get(f"/v1/jobs/{jid}").json()["ray_job_id"] is not None, 30, "the supervisor to launch the job")
+        wait_for(lambda: c.get(f"/v1/jobs/{jid}").json()["ray_job_id"] is not None,
+                 30, "the supervisor to launch the job")
         batch = [{"seq": 1, "type": "state", "state": "RUNNING"}] + [
-            {"seq": i + 2, "type": "metrics", "step": i, "metrics": {"step": i, "loss": 1.0 / (i + 1)}} for i in range(5)
+            {"seq": i + 2, "type": "metrics", "step": i, "metrics": {"step": i, "loss": 1.0 / (i + 1)}}
+            for i in range(5)
         ]
-        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": batch}).json() == {"stored": 6, "last_seq": 6}
+        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid),
+                      json={"events": batch}).json() == {"stored": 6, "last_seq": 6}
         again = batch[3:] + [{"seq": 7, "type": "log", "line": "hello"}]  # a retried batch overlapping the first
-        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": again}).json() == {"stored": 1, "last_seq": 7}
+        assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid),
+                      json={"events": again}).json() == {"stored": 1, "last_seq": 7}
         assert c.get(f"/v1/ingest/{jid}", headers=ingest_headers(jid)).json()["last_seq"] == 7
         steps = [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics").json()["items"]]
         assert steps == [0, 1, 2, 3, 4]
-        assert [m["step"] for m in c.get(f"/v1/jobs/{jid}/metrics", params={"offset": 3, "limit": 10}).json()["items"]] == [3, 4]
+        assert [m["step"]
+                for m in c.get(f"/v1/jobs/{jid}/metrics", params={"offset": 3, "limit": 10}).json()["items"]] == [3, 4]
 
         first = sse_events(c, f"/v1/jobs/{jid}/events?follow=false")
         ids = [int(e.id) for e in first if e.id]
@@ -215,10 +250,12 @@ def test_ingest_is_idempotent_and_sse_resumes_after_last_event_id(dry_server):
 
         # a follower attached now gets the live tail, then `end` after the driver's SUCCEEDED
         got: list = []
-        t = threading.Thread(target=lambda: got.extend(sse_events(c, f"/v1/jobs/{jid}/events", headers={"Last-Event-ID": str(ids[-1])})))
+        t = threading.Thread(target=lambda: got.extend(sse_events(c, f"/v1/jobs/{jid}/events",
+                                                                  headers={"Last-Event-ID": str(ids[-1])})))
         t.start()
-        c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": [{"seq": 8, "type": "state", "state": "SUCCEEDED", "message": None,
-                                                       "artifacts": {"output_dir": "/nonexistent/out"}}]})
+        c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid),
+               json={"events": [{"seq": 8, "type": "state", "state": "SUCCEEDED", "message": None,
+                                 "artifacts": {"output_dir": "/nonexistent/out"}}]})
         t.join(30)
         assert not t.is_alive()
         assert [(e.event, e.json().get("state")) for e in got] == [("state", "SUCCEEDED"), ("end", "SUCCEEDED")]

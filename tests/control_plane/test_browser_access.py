@@ -29,8 +29,10 @@ const show = (type, e) => {
   document.getElementById("events").appendChild(li);
 };
 for (const type of ["state", "metrics", "log"]) source.addEventListener(type, e => show(type, e));
-source.addEventListener("end", e => { show("end", e); source.close(); document.getElementById("status").textContent = "ended"; });
-source.onerror = () => { if (source.readyState === EventSource.CLOSED) document.getElementById("status").textContent = "refused"; };
+source.addEventListener("end", e => { show("end", e); source.close(); \
+document.getElementById("status").textContent = "ended"; });
+source.onerror = () => { if (source.readyState === EventSource.CLOSED) \
+document.getElementById("status").textContent = "refused"; };
 </script>"""
 
 
@@ -51,15 +53,19 @@ def test_a_stream_token_opens_its_own_runs_stream_only(dry_server):
         assert minted["events_url"] == f"/v1/jobs/{jid}/events?stream_token={minted['token']}"
         assert TOKEN not in minted["events_url"]
         assert c.post("/v1/jobs/job_0000000000000000/stream-token").status_code == 404
-        sweep_token = c.post(f"/v1/sweeps/{c.post('/v1/sweeps', json={'space': {'seed': {'values': [0]}}}).json()['id']}/stream-token")
+        sweep_token = c.post(
+            f"/v1/sweeps/{c.post('/v1/sweeps', json={'space': {'seed': {'values': [0]}}}).json()['id']}/stream-token")
         assert sweep_token.status_code == 200 and sweep_token.json()["events_url"].startswith("/v1/sweeps/swp_")
     with httpx.Client(base_url=dry_server.url, timeout=30) as anon:  # no Authorization header from here on
-        events = [(e.event, e.json().get("line") or e.json().get("state")) for e in sse_events(anon, minted["events_url"])]
-        assert ("log", "hello") in events and events[-1] == ("end", "SUCCEEDED")  # (the supervisor's state events before)
+        events = [(e.event, e.json().get("line") or e.json().get("state"))
+                  for e in sse_events(anon, minted["events_url"])]
+        # (the supervisor's state events before)
+        assert ("log", "hello") in events and events[-1] == ("end", "SUCCEEDED")
         token = minted["token"]
         for path, status in [(f"/v1/jobs/{other}/events?stream_token={token}", 403),  # another job's stream
                              (f"/v1/jobs/{jid}/events?stream_token={TOKEN}", 403),  # the API token is no stream token
-                             (f"/v1/jobs/{jid}/events?stream_token=9999999999.{token.split('.')[1]}", 403),  # a forged expiry
+                             # a forged expiry
+                             (f"/v1/jobs/{jid}/events?stream_token=9999999999.{token.split('.')[1]}", 403),
                              (f"/v1/jobs/{jid}/events", 401),
                              (f"/v1/jobs/{jid}?stream_token={token}", 401),  # it opens the stream, nothing else
                              (f"/v1/ingest/{jid}?stream_token={token}", 401)]:
@@ -81,7 +87,8 @@ def test_a_stream_token_expires_and_an_ingest_token_is_none():
 @ONE_BACKEND
 def test_cors_answers_the_listed_origins_only(server_factory):
     s = server_factory("cors", DRPT_LAUNCHER="dry-run", DRPT_CORS_ORIGINS="http://ui.example.test, http://localhost:5173")
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     with httpx.Client(base_url=s.url, timeout=30) as c:
         ok = c.options("/v1/jobs", headers=preflight | {"Origin": "http://ui.example.test"})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://ui.example.test"
@@ -113,7 +120,8 @@ def page_server(tmp_path):
     """The page on its own origin (another port than the API's)."""
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "follow.html").write_text(PAGE)
-    httpd = ThreadingHTTPServer((PAGE_ORIGIN_HOST, free_port()), partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
+    httpd = ThreadingHTTPServer((PAGE_ORIGIN_HOST, free_port()),
+                                partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://{PAGE_ORIGIN_HOST}:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -121,7 +129,8 @@ def page_server(tmp_path):
 
 def page_events(driver) -> list[tuple[str, str, str]]:
     return driver.execute_script(
-        "return [...document.querySelectorAll('#events li')].map(li => [li.dataset.type, li.dataset.id, li.textContent]);")
+        "return [...document.querySelectorAll('#events li')].map(li => [li.dataset.type, li.dataset.id, "
+        "li.textContent]);")
 
 
 @ONE_BACKEND
@@ -137,14 +146,16 @@ def test_headless_chromium_follows_a_jobs_stream_live(server_factory, page_serve
         wait_for(lambda: len(page_events(chrome)) >= 1, 30, "the page to receive the stored event")
         # the job goes on while the page is open: these arrive live
         for step in range(3):
-            ingest(c, jid, [{"seq": step + 2, "type": "metrics", "step": step, "metrics": {"step": step, "loss": 1.0 / (step + 1)}}])
+            ingest(c, jid, [{"seq": step + 2, "type": "metrics", "step": step,
+                             "metrics": {"step": step, "loss": 1.0 / (step + 1)}}])
             time.sleep(0.2)
         ingest(c, jid, [{"seq": 5, "type": "state", "state": "SUCCEEDED"}])
         wait_for(lambda: chrome.find_element("id", "status").text == "ended", 30, "the page to receive the end event")
     got = page_events(chrome)  # (the supervisor's own state events are among them)
     ids = [int(i) for t, i, _ in got if t != "end"]
     assert ids == sorted(set(ids)) and got[-1][0] == "end" and got[-2][0] == "state"
-    losses = [chrome.execute_script("return JSON.parse(arguments[0]).metrics.loss;", d) for t, _, d in got if t == "metrics"]
+    losses = [chrome.execute_script("return JSON.parse(arguments[0]).metrics.loss;", d)
+              for t, _, d in got if t == "metrics"]
     assert losses == [1.0, 0.5, 1 / 3]
 
 
@@ -152,7 +163,8 @@ def test_headless_chromium_follows_a_jobs_stream_live(server_factory, page_serve
 def test_headless_chromium_is_refused_from_an_unlisted_origin_or_without_a_token(server_factory, page_server, chrome):
     from urllib.parse import urlencode
 
-    s = server_factory("browser-refused", DRPT_LAUNCHER="dry-run", DRPT_CORS_ORIGINS="http://ui.example.test")  # not the page's origin
+    # not the page's origin
+    s = server_factory("browser-refused", DRPT_LAUNCHER="dry-run", DRPT_CORS_ORIGINS="http://ui.example.test")
     with s.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
         ingest(c, jid, [{"seq": 1, "type": "state", "state": "SUCCEEDED"}])

@@ -25,7 +25,8 @@ def drive(http: httpx.Client, run_id: str, events: list[dict]) -> None:
 
 
 def metrics(seqs: range, first_step: int) -> list[dict]:
-    return [{"seq": q, "type": "metrics", "step": first_step + i, "metrics": {"step": first_step + i, "loss": 1.0 / (q + 1)}}
+    return [{"seq": q, "type": "metrics", "step": first_step + i,
+             "metrics": {"step": first_step + i, "loss": 1.0 / (q + 1)}}
             for i, q in enumerate(seqs)]
 
 
@@ -34,7 +35,8 @@ def test_submit_wait_and_metrics(dry_server, monkeypatch):
     job = client.submit(JobSpec(mode="sft", steps=3, eval_every=3, progress=False), idempotency_key="sdk-submit-1")
     assert job.info.steps == 3 and job.info.state in ("QUEUED", "PENDING")
     # the same submission retried under its key is the same job, not a second one
-    assert client.submit(JobSpec(mode="sft", steps=3, eval_every=3, progress=False), idempotency_key="sdk-submit-1").id == job.id
+    assert client.submit(JobSpec(mode="sft", steps=3, eval_every=3, progress=False),
+                         idempotency_key="sdk-submit-1").id == job.id
 
     def driver():
         time.sleep(1.0)  # wait() is already polling
@@ -103,7 +105,8 @@ def test_events_resume_across_a_restart_with_no_gap_and_no_duplicate(server_fact
     ids = [ev.id for ev in seen[:-1]]
     assert ids == list(range(1, len(ids) + 1)) and ids[-1] == job.refresh().events
     assert [ev.step for ev in seen if isinstance(ev, MetricsReport)] == list(range(20))
-    assert isinstance(seen[0], StateChange) and seen[0].state == "QUEUED" and seen[0].seq is None  # the control plane's own
+    # the control plane's own
+    assert isinstance(seen[0], StateChange) and seen[0].state == "QUEUED" and seen[0].seq is None
     assert isinstance(seen[-1], End) and seen[-1].state == "SUCCEEDED"
 
 
@@ -113,14 +116,17 @@ def test_a_sweeps_trials_and_best(dry_server, capsys):
                                  "metric": "eval/target_loss", "mode": "min"})
     assert sweep.best() is None and sweep.trials() == []
     losses = {"t0": 0.9, "t1": 0.4, "t2": 0.7}
-    trials = [{"seq": i + 1, "type": "trial", "trial_id": tid, "config": {"regularizer.tau": tau}, "state": "TERMINATED",
-               "metrics": {"step": 20, "eval/target_loss": losses[tid]}} for i, (tid, tau) in enumerate(zip(losses, (0.5, 1.0, 2.0)))]
+    trials = [{"seq": i + 1, "type": "trial", "trial_id": tid,
+               "config": {"regularizer.tau": tau}, "state": "TERMINATED",
+               "metrics": {"step": 20, "eval/target_loss": losses[tid]}}
+              for i, (tid, tau) in enumerate(zip(losses, (0.5, 1.0, 2.0)))]
     with dry_server.http() as c:
         drive(c, sweep.id, trials)
         best = sweep.best()  # before the driver's pick: the best last value of the metric (min)
         assert (best.trial_id, best.config, best.value) == ("t1", {"regularizer.tau": 1.0}, 0.4)
         assert [(t.trial_id, t.state) for t in sweep.trials()] == [(tid, "TERMINATED") for tid in losses]
-        drive(c, sweep.id, [{"seq": 4, "type": "sweep", "state": "TERMINATED", "metric": "eval/target_loss", "mode": "min",
+        drive(c, sweep.id, [{"seq": 4, "type": "sweep", "state": "TERMINATED",
+                             "metric": "eval/target_loss", "mode": "min",
                              "best_trial_id": "t1", "best_value": 0.4, "best_config": {"regularizer.tau": 1.0}},
                             {"seq": 5, "type": "state", "state": "SUCCEEDED"}])
     assert sweep.wait(timeout=30) == "SUCCEEDED" and sweep.best().trial_id == "t1"
@@ -129,12 +135,14 @@ def test_a_sweeps_trials_and_best(dry_server, capsys):
     assert typed[-1].best_config == {"regularizer.tau": 1.0}
     assert cli.main(["status", sweep.id, "--url", dry_server.url, "--token", TOKEN]) == 0  # the CLI's trial table
     table = capsys.readouterr().out
-    assert f"{sweep.id}  SUCCEEDED  metric=eval/target_loss (min)" in table and 'best: t1 {"regularizer.tau": 1.0} value=0.4' in table
+    assert (f"{sweep.id}  SUCCEEDED  metric=eval/target_loss (min)" in table
+            and 'best: t1 {"regularizer.tau": 1.0} value=0.4' in table)
 
 
 def test_cli_prints_the_field_path_of_a_refused_spec_and_exits_2(dry_server, tmp_path, capsys):
     spec = tmp_path / "job.yaml"
-    spec.write_text("mode: sft\nsteps: 20\noutput_dir: /etc/drpt\n")  # valid locally; the server decides where runs write
+    # valid locally; the server decides where runs write
+    spec.write_text("mode: sft\nsteps: 20\noutput_dir: /etc/drpt\n")
     assert cli.main(["submit", str(spec), "--url", dry_server.url, "--token", TOKEN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("drpt-ray: error: POST /v1/jobs: HTTP 422: body.output_dir:") and "absolute" in err

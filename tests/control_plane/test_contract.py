@@ -32,15 +32,18 @@ def test_every_route_declares_its_error_statuses_with_the_one_error_shape(dry_se
             expected |= {409}
         assert declared == expected, (method, path)
         for code in declared:
-            assert op["responses"][str(code)]["content"]["application/json"]["schema"]["$ref"] == ERROR_REF, (method, path, code)
+            assert op["responses"][str(code)]["content"]["application/json"]["schema"]["$ref"] == ERROR_REF, (
+                method, path, code)
 
 
 @pytest.mark.parametrize("path", BODY_ROUTES)
-@pytest.mark.parametrize("body", [b"{bad", b"\xff\xfe", b"", b"[1]"], ids=["not JSON", "not UTF-8", "empty", "not an object"])
+@pytest.mark.parametrize("body", [b"{bad", b"\xff\xfe", b"", b"[1]"],
+                         ids=["not JSON", "not UTF-8", "empty", "not an object"])
 def test_a_body_that_is_not_a_json_object_is_a_422_on_every_route(dry_server, path, body):
     # FastAPI's own answer to a non-UTF-8 body was a 400 while a JSON syntax error was a 422
     with httpx.Client(base_url=dry_server.url, timeout=30) as c:
-        auth = ingest_headers(path.rpartition("/")[2]) if path.startswith("/v1/ingest/") else H  # the driver's token there
+        # the driver's token there
+        auth = ingest_headers(path.rpartition("/")[2]) if path.startswith("/v1/ingest/") else H
         r = c.post(path, content=body, headers=auth | {"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     err = ErrorResponse.model_validate(r.json())

@@ -56,10 +56,12 @@ def test_the_pages_are_served_without_a_token_and_hold_only_their_own_scripts(se
         assert anon.get("/ui", follow_redirects=False).status_code in (307, 308)
         page = anon.get("/ui/")
         assert page.status_code == 200 and 'src="js/app.js"' in page.text
-        assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self' covers it: no inline script
+        # default-src 'self' covers it: no inline script
+        assert "script-src" not in page.headers["content-security-policy"]
         assert "default-src 'self'" in page.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
-        assert anon.get("/ui/js/app.js").headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
+        assert anon.get("/ui/js/app.js").headers["content-type"].split(";")[0] in ("text/javascript",
+                                                                                   "application/javascript")
         assert anon.get("/v1/jobs").status_code == 401  # the data is behind the token still
         assert anon.get("/ui/nothing.js").json()["message"]  # a 404 in the API's one shape
 
@@ -91,17 +93,22 @@ def test_a_running_jobs_curves_grow_as_its_metrics_arrive(server, browser):
         wait_for(lambda: text(browser, "#state") == "RUNNING", 30, "the job page")
         assert shown(browser, "#no-metrics") and not shown(browser, '[data-chart="reward"]')
         for step in range(4):
-            metrics = {"step": step, "reward/reward_mean": 0.2 + 0.1 * step, "reg/kept_frac_mean": 0.5, "reg/cos": 0.3 + 0.05 * step,
+            metrics = {"step": step, "reward/reward_mean": 0.2 + 0.1 * step,
+                       "reg/kept_frac_mean": 0.5, "reg/cos": 0.3 + 0.05 * step,
                        "time/gen": 0.8, "time/update": 0.2}
             if step % 2:
                 metrics["eval/target_reward"] = 0.5 + 0.1 * step
             ingest(c, jid, [{"seq": step + 1, "type": "metrics", "step": step, "metrics": metrics}])
-            wait_for(lambda: points(browser, "reward", "reward/reward_mean") == step + 1, 30, f"the reward curve's point {step + 1}")
-        assert [points(browser, chart, series) for chart, series in [("target", "eval/target_reward"), ("kept", "reg/kept_frac_mean"),
+            wait_for(lambda: points(browser, "reward", "reward/reward_mean") == step + 1,
+                     30, f"the reward curve's point {step + 1}")
+        assert [points(browser, chart, series) for chart, series in [("target", "eval/target_reward"),
+                                                                     ("kept", "reg/kept_frac_mean"),
                 ("cos", "reg/cos"), ("time", "time/gen"), ("time", "time/update")]] == [2, 4, 4, 4, 4]
-        assert not shown(browser, '[data-chart="loss"]') and not shown(browser, "#no-metrics")  # no loss reported: no loss chart
+        # no loss reported: no loss chart
+        assert not shown(browser, '[data-chart="loss"]') and not shown(browser, "#no-metrics")
         assert "3/20" in text(browser, "#progress")
-        ingest(c, jid, [{"seq": 5, "type": "log", "line": "step 3 <b>done</b>"}, {"seq": 6, "type": "alert", "step": 3, "message": "reward std collapsed"}])
+        ingest(c, jid, [{"seq": 5, "type": "log", "line": "step 3 <b>done</b>"},
+                        {"seq": 6, "type": "alert", "step": 3, "message": "reward std collapsed"}])
         wait_for(lambda: "step 3 <b>done</b>" in text(browser, "#logs"), 30, "the log line, as text")
         assert "step 3: reward std collapsed" in text(browser, "#alerts")
 
@@ -125,11 +132,13 @@ def test_a_sweep_shows_its_trials_and_the_metric_against_the_strength(server, br
         open_dashboard(browser, server.url, TOKEN, f"#/sweep/{sid}")
         wait_for(lambda: text(browser, "#trials") == "No trials yet.", 30, "the sweep page")
         for i, (frac, loss) in enumerate(zip(fracs, losses)):
-            ingest(c, sid, [{"seq": i + 1, "type": "trial", "trial_id": f"t{i}", "config": {"regularizer.frac": frac}, "state": "TERMINATED",
+            ingest(c, sid, [{"seq": i + 1, "type": "trial", "trial_id": f"t{i}",
+                             "config": {"regularizer.frac": frac}, "state": "TERMINATED",
                              "metrics": {"step": 20, "eval/target_loss": loss}}])
         wait_for(lambda: points(browser, "strength", "eval/target_loss") == 5, 30, "a point per trial")
         rows = [r.text.split() for r in browser.find_elements(By.CSS_SELECTOR, "#trials tbody tr")]
-        assert [(r[0], float(r[1]), float(r[4])) for r in rows] == [(f"t{i}", f, loss) for i, (f, loss) in enumerate(zip(fracs, losses))]
+        assert ([(r[0], float(r[1]), float(r[4])) for r in rows]
+                == [(f"t{i}", f, loss) for i, (f, loss) in enumerate(zip(fracs, losses))])
         assert "best: t2" in text(browser, "#best")
 
 
@@ -144,7 +153,8 @@ def test_a_refused_submission_shows_each_error_next_to_its_field(server, browser
     wait_for(lambda: text(browser, "#error-regularizer\\.frac"), 30, "the 422 next to the field")
     assert "greater than or equal to 0" in text(browser, "#error-regularizer\\.frac")
     assert field("regularizer.frac").get_attribute("aria-invalid") == "true"
-    assert "stepz: Extra inputs are not permitted" in text(browser, "#error-json")  # a path set in the JSON box: under it
+    # a path set in the JSON box: under it
+    assert "stepz: Extra inputs are not permitted" in text(browser, "#error-json")
     assert "body.regularizer.frac" in text(browser, "#summary")
     assert text(browser, "#error-steps") == ""
     # fixed, it goes through and the page moves to the new job

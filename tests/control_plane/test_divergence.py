@@ -18,7 +18,8 @@ from services.control_plane.supervisor import Supervisor
 from tests.control_plane.conftest import TOKEN, ingest_headers, ingest_token
 from tests.control_plane.test_api import TINY_SFT, sse_events
 
-COLLAPSE = "batch reward std < 1e-06 for 3 consecutive steps (zero_variance_steps=3): every advantage is 0, nothing is learned"
+COLLAPSE = ("batch reward std < 1e-06 for 3 consecutive steps (zero_variance_steps=3): every advantage is 0, "
+            "nothing is learned")
 
 
 def _diverged_job(c, jid: str) -> None:
@@ -27,9 +28,11 @@ def _diverged_job(c, jid: str) -> None:
         {"seq": 1, "type": "state", "state": "RUNNING", "message": None},
         {"seq": 2, "type": "metrics", "step": 3, "metrics": {"step": 3}},
         {"seq": 3, "type": "alert", "step": 3, "message": COLLAPSE},
-        {"seq": 4, "type": "state", "state": "DIVERGED", "message": COLLAPSE, "artifacts": {"output_dir": "/nonexistent/out"}},
+        {"seq": 4, "type": "state", "state": "DIVERGED", "message": COLLAPSE,
+         "artifacts": {"output_dir": "/nonexistent/out"}},
     ]
-    assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": batch}).json() == {"stored": 4, "last_seq": 4}
+    assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid),
+                  json={"events": batch}).json() == {"stored": 4, "last_seq": 4}
 
 
 def test_reporter_alert_is_stored_and_streamed_as_an_alert_event(dry_server):
@@ -51,7 +54,8 @@ def test_diverged_is_a_final_state_that_later_driver_states_do_not_move(dry_serv
     with dry_server.http() as c:
         jid = c.post("/v1/jobs", json=TINY_SFT).json()["id"]
         _diverged_job(c, jid)
-        later = [{"seq": 5, "type": "state", "state": "RUNNING"}, {"seq": 6, "type": "state", "state": "SUCCEEDED", "message": None}]
+        later = [{"seq": 5, "type": "state", "state": "RUNNING"},
+                 {"seq": 6, "type": "state", "state": "SUCCEEDED", "message": None}]
         assert c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": later}).json()["stored"] == 2
         job = c.get(f"/v1/jobs/{jid}").json()
         assert job["state"] == "DIVERGED" and job["message"] == COLLAPSE and job["finished_at"] is not None
@@ -76,7 +80,8 @@ def test_supervisor_keeps_diverged_when_ray_reports_the_driver_failed(db):
         launcher.submitted[run_id] = "FAILED"
     sup.tick()
     with db.read() as s:
-        got = {run_id: (store.get_run(s, run_id).state, store.get_run(s, run_id).message) for run_id in (diverged, silent)}
+        got = {run_id: (store.get_run(s, run_id).state, store.get_run(s, run_id).message)
+               for run_id in (diverged, silent)}
     assert got[diverged] == ("DIVERGED", COLLAPSE)
     assert got[silent] == ("FAILED", "Ray: dry-run launcher")  # the same tick did reconcile: the check is not vacuous
 

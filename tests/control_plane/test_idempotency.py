@@ -41,7 +41,8 @@ def test_a_retried_submission_creates_one_run_and_gets_the_first_answer(dry_serv
 def test_concurrent_retries_create_one_job(dry_server):
     body = TINY_SFT | {"name": "burst"}
     with dry_server.http() as c, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "burst"}), range(16)))
+        answers = list(pool.map(lambda _: c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "burst"}),
+                                range(16)))
         assert {r.status_code for r in answers} == {201}
         assert len({r.json()["id"] for r in answers}) == 1
         assert len(named(c, "jobs", "burst")) == 1
@@ -49,10 +50,12 @@ def test_concurrent_retries_create_one_job(dry_server):
 
 def test_the_same_key_with_another_body_is_a_422_naming_the_header(dry_server):
     with dry_server.http() as c:
-        assert c.post("/v1/jobs", json=TINY_SFT | {"name": "first"}, headers={"Idempotency-Key": "reused"}).status_code == 201
+        assert c.post("/v1/jobs", json=TINY_SFT | {"name": "first"},
+                      headers={"Idempotency-Key": "reused"}).status_code == 201
         r = c.post("/v1/jobs", json=TINY_SFT | {"name": "second"}, headers={"Idempotency-Key": "reused"})
         assert r.status_code == 422, r.text
-        assert r.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"] and "different request" in r.json()["message"]
+        assert (r.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+                and "different request" in r.json()["message"])
         assert named(c, "jobs", "second") == []
         # a sweep body under a job's key is another request too
         assert c.post("/v1/sweeps", json=SWEEP, headers={"Idempotency-Key": "reused"}).status_code == 422

@@ -27,7 +27,9 @@ def strict_loads(text: str):
 
 
 def report(c, jid: str, seq: int, output_dir: str) -> None:
-    r = c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid), json={"events": [{"seq": seq, "type": "state", "state": "RUNNING", "artifacts": {"output_dir": output_dir}}]})
+    r = c.post(f"/v1/ingest/{jid}", headers=ingest_headers(jid),
+               json={"events": [{"seq": seq, "type": "state", "state": "RUNNING",
+                                 "artifacts": {"output_dir": output_dir}}]})
     assert r.status_code == 200, r.text
 
 
@@ -39,7 +41,8 @@ def test_artifacts_are_listed_only_inside_the_jobs_own_directory(dry_server):
         (own / "checkpoints" / "step_2").mkdir(parents=True)
         (own / "metrics.jsonl").write_text("{}\n")
         (own / "host_file").symlink_to(dry_server.workdir / "control_plane.sqlite")  # a link out is not listed
-        outside = [str(dry_server.workdir), "/etc", f"{runs / jid}/../.."]  # the server's own files, the host's, '..' out
+        # the server's own files, the host's, '..' out
+        outside = [str(dry_server.workdir), "/etc", f"{runs / jid}/../.."]
         for seq, path in enumerate(outside, start=1):
             report(c, jid, seq, path)
             art = c.get(f"/v1/jobs/{jid}/artifacts").json()
@@ -96,12 +99,14 @@ def test_what_stays_valid_is_still_accepted(dry_server):
     pair, a relative output_dir, a 200-character name, every value of a valid grid and range."""
     job = TINY_SFT | {"name": "n" * 200, "output_dir": "outputs/lr-1", "optim": {"lr": 1, "betas": [0.9, 0.95]}}
     sweep = {"base": TINY_SFT, "output_dir": "tau", "space": {"regularizer.tau": {"values": [0.5, 1, 2.0]}}}
-    ranged = {"base": TINY_SFT, "scheduler": "random", "space": {"batch_size": {"low": 1.5, "high": 8}}}  # int field: draws 2..8
+    # int field: draws 2..8
+    ranged = {"base": TINY_SFT, "scheduler": "random", "space": {"batch_size": {"low": 1.5, "high": 8}}}
     with dry_server.http() as c:
         r = c.post("/v1/jobs", json=job)
         assert r.status_code == 201, r.text
         spec = r.json()["spec"]
-        assert spec["optim"]["lr"] == 1.0 and spec["optim"]["betas"] == [0.9, 0.95] and spec["output_dir"] == "outputs/lr-1"
+        assert (spec["optim"]["lr"] == 1.0 and spec["optim"]["betas"] == [0.9, 0.95]
+                and spec["output_dir"] == "outputs/lr-1")
         for body in (sweep, ranged):
             r = c.post("/v1/sweeps", json=body)
             assert r.status_code == 201, r.text

@@ -51,13 +51,20 @@ def test_a_pre_alembic_database_upgrades_in_place_with_its_rows(request, backend
         return old.tables[name]
 
     with legacy.begin() as conn:  # rows as the old version wrote them
-        run = dict(state="RUNNING", message=None, created_at=1.0e9, started_at=1.0e9 + 5, finished_at=None, ray_job_id="raysubmit_1",
-                   ray_status="RUNNING", cancel_requested=False, last_seq=2, n_events=3, artifacts={"output_dir": "runs/api/x"})
-        conn.execute(table("jobs").insert(), [run | dict(id="job_old", name="old job", spec={"steps": 3}, mode="sft", last_step=1)])
-        conn.execute(table("sweeps").insert(), [run | dict(id="swp_old", name=None, spec={"metric": "loss", "mode": "min"}, best=None)])
-        conn.execute(table("trials").insert(), [dict(sweep_id="swp_old", trial_id="t0", config={"lr": 0.1}, state="RUNNING",
-                                                     metrics={"loss": 1.5}, value=1.5, best_value=1.5, steps=2, error=None, updated_at=1.0e9)])
-        conn.execute(table("events").insert(), [dict(run_id="job_old", pos=i + 1, seq=i or None, type=t, data={"type": t}, created_at=1.0e9)
+        run = dict(state="RUNNING", message=None, created_at=1.0e9,
+                   started_at=1.0e9 + 5, finished_at=None, ray_job_id="raysubmit_1",
+                   ray_status="RUNNING", cancel_requested=False, last_seq=2,
+                   n_events=3, artifacts={"output_dir": "runs/api/x"})
+        conn.execute(table("jobs").insert(),
+                     [run | dict(id="job_old", name="old job", spec={"steps": 3}, mode="sft", last_step=1)])
+        conn.execute(table("sweeps").insert(),
+                     [run | dict(id="swp_old", name=None, spec={"metric": "loss", "mode": "min"}, best=None)])
+        conn.execute(table("trials").insert(), [dict(sweep_id="swp_old", trial_id="t0",
+                                                     config={"lr": 0.1}, state="RUNNING",
+                                                     metrics={"loss": 1.5}, value=1.5, best_value=1.5,
+                                                     steps=2, error=None, updated_at=1.0e9)])
+        conn.execute(table("events").insert(), [dict(run_id="job_old", pos=i + 1, seq=i or None,
+                                                     type=t, data={"type": t}, created_at=1.0e9)
                                                 for i, t in enumerate(("state", "state", "metrics"))])
         conn.execute(table("meta").insert(), [dict(key="ingest_secret", value="kept")])
     before = snapshot(legacy, old)
@@ -81,5 +88,6 @@ def snapshot(engine: Engine, old: MetaData) -> dict[str, list]:
         out = {}
         for t in PRE_ALEMBIC_TABLES:
             cols = [Base.metadata.tables[t].columns[c.name] for c in old.tables[t].columns]
-            out[t] = [tuple(r) for r in conn.execute(select(*cols).order_by(*Base.metadata.tables[t].primary_key.columns))]
+            out[t] = [tuple(r)
+                      for r in conn.execute(select(*cols).order_by(*Base.metadata.tables[t].primary_key.columns))]
         return out

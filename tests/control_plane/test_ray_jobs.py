@@ -39,7 +39,8 @@ def ray_server(ray_cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("raycp")
     (workdir / "data").mkdir()
     (workdir / "data" / "broken.jsonl").write_text("this line is not JSON\n")  # readable, but no dataset
-    s = make_server(workdir, RAY_ADDRESS=ray_cluster.dashboard_url, DRPT_MAX_RUNNING_JOBS=1, DRPT_READ_ROOTS=str(workdir / "data")).start()
+    s = make_server(workdir, RAY_ADDRESS=ray_cluster.dashboard_url,
+                    DRPT_MAX_RUNNING_JOBS=1, DRPT_READ_ROOTS=str(workdir / "data")).start()
     yield s
     s.stop()
 
@@ -148,7 +149,8 @@ def test_a_collapsing_rlvr_job_ends_diverged_with_an_alert(ray_server, ray_clust
     # lr 0.05 collapses the tiny policy: every response scores alike, so the guard trips
     steps = 50
     spec = RLVR_TINY | {
-        "name": "rlvr-collapse", "steps": steps, "algorithm": RLVR_DEMO["algorithm"], "optim": RLVR_DEMO["optim"] | {"lr": 0.05},
+        "name": "rlvr-collapse", "steps": steps, "algorithm": RLVR_DEMO["algorithm"],
+        "optim": RLVR_DEMO["optim"] | {"lr": 0.05},
         "divergence": {"zero_variance_steps": 3, "stop_on_divergence": True},
     }
     with ray_server.http() as c:
@@ -157,9 +159,11 @@ def test_a_collapsing_rlvr_job_ends_diverged_with_an_alert(ray_server, ray_clust
         jid = r.json()["id"]
         events = sse_events(c, f"/v1/jobs/{jid}/events")
         job = c.get(f"/v1/jobs/{jid}").json()
-        assert events[-1].json()["state"] == job["state"] == "DIVERGED", (job["message"], c.get(f"/v1/jobs/{jid}/logs").text[-3000:])
+        assert events[-1].json()["state"] == job["state"] == "DIVERGED", (
+            job["message"], c.get(f"/v1/jobs/{jid}/logs").text[-3000:])
         alerts = [e.json() for e in events if e.event == "alert"]
-        assert alerts and f"step {alerts[-1]['step']}: {alerts[-1]['message']}" == job["message"]  # the alert that stopped it
+        # the alert that stopped it
+        assert alerts and f"step {alerts[-1]['step']}: {alerts[-1]['message']}" == job["message"]
         assert alerts[-1]["step"] == job["step"]
         assert job["step"] < steps and job["artifacts"]["output_dir"]
         # the driver exits 3 after reporting DIVERGED; Ray's FAILED must not overwrite it

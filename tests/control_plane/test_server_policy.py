@@ -51,9 +51,12 @@ def test_user_code_is_refused_by_default_and_nothing_is_imported(server_factory,
         assert r.status_code == 422, r.text
         assert [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == [field]
         assert "DRPT_USER_CODE is off" in r.json()["message"]
-        sweep = c.post("/v1/sweeps", json={"base": RL, "space": {"algorithm.advantage": {"values": ["grpo", "drpt_probe_sidefx:estimator"]}}})
+        sweep = c.post("/v1/sweeps",
+                       json={"base": RL,
+                             "space": {"algorithm.advantage": {"values": ["grpo", "drpt_probe_sidefx:estimator"]}}})
         assert sweep.status_code == 422, sweep.text
-        assert [".".join(map(str, d["loc"])) for d in sweep.json()["detail"]] == ["body.space.algorithm.advantage.values.1"]
+        assert [".".join(map(str, d["loc"]))
+                for d in sweep.json()["detail"]] == ["body.space.algorithm.advantage.values.1"]
         assert c.get("/v1/jobs").json()["total"] == 0 and c.get("/v1/sweeps").json()["total"] == 0  # nothing recorded
     assert not (probe_dir / "IMPORTED").exists()
 
@@ -70,7 +73,8 @@ def test_allowed_modules_only_and_still_no_import(server_factory, probe_dir):
         # a prefix allows its submodules, not a module that merely starts with the same letters
         assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "mycompany.rl.adv:f"}}).status_code == 201
         assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "mycompany.rlx:f"}}).status_code == 422
-        assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "os;rm:x"}}).status_code == 422  # not a module path
+        # not a module path
+        assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "os;rm:x"}}).status_code == 422
     assert not (probe_dir / "IMPORTED").exists()
 
 
@@ -101,8 +105,10 @@ def test_a_sweep_is_sized_without_enumerating_it_and_bounded(server_factory):
         t = time.perf_counter()
         r = c.post("/v1/sweeps", json=huge)
         assert r.status_code == 422 and "1000000000 trials" in r.text and "at most 100000" in r.text, r.text
-        assert time.perf_counter() - t < 10  # counted, never enumerated (10^9 points would take hours): a bound, not a benchmark
-        mid = {"base": RL, "space": {"optim.lr": {"values": values["values"][:100]}, "regularizer.tau": {"values": values["values"][:100]}}}
+        # counted, never enumerated (10^9 points would take hours): a bound, not a benchmark
+        assert time.perf_counter() - t < 10
+        mid = {"base": RL, "space": {"optim.lr": {"values": values["values"][:100]},
+                                     "regularizer.tau": {"values": values["values"][:100]}}}
         r = c.post("/v1/sweeps", json=mid)  # 10^4 trials: a valid sweep, but above this server's limit
         assert r.status_code == 422 and "10000 trials" in r.text and "DRPT_MAX_SWEEP_TRIALS" in r.text, r.text
         small = {"base": RL, "space": {"optim.lr": {"values": [1e-3, 2e-3]}}, "num_samples": 4}
@@ -123,7 +129,8 @@ def test_bodies_are_utf8_json_with_each_key_once(server_factory, raw, why):
         assert r.status_code == 422 and why in r.json()["message"], r.text
         assert c.post("/v1/sweeps", content=raw, headers={"Content-Type": "application/json"}).status_code == 422
         assert c.get("/v1/jobs").json()["total"] == 0
-        assert c.post("/v1/jobs", content=b'{"mode": "sft", "steps": 10}', headers={"Content-Type": "application/json"}).status_code == 201
+        assert c.post("/v1/jobs", content=b'{"mode": "sft", "steps": 10}',
+                      headers={"Content-Type": "application/json"}).status_code == 201
 
 
 def test_nul_in_text_or_ids_is_a_4xx_on_both_databases(server_factory):
@@ -134,10 +141,13 @@ def test_nul_in_text_or_ids_is_a_4xx_on_both_databases(server_factory):
         for body, field in (({"name": "a\u0000b"}, "body.name"),
                             ({"regularizer": {"exclude": ["mlp\u0000"]}}, "body.regularizer.exclude")):
             r = c.post("/v1/jobs", json={"mode": "sft"} | body)
-            assert r.status_code == 422 and [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == [field], r.text
-        for path in ("/v1/jobs/job_%00", "/v1/jobs/job_%00/metrics", "/v1/sweeps/swp_%00", "/v1/jobs/job_0123456789abcdeg"):
+            assert (r.status_code == 422
+                    and [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == [field]), r.text
+        for path in ("/v1/jobs/job_%00", "/v1/jobs/job_%00/metrics",
+                     "/v1/sweeps/swp_%00", "/v1/jobs/job_0123456789abcdeg"):
             assert c.get(path).status_code == 404, path
-        assert c.get("/v1/ingest/job_%00", headers=ingest_headers("job_\x00")).status_code == 404  # with that id's own ingest token
+        # with that id's own ingest token
+        assert c.get("/v1/ingest/job_%00", headers=ingest_headers("job_\x00")).status_code == 404
         assert c.post("/v1/jobs/job_%00/cancel").status_code == 404
 
 

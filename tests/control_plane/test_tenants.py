@@ -50,7 +50,8 @@ def test_a_tenant_sees_streams_and_cancels_only_its_own_runs(server_factory):
             missing = bob.request(method, route.format(j="job_0000000000000000", s="swp_0000000000000000"))
             assert theirs.status_code == missing.status_code == 404, (route, theirs.text)
             assert theirs.json()["message"].replace(jid, "X").replace(sid, "X") == \
-                missing.json()["message"].replace("job_0000000000000000", "X").replace("swp_0000000000000000", "X"), route
+                (missing.json()["message"].replace("job_0000000000000000", "X")
+                 .replace("swp_0000000000000000", "X")), route
         assert [j["id"] for j in bob.get("/v1/jobs").json()["items"]] == [bobs["id"]]
         assert bob.get("/v1/sweeps").json()["total"] == 0
         assert alice.get(f"/v1/jobs/{jid}").json()["state"] == "RUNNING"  # bob's cancel did nothing
@@ -74,7 +75,8 @@ def test_per_tenant_running_limit_lets_other_tenants_through(server_factory):
     with as_(s, ALICE) as alice, as_(s, BOB) as bob:
         a1, a2 = (alice.post("/v1/jobs", json=SFT).json()["id"] for _ in range(2))
         b1 = bob.post("/v1/jobs", json=SFT).json()["id"]
-        wait_for(lambda: bob.get(f"/v1/jobs/{b1}").json()["state"] == "RUNNING", 20, "bob's job admitted past alice's queue")
+        wait_for(lambda: bob.get(f"/v1/jobs/{b1}").json()["state"] == "RUNNING",
+                 20, "bob's job admitted past alice's queue")
         states = lambda: [alice.get(f"/v1/jobs/{j}").json()["state"] for j in (a1, a2)]  # noqa: E731
         assert states() == ["RUNNING", "QUEUED"]  # a free global slot, but alice is at her limit
         alice.post(f"/v1/jobs/{a1}/cancel")
@@ -92,8 +94,10 @@ def test_a_run_running_without_a_ray_job_holds_no_slot_and_is_failed(server_fact
                    headers=ingest_headers(second))
         assert alice.get(f"/v1/jobs/{second}").json()["state"] == "RUNNING"
         alice.post(f"/v1/jobs/{first}/cancel")
-        wait_for(lambda: alice.get(f"/v1/jobs/{third}").json()["ray_job_id"] is not None, 20, "the third job takes the free slot")
-        wait_for(lambda: alice.get(f"/v1/jobs/{second}").json()["state"] == "FAILED", 30, "the orphan failed by the supervisor")
+        wait_for(lambda: alice.get(f"/v1/jobs/{third}").json()["ray_job_id"] is not None,
+                 20, "the third job takes the free slot")
+        wait_for(lambda: alice.get(f"/v1/jobs/{second}").json()["state"] == "FAILED",
+                 30, "the orphan failed by the supervisor")
         assert "no Ray job" in alice.get(f"/v1/jobs/{second}").json()["message"]
         assert alice.get(f"/v1/jobs/{second}").json()["ray_job_id"] is None
 
@@ -118,26 +122,32 @@ def test_reads_are_confined_to_the_read_roots_and_refusals_say_nothing_of_the_ho
     with as_(s, ALICE) as alice, as_(s, BOB) as bob:
         ok = alice.post("/v1/jobs", json=SFT | {"model": {"path": str(root / "models" / "m")}})
         assert ok.status_code == 201, ok.text
-        data = {"general_path": str(root / "data" / "general.jsonl"), "target_path": str(root / "data" / "general.jsonl")}
+        data = {"general_path": str(root / "data" / "general.jsonl"),
+                "target_path": str(root / "data" / "general.jsonl")}
         assert alice.post("/v1/jobs", json=SFT | {"data": data}).status_code == 201
         run_dir = host["runs"] / ok.json()["id"]
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text("{}\n")
 
         refused = ["/etc", "/root/.ssh", "/proc/1/root", str(host["outside"] / "key"), str(root / "models" / "missing"),
-                   str(root / "models" / "escape"), str(root / "models" / "escape" / "key"), "models/m", "../shared/models/m",
+                   str(root / "models" / "escape"), str(root / "models" / "escape" / "key"),
+                   "models/m", "../shared/models/m",
                    str(root / "models" / ".." / ".." / "private"), str(run_dir / "metrics.jsonl"), str(run_dir)]
         messages = set()
         for path in refused:
             for body, field in ((SFT | {"model": {"path": path}}, "body.model.path"),
                                 (SFT | {"data": data | {"eval_path": path}}, "body.data.eval_path"),
-                                (RL | {"mode": "rlhf", "reward": {"kind": "model", "model_path": path}}, "body.reward.model_path")):
+                                (RL | {"mode": "rlhf", "reward": {"kind": "model", "model_path": path}},
+                                 "body.reward.model_path")):
                 r = bob.post("/v1/jobs", json=body)
                 assert r.status_code == 422 and fields(r) == [field], (path, r.text)
                 messages.add(r.json()["detail"][0]["msg"])
         assert len(messages) == 1 and "DRPT_READ_ROOTS" in messages.pop()  # missing, forbidden, symlinked: one answer
-        sweep = bob.post("/v1/sweeps", json={"base": SFT, "space": {"model.path": {"values": [str(root / "models" / "m"), "/etc", "/proc/1/root"]}}})
-        assert sweep.status_code == 422 and fields(sweep) == ["body.space.model.path.values.1", "body.space.model.path.values.2"]
+        sweep = bob.post("/v1/sweeps",
+                         json={"base": SFT, "space": {"model.path": {"values": [str(root / "models" / "m"),
+                                                                                "/etc", "/proc/1/root"]}}})
+        assert (sweep.status_code == 422
+                and fields(sweep) == ["body.space.model.path.values.1", "body.space.model.path.values.2"])
         assert bob.get("/v1/jobs").json()["total"] == 0
 
 
@@ -150,13 +160,16 @@ def test_without_read_roots_a_server_job_reads_no_host_path(server_factory, host
 
 
 ABSURD = [  # (body, the first field named, words of its message)
-    (RL | {"rollout": {"num_workers": 4096}}, "body.resources", ["4098 CPUs", "rollout 4096 x 1", "allows 4", "DRPT_MAX_RUN_CPUS"]),
-    (RL | {"rollout": {"num_workers": 2, "kv_cache_gib": 40}}, "body.rollout.kv_cache_gib", ["2 rollout worker(s) x 40 GiB = 80 GiB", "64"]),
+    (RL | {"rollout": {"num_workers": 4096}}, "body.resources",
+     ["4098 CPUs", "rollout 4096 x 1", "allows 4", "DRPT_MAX_RUN_CPUS"]),
+    (RL | {"rollout": {"num_workers": 2, "kv_cache_gib": 40}},
+     "body.rollout.kv_cache_gib", ["2 rollout worker(s) x 40 GiB = 80 GiB", "64"]),
     (RL | {"resources": {"learner_num_cpus": 1e300}}, "body.resources", ["1e+300 CPUs", "DRPT_MAX_RUN_CPUS"]),
     (SFT | {"resources": {"learner_num_gpus": 8}}, "body.resources", ["8 GPUs", "allows 1", "DRPT_MAX_RUN_GPUS"]),
     (RL | {"rollout": {"kv_cache_gib": 10**6}}, "body.rollout.kv_cache_gib", ["1000000 GiB", "DRPT_MAX_KV_CACHE_GIB"]),
     (SFT | {"batch_size": 10**9}, "body.batch_size", ["1000000000", "4096", "DRPT_MAX_BATCH_SIZE"]),
-    (RL | {"rollout": {"num_workers": 10**6}}, "body.rollout.num_workers", ["less than or equal to 4096"]),  # the schema's bound
+    # the schema's bound
+    (RL | {"rollout": {"num_workers": 10**6}}, "body.rollout.num_workers", ["less than or equal to 4096"]),
 ]
 
 
@@ -174,7 +187,9 @@ def test_absurd_resources_are_refused_at_submission_naming_demand_and_limit(serv
 def test_a_sweep_whose_largest_trial_cannot_fit_is_refused_not_left_to_time_out(server_factory):
     s = server_factory(DRPT_LAUNCHER="dry-run", DRPT_MAX_RUN_CPUS=3)
     with s.http() as c:
-        r = c.post("/v1/sweeps", json={"base": RL, "space": {"rollout.num_workers": {"values": [1, 2]}, "optim.lr": {"values": [0.1, 0.2]}}})
+        r = c.post("/v1/sweeps", json={"base": RL, "space": {"rollout.num_workers": {"values": [1, 2]},
+                                                             "optim.lr": {"values": [0.1, 0.2]}}})
         assert r.status_code == 422 and fields(r) == ["body.base.resources"], r.text
         assert "4 CPUs" in r.json()["detail"][0]["msg"]
-        assert c.post("/v1/sweeps", json={"base": RL, "space": {"rollout.num_workers": {"values": [1]}}}).status_code == 201
+        assert c.post("/v1/sweeps",
+                      json={"base": RL, "space": {"rollout.num_workers": {"values": [1]}}}).status_code == 201

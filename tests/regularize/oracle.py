@@ -61,7 +61,8 @@ class _Out:
         self.logits = logits
 
 
-def make_batch(n: int, seed: int, min_len: int = 5, max_len: int = 11, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
+def make_batch(n: int, seed: int, min_len: int = 5, max_len: int = 11,
+               prompt_len: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded rows of varying length; the first 2-3 tokens of each row are an unsupervised prompt."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(min_len, max_len + 1, (n,), generator=g)

@@ -288,7 +288,8 @@ def test_scaling_the_target_changes_nothing(mlp, selection, frac):
         model.zero_grad(set_to_none=True)
         reg.capture_target(c * token_mean_loss(model, mlp.target))
         stats = reg.backward(lambda rows: token_mean_loss(model, mlp.batch, rows), mlp.units)
-        out.append(({k: v.clone() for k, v in stats.weights.items()}, {b.name: b.weight.grad.clone() for b in reg.blocks}))
+        out.append(({k: v.clone() for k, v in stats.weights.items()},
+                    {b.name: b.weight.grad.clone() for b in reg.blocks}))
         reg.remove()
     model.zero_grad(set_to_none=True)
     for weights, g in out[1:]:
@@ -386,7 +387,8 @@ def test_topk_nested_consistency():
         s = torch.randn(10, generator=g, dtype=torch.float64)
         top = torch.nonzero(topk_weights(s, 0.3)).flatten()  # k = 3
         rest = [i for i in range(10) if i not in top.tolist()]
-        extra = torch.tensor(rest)[torch.randperm(len(rest), generator=g)[: int(torch.randint(0, 8, (1,), generator=g))]]
+        extra = torch.tensor(rest)[
+            torch.randperm(len(rest), generator=g)[: int(torch.randint(0, 8, (1,), generator=g))]]
         sub = torch.sort(torch.cat([top, extra])).values
         picked = sub[torch.nonzero(topk_weights(s[sub], 3 / len(sub) + 1e-12)).flatten()]
         assert picked.tolist() == top.tolist()
@@ -420,7 +422,8 @@ def test_iif_buffer_filter_keeps_non_negative_global_scores(mlp):
     model = mlp.model
     reg = Regularizer(model, RegularizerSpec(feasible_set="iif", selection="filter", frac=1.0))
     reg.capture_target(token_mean_loss(model, mlp.target))
-    chunks = [(lambda rows, lo=lo: token_mean_loss(model, O.select(mlp.batch, lo), rows), mlp.units[lo : lo + 3]) for lo in (0, 3)]
+    chunks = [(lambda rows, lo=lo: token_mean_loss(model, O.select(mlp.batch, lo), rows), mlp.units[lo : lo + 3])
+              for lo in (0, 3)]
     kept = reg.filter_buffer(chunks)
     assert all(p.grad is None for p in model.parameters()), "scoring must not leave gradients"
     # reference: per-chunk normaliser, as each chunk's loss is its own token-mean
@@ -428,7 +431,8 @@ def test_iif_buffer_filter_keeps_non_negative_global_scores(mlp):
     ref = []
     for lo in (0, 3):
         sub = O.select(mlp.batch, lo)
-        ref.append(O.layer_scores(O.per_example_grads(model, sub, float(mlp.units[lo : lo + 3].sum())), mlp.gT, all_keys))
+        ref.append(O.layer_scores(O.per_example_grads(model, sub, float(mlp.units[lo : lo + 3].sum())),
+                                  mlp.gT, all_keys))
     ref = torch.cat(ref)
     assert kept.tolist() == [i for i in range(6) if ref[i] >= 0]
     reg.remove()
@@ -453,7 +457,8 @@ def test_lora_adapters_are_separate_blocks_and_match_brute_force():
     from peft import LoraConfig, get_peft_model
 
     base = O.tiny_llama(4)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))
     model.double()
     batch, target = O.make_batch(6, seed=7), O.make_batch(2, seed=8)
     units = O.units_of(batch)
@@ -509,6 +514,7 @@ def test_metrics_describe_the_reduced_update(mlp):
     flips every reported cosine."""
     params = [p for p in mlp.model.parameters()]
     _, s1, _ = mlp.run(feasible_set="layerwise_subset")
-    _, s2, _ = mlp.run(feasible_set="layerwise_subset", reduce_grads=lambda: [p.grad.neg_() for p in params if p.grad is not None])
+    _, s2, _ = mlp.run(feasible_set="layerwise_subset",
+                       reduce_grads=lambda: [p.grad.neg_() for p in params if p.grad is not None])
     assert s1.cos and s2.cos == pytest.approx({k: -v for k, v in s1.cos.items()}, rel=1e-9)
     assert s2.cos_overall == pytest.approx(-s1.cos_overall, rel=1e-9)

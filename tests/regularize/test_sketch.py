@@ -14,7 +14,8 @@ from tests.regularize import oracle as O
 
 def _dy_x(seed=0, n=5, T=7, O_=12, I=10):  # noqa: E741 (the layer's input width, as in the paper)
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, T, O_, generator=g, dtype=torch.float64), torch.randn(n, T, I, generator=g, dtype=torch.float64))
+    return (torch.randn(n, T, O_, generator=g, dtype=torch.float64),
+            torch.randn(n, T, I, generator=g, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
@@ -53,7 +54,8 @@ def test_sketch_scores_are_unbiased_and_variance_shrinks(kind):
     for k in (4, 16):
         est = []
         for seed in range(600):
-            f = K.SketchFactors.for_block(40, 30, False, index=seed, spec=SketchSpec(kind=kind, dim=k), dtype=torch.float64, device="cpu")
+            f = K.SketchFactors.for_block(40, 30, False, index=seed, spec=SketchSpec(kind=kind, dim=k),
+                                          dtype=torch.float64, device="cpu")
             est.append(K.sketch_scores(dy, x, K.Target(sketch=f.project_grad(tgt.weight, None)), f, False))
         est = torch.stack(est)
         se = est.std(0) / len(est) ** 0.5

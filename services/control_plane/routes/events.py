@@ -46,12 +46,16 @@ router = APIRouter(tags=["events"], route_class=StrictJSONRoute)
 PAGE = 500
 SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events (see the module docstring)."}}
 # Event ids are checked before the stream starts: a bad one is a 422, never a stream that breaks mid-way.
-AfterQuery = Annotated[int | None, Query(ge=0, le=INT64_MAX, description="Resume after this event id (same as Last-Event-ID).")]
-LastEventIdHeader = Annotated[int | None, Header(ge=0, le=INT64_MAX, description="Resume after this event id (EventSource sends it on reconnect).")]
+AfterQuery = Annotated[int | None,
+                       Query(ge=0, le=INT64_MAX, description="Resume after this event id (same as Last-Event-ID).")]
+LastEventIdHeader = Annotated[int | None,
+                              Header(ge=0, le=INT64_MAX,
+                                     description="Resume after this event id (EventSource sends it on reconnect).")]
 FollowQuery = Annotated[bool, Query(description="false: send what is stored, then end.")]
 # A security scheme (not a plain query parameter), so /openapi.json says the stream takes either.
 stream_token_query = APIKeyQuery(name="stream_token", auto_error=False, scheme_name="StreamToken",
-                                 description="A stream token from POST .../stream-token (a browser's EventSource cannot send a header).")
+                                 description="A stream token from POST .../stream-token (a browser's EventSource "
+                                 "cannot send a header).")
 
 
 def _fetch(db: Database, run_id: str, kind: str, after: int):
@@ -104,7 +108,8 @@ def _stream_reader(request: Request, creds: Annotated[HTTPAuthorizationCredentia
     if stream_token is not None and creds is None:
         (run_id,) = request.path_params.values()
         if not request.app.state.stream_tokens.check(run_id, stream_token, time.time()):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"invalid or expired stream token for {run_id}: mint a new one")
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"invalid or expired stream token for {run_id}: mint a new one")
         return None
     return require_api_token(request, creds).scope
 
@@ -132,7 +137,8 @@ def _mint(request: Request, db: Database, run_id: str, kind: str, scope: str | N
                        events_url=f"/v1/{kind}s/{run_id}/events?{urlencode({'stream_token': token})}")
 
 
-STREAM_TOKEN_DOC = "A token that opens this run's event stream from a browser's EventSource (`?stream_token=`), for DRPT_STREAM_TOKEN_TTL_S."
+STREAM_TOKEN_DOC = ("A token that opens this run's event stream from a browser's EventSource (`?stream_token=`), "
+                    "for DRPT_STREAM_TOKEN_TTL_S.")
 
 
 @router.post("/v1/jobs/{job_id}/stream-token", responses=errors(404), summary="Mint a stream token for a job",
@@ -151,7 +157,8 @@ def sweep_stream_token(sweep_id: str, request: Request, db: DbDep, caller: Calle
 # ingest (the driver side; see drpt_ray/reporting.py for the format)
 
 
-def _ingest_auth(run_id: str, request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def _ingest_auth(run_id: str, request: Request,
+                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """The run's own ingest token (derived from its id: the driver's, and nobody else's)."""
     token = bearer_token(creds)
     if not request.app.state.keys.check(run_id, token):
@@ -161,14 +168,17 @@ def _ingest_auth(run_id: str, request: Request, creds: Annotated[HTTPAuthorizati
 IngestAuth = Depends(_ingest_auth)
 
 
-@router.get("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], responses=errors(404), summary="Last stored driver seq")
+@router.get("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"],
+            responses=errors(404), summary="Last stored driver seq")
 def ingest_position(run_id: str, db: DbDep) -> IngestAck:
     with db.read() as s:
         return IngestAck(last_seq=store.get_run(s, run_id).last_seq)
 
 
-@router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"], responses=errors(404), summary="Store a batch of driver events")
-def ingest_events(run_id: str, batch: IngestBatch, request: Request, db: DbDep, hub: HubDep, supervisor: SupervisorDep) -> IngestAck:
+@router.post("/v1/ingest/{run_id}", dependencies=[IngestAuth], tags=["ingest"],
+             responses=errors(404), summary="Store a batch of driver events")
+def ingest_events(run_id: str, batch: IngestBatch, request: Request, db: DbDep,
+                  hub: HubDep, supervisor: SupervisorDep) -> IngestAck:
     events = [e.model_dump(exclude_unset=True) for e in batch.events]  # as the driver sent them
     result = store.ingest(db, run_id, events)
     if result.stored:

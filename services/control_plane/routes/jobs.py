@@ -12,7 +12,8 @@ from drpt_ray.config import JobSpec
 from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Event, Job
-from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery,
+                                         SettingsDep, SupervisorDep)
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
@@ -86,7 +87,8 @@ def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, caller: CallerDep,
             except LauncherUnavailable:
                 text = None
         if text is None:
-            rows = s.scalars(select(Event.data).where(Event.run_id == job_id, Event.type == "log").order_by(Event.pos)).all()
+            rows = s.scalars(select(Event.data).where(Event.run_id == job_id, Event.type == "log")
+                             .order_by(Event.pos)).all()
             text = "".join(r["line"] + "\n" for r in rows)
     if tail is not None:
         text = "".join(text.splitlines(keepends=True)[-tail:])
@@ -99,7 +101,8 @@ def job_artifacts(job_id: str, db: DbDep, settings: SettingsDep, caller: CallerD
         reported = dict(store.get_run(s, job_id, kind="job", scope=caller.scope).artifacts or {})
     out = reported.get("output_dir")
     root = _own_dir(out, settings.runs_dir / job_id)
-    checkpoints = sorted(str(p) for p in (root / "checkpoints").glob("step_*")) if root else list(reported.get("checkpoints", []))
+    checkpoints = (sorted(str(p) for p in (root / "checkpoints").glob("step_*"))
+                   if root else list(reported.get("checkpoints", [])))
     model = reported.get("model") or (str(root / "model") if root and (root / "model").is_dir() else None)
     files = None
     if root:

@@ -10,7 +10,8 @@ from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
 from services.control_plane.admission import admit_sweep
-from services.control_plane.deps import ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep, SupervisorDep
+from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep,
+                                         SupervisorDep)
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from drpt_ray.wire import State, SweepPage, SweepPublic
@@ -47,13 +48,15 @@ def list_sweeps(db: DbDep, caller: CallerDep, state: State | None = None, limit:
         return SweepPage(items=[_public(s, w) for w in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial", responses=errors(404))
+@router.get("/{sweep_id}", summary="A sweep: trial table (configs, states, metrics) and best trial",
+            responses=errors(404))
 def get_sweep(sweep_id: str, db: DbDep, caller: CallerDep) -> SweepPublic:
     with db.read() as s:
         return _public(s, store.get_run(s, sweep_id, kind="sweep", scope=caller.scope))
 
 
-@router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)", responses=errors(404, 409))
+@router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)",
+             responses=errors(404, 409))
 def cancel_sweep(sweep_id: str, db: DbDep, supervisor: SupervisorDep, caller: CallerDep) -> SweepPublic:
     supervisor.cancel(sweep_id, "sweep", caller.scope)
     with db.read() as s:

@@ -71,7 +71,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("run_id", "seq"),
     )
     op.create_index("ix_events_run_type_pos", "events", ["run_id", "type", "pos"])
-    op.create_table("meta", sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text(), nullable=False))
+    op.create_table("meta", sa.Column("key", sa.String(64), primary_key=True),
+                    sa.Column("value", sa.Text(), nullable=False))
 
 
 def downgrade() -> None:

@@ -83,6 +83,9 @@ def _has_nul(v) -> bool:
 # Model
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
+
+
 class LoraSpec(Spec):
     r: Int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -356,6 +359,10 @@ class RolloutSpec(Spec):
     partial_chunk_tokens: Int = Field(
         32, ge=1, description="Partial rollouts: tokens generated between checks for new weights.",
     )
+    lora_adapter_sync: bool = Field(
+        False, description="model.lora: send the rollout workers only the adapter, which vLLM serves as a LoRARequest, "
+        "instead of the full weights with the adapter merged in (model.lora.r must be a rank vLLM serves)."
+    )
 
 
 class AlgorithmSpec(Spec):
@@ -588,6 +595,12 @@ class JobSpec(Spec):
             if self.algorithm.tis_cap is None:
                 raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set algorithm.tis_cap "
                                  "(the cap of the importance weights that correct them, e.g. 2.0)")
+        if self.rollout.lora_adapter_sync:
+            if self.model.lora is None:
+                raise ValueError("rollout.lora_adapter_sync sends a LoRA adapter: set model.lora, or turn it off")
+            if self.model.lora.r not in VLLM_LORA_RANKS:
+                raise ValueError(f"rollout.lora_adapter_sync: vLLM serves LoRA ranks {list(VLLM_LORA_RANKS)}, "
+                                 f"model.lora.r is {self.model.lora.r}")
         if self.mode != "sft" and self.eval_samples and self.eval_k > self.eval_samples:
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         self._check_learner_layout()

@@ -135,7 +135,8 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         def draw(index: int) -> tuple[list[Example], list[Example] | None]:
             return ctx.general.next(), ctx.target.next() if learner.needs_target(index) else None
 
-        workers = make_rollout_workers(str(path), spec.rollout, spec.seed)
+        lora_rank = spec.model.lora.r if spec.rollout.lora_adapter_sync else None
+        workers = make_rollout_workers(str(path), spec.rollout, spec.seed, lora_rank)
         ctx.rollouts = RolloutPipeline(workers, spec.rollout, spec.seed, spec.steps,
                                        lambda p: tokenizer(p)["input_ids"], draw)
         ctx.reward = make_reward(spec.reward, spec.data.task, out)

@@ -95,8 +95,10 @@ def test_lora_rl_steps_on_smollm2_keep_vllm_in_sync(smollm2: Path, tmp_path: Pat
     """Two GRPO steps with LoRA and a KL to the reference (the adapter switched off), on a
     reasoning-gym task in the 'task mix' setting (target chain_sum, general basic_arithmetic).
 
+    The worker takes the adapter alone (`rollout.lora_adapter_sync`, a vLLM LoRARequest), and the
+    target rollouts share the general rows' backward (`regularizer.target_mode: merged`).
     At step 2 the learner has moved away from the reference (loss/kl > 0), and the vLLM worker
-    sampled with the synced, LoRA-merged weights: its log-probs match the learner's
+    sampled with the synced adapter: its log-probs match the learner's
     (rollout/mismatch_kl) far more closely than the step-0 weights would (loss/kl is that gap).
     SmolLM2 rarely gets a reward here (no <answer> tag for the strict target; a right number now
     and then for the lenient general verifier), so the entropy bonus is what reliably moves the
@@ -112,9 +114,10 @@ def test_lora_rl_steps_on_smollm2_keep_vllm_in_sync(smollm2: Path, tmp_path: Pat
                                                 "config": {"min_terms": 2, "max_terms": 2,
                                                            "min_digits": 1, "max_digits": 1}}]}},
         "reward": {"kind": "task"},
-        "regularizer": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5},
+        "regularizer": {"feasible_set": "layerwise_subset", "selection": "topk", "frac": 0.5, "target_mode": "merged"},
         "algorithm": {"kl_coef": 1e-3, "entropy_coef": 0.01},
-        "rollout": {"sampling": {"n": 4, "max_new_tokens": 16, "temperature": 1.0}, "max_model_len": 256},
+        "rollout": {"sampling": {"n": 4, "max_new_tokens": 16, "temperature": 1.0}, "max_model_len": 256,
+                    "lora_adapter_sync": True},
         "optim": {"lr": 2e-3, "warmup_frac": 0.0, "schedule": "constant"},
         "batch_size": 4, "target_batch_size": 2, "checkpoint": {"resume": False},
     })

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drpt_ray.config import RolloutSpec, SamplingSpec, TinyModelSpec
 from drpt_ray.lm_losses import token_logprobs
 from drpt_ray.models import tiny_model
-from drpt_ray.rollout import RolloutEngine, WeightSync, make_rollout_workers
+from drpt_ray.rollout import AdapterWeights, RolloutEngine, WeightSync, make_rollout_workers
 
 pytestmark = pytest.mark.slow
 
@@ -198,6 +198,66 @@ def test_partial_rollout_continues_under_weights_offered_mid_generation(worker, 
             assert _max_diff(r.response_logprobs[chunk:], old[chunk:]) > 100 * LOGPROB_TOL  # the weights really changed
     assert ray.get(actor.health.remote(), timeout=30)["weights_version"] == 1
     ray.kill(actor)
+
+
+def _adapter(model, seed: int) -> AdapterWeights:
+    """The PEFT model's adapter after perturbing its B matrices (they start at zero), as the learner sends it."""
+    from peft import get_peft_model_state_dict
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.05)
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return AdapterWeights(tensors, model.peft_config["default"].to_dict())
+
+
+def test_adapter_only_sync_serves_the_peft_model_and_survives_a_restart(model_path, tokenizer):
+    """`rollout.lora_adapter_sync`: an engine started with a LoRA rank takes the adapter alone
+    (`AdapterWeights` through WeightSync) and then samples and scores as transformers' PEFT model
+    does (greedy tokens equal, log-probs within LOGPROB_TOL); a second adapter replaces the first;
+    a killed worker comes back on the base weights and `resend` gives it the current adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    actor = make_rollout_workers(model_path, RolloutSpec(num_workers=1, max_restarts=1), seed=0, lora_rank=8)[0]
+    peft_model = get_peft_model(_hf_model(model_path), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    prompt = tokenizer("Question: what is the answer? Answer:").input_ids
+    greedy = SamplingSpec(n=1, max_new_tokens=12, temperature=0.0)
+    sync = WeightSync([actor])
+    try:
+        ray.get(actor.health.remote(), timeout=START_TIMEOUT_S)
+        (base,) = ray.get(actor.generate.remote([prompt], greedy), timeout=60)
+        for version, seed in ((1, 0), (2, 1)):
+            sync.push(ray.put(_adapter(peft_model, seed)))
+            (out,) = ray.get(actor.generate.remote([prompt], greedy), timeout=60)
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                hf = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=12, min_new_tokens=len(out.response_ids),
+                                         pad_token_id=tokenizer.pad_token_id or 0)
+            assert out.weights_version == version
+            assert out.response_ids == hf[0, len(prompt):len(prompt) + len(out.response_ids)].tolist()
+            want = _hf_logprobs(peft_model, prompt, out.response_ids)
+            assert _max_diff(out.response_logprobs, want) < LOGPROB_TOL
+            (scored,) = ray.get(actor.logprobs.remote([prompt], [base.response_ids]), timeout=60)
+            assert _max_diff(scored, _hf_logprobs(peft_model, prompt, base.response_ids)) < LOGPROB_TOL
+        # the adapter really moved the policy: the base model's tokens score differently now
+        assert _max_diff(scored, _hf_logprobs(_hf_model(model_path), prompt, base.response_ids)) > 100 * LOGPROB_TOL
+
+        pid = ray.get(actor.health.remote(), timeout=30)["pid"]
+        ray.kill(actor, no_restart=False)
+        deadline = time.perf_counter() + START_TIMEOUT_S
+        while (health := ray.get(actor.health.remote(), timeout=START_TIMEOUT_S))["pid"] == pid:
+            assert time.perf_counter() < deadline
+            time.sleep(0.5)
+        assert health["weights_version"] == 0
+        sync.resend(actor)
+        (scored,) = ray.get(actor.logprobs.remote([prompt], [base.response_ids]), timeout=60)
+        assert ray.get(actor.health.remote(), timeout=30)["weights_version"] == 2
+        assert _max_diff(scored, _hf_logprobs(peft_model, prompt, base.response_ids)) < LOGPROB_TOL
+    finally:
+        ray.kill(actor)
 
 
 def test_killed_worker_restarts_with_initial_weights(worker, model_path, tokenizer):

@@ -66,6 +66,7 @@ from drpt_ray.learner.optim import make_optimizer
 from drpt_ray.lm_losses import concat_rows, next_token_logprobs, sequence_loss_sums, token_logprobs, token_mean_loss
 from drpt_ray.models import load_model
 from drpt_ray.regularize import Regularizer
+from drpt_ray.rollout.sync import AdapterWeights
 
 EVAL_LOGITS_BUDGET = 2**27  # floats of logits per eval_sft forward
 
@@ -400,13 +401,20 @@ class Learner:
         """Whether this step must bring target data (a refresh, or merged mode's in-batch rows)."""
         return self.spec.regularizer.target_mode == "merged" or self.reg.needs_refresh(step)
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict[str, torch.Tensor] | AdapterWeights:
         """Full weights under HF names, on CPU, for the rollout workers: complete on rank 0 only
-        (under FSDP every rank joins gathering them; data parallel, the other ranks copy nothing)."""
+        (under FSDP every rank joins gathering them; data parallel, the other ranks copy nothing).
+        With `rollout.lora_adapter_sync`, the LoRA adapter alone."""
         if self.fsdp:
             return full_model_state(self.policy)
         if self.comm.rank != 0:
             return {}
+        if self.spec.rollout.lora_adapter_sync:
+            from peft import get_peft_model_state_dict
+
+            config = self.policy.peft_config["default"].to_dict()
+            tensors = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.policy).items()}
+            return AdapterWeights(tensors, config)
         return {k: v.cpu() for k, v in hf_state_dict(self.policy).items()}
 
     def weights_ref(self) -> ray.ObjectRef | None:

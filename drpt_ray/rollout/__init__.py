@@ -1,8 +1,8 @@
 """Rollout workers: vLLM engines (in Ray actors) that sample, score and take new weights in place."""
 
-from drpt_ray.rollout.sync import WeightSync
+from drpt_ray.rollout.sync import AdapterWeights, WeightSync
 from drpt_ray.rollout.worker import (PartialRolloutWorker, Rollout, RolloutEngine, RolloutWorker, engine_env,
                                      make_rollout_workers)
 
-__all__ = ["PartialRolloutWorker", "Rollout", "WeightSync", "RolloutEngine",
+__all__ = ["AdapterWeights", "PartialRolloutWorker", "Rollout", "WeightSync", "RolloutEngine",
            "RolloutWorker", "engine_env", "make_rollout_workers"]

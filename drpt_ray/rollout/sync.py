@@ -1,6 +1,7 @@
 """Weight sync from the learner to the rollout workers: one door, `WeightSync`.
 
-The learner puts its full HF-named weights in the Ray object store (rank 0 of the learner group,
+The learner puts its full HF-named weights (or, with `rollout.lora_adapter_sync`, its LoRA
+adapter: `AdapterWeights`) in the Ray object store (rank 0 of the learner group,
 `LearnerAPI.weights_ref`); only the reference reaches the driver, and `push` hands it to every
 worker, which reloads in place (`RolloutEngine.update_weights`) and records the version. A worker
 that died (Ray restarts it on the initial weights, version 0) or answered with stale weights gets
@@ -15,8 +16,21 @@ for colocated workers) without touching the trainer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
+import torch
 from ray.actor import ActorHandle
+
+
+@dataclass
+class AdapterWeights:
+    """What a LoRA run with `rollout.lora_adapter_sync` publishes instead of full weights: the
+    adapter's tensors under peft's saved names and its `LoraConfig` as a dict; the engine serves
+    them as a vLLM LoRARequest on its unchanged base weights."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict
 
 
 class WeightSync:

@@ -16,10 +16,14 @@ that failed or came back from other weights after `WeightSync.resend` gave that 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +32,7 @@ import torch
 from ray.actor import ActorHandle
 
 from drpt_ray.config import RolloutSpec, SamplingSpec
+from drpt_ray.rollout.sync import AdapterWeights
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -116,9 +121,11 @@ class RolloutEngine:
         model_path: Hugging Face model directory (the one the learner loads, see `drpt_ray.models.model_dir`).
         spec: Engine sizing; only the engine fields are used here (sampling comes with each `generate` call).
         seed: Engine seed (sampling of requests without their own seed).
+        lora_rank: Serve LoRA adapters of up to this rank (`AdapterWeights` from `update_weights`, one at a
+            time, on the base weights at `model_path`); None: full-weight reloads only.
     """
 
-    def __init__(self, model_path: str, spec: RolloutSpec, seed: int = 0) -> None:
+    def __init__(self, model_path: str, spec: RolloutSpec, seed: int = 0, lora_rank: int | None = None) -> None:
         os.environ.update(engine_env(spec))
         from vllm import LLM  # after the env update: vLLM reads these variables
 
@@ -134,8 +141,12 @@ class RolloutEngine:
             else {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
                   "max_num_batched_tokens": max(spec.max_model_len, CPU_STEP_TOKENS)}
         )
+        if lora_rank is not None:
+            device_kwargs |= {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1}
         start = time.perf_counter()
         self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)
+        self._lora = None  # the LoRARequest every generation runs with (adapter sync), None: the base weights
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="drpt-adapter-")) if lora_rank is not None else None
         self.max_model_len = spec.max_model_len
         # Every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cache has no
         # checkpoint weights to load, and outputs after a reload match the learner (tests/test_rollout.py).
@@ -170,7 +181,7 @@ class RolloutEngine:
         if chunk_tokens is not None:
             rollouts = self._generate_in_chunks(prompts, sampling, chunk_tokens)
         else:
-            outputs = self._llm.generate(_as_inputs(prompts), _sampling_params(sampling), use_tqdm=False)
+            outputs = self._generate(_as_inputs(prompts), _sampling_params(sampling))
             rollouts = [
                 Rollout(
                     prompt_index=i,
@@ -196,7 +207,7 @@ class RolloutEngine:
         continues alone from its prompt + response so far, `chunk` tokens at a time, under the newest
         offered weights. A continuation is seeded from the sampling seed, the chunk and the sequence."""
         first_chunk = sampling.model_copy(update={"max_new_tokens": min(chunk, sampling.max_new_tokens)})
-        first = self._llm.generate(_as_inputs(prompts), _sampling_params(first_chunk), use_tqdm=False)
+        first = self._generate(_as_inputs(prompts), _sampling_params(first_chunk))
         seqs = [{"i": i, "prompt": list(out.prompt_token_ids), "ids": [], "lps": [], "versions": [], "finish": None}
                 for i, out in enumerate(first) for _ in out.outputs]
         outputs = [c for out in first for c in out.outputs]
@@ -219,7 +230,7 @@ class RolloutEngine:
                 "n": 1, "max_new_tokens": min(chunk, sampling.max_new_tokens - len(s["ids"])),
                 "seed": None if sampling.seed is None else sampling.seed + 7919 * round_ + 104_729 * k}))
                 for k, s in enumerate(todo)]
-            outs = self._llm.generate(_as_inputs([s["prompt"] + s["ids"] for s in todo]), params, use_tqdm=False)
+            outs = self._generate(_as_inputs([s["prompt"] + s["ids"] for s in todo]), params)
             outputs = [out.outputs[0] for out in outs]
         decode = self._llm.get_tokenizer().decode
         return [Rollout(prompt_index=s["i"], prompt_ids=s["prompt"], response_ids=s["ids"], response_logprobs=s["lps"],
@@ -228,11 +239,12 @@ class RolloutEngine:
                         token_versions=s["versions"])
                 for s in seqs]
 
-    def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+    def offer_weights(self, state_dict: dict[str, torch.Tensor] | AdapterWeights, version: int) -> None:
         """Newer weights for the engine to take at its next safe point: a chunk boundary of the
         generation in progress (partial rollouts) or the start of the next call. Meant to run beside
         `generate` (`PartialRolloutWorker`'s `control` concurrency group): it only stores them."""
-        _check_plain_hf(state_dict)
+        if not isinstance(state_dict, AdapterWeights):
+            _check_plain_hf(state_dict)
         with self._offer_cond:
             if self._offered is None or version > self._offered[0]:
                 self._offered = (version, state_dict)
@@ -272,34 +284,63 @@ class RolloutEngine:
             raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-        outputs = self._llm.generate(_as_inputs(sequences), params, use_tqdm=False)
+        outputs = self._generate(_as_inputs(sequences), params)
         return [
             [out.prompt_logprobs[t][seq[t]].logprob for t in range(len(p), len(seq))]
             for out, seq, p in zip(outputs, sequences, prompt_ids)
         ]
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> float:
+    def update_weights(self, state_dict: dict[str, torch.Tensor] | AdapterWeights, version: int | None = None) -> float:
         """Load new weights into the running engine, without restarting it.
 
         Args:
             state_dict: Plain Hugging Face names and full tensors, e.g. `model.state_dict()` of the learner's
-                `AutoModelForCausalLM` (for a peft model: the merged weights, not the adapter state).
+                `AutoModelForCausalLM` (for a peft model: the merged weights, not the adapter state); or, on an
+                engine started with `lora_rank`, an `AdapterWeights`: it replaces the adapter every later
+                generation runs with, on the unchanged base weights.
             version: The learner's version of these weights (e.g. its step); None increments the current one.
                 Passing it makes a retried call after an actor restart land on the right version.
 
         Returns:
             Seconds spent reloading.
 
-        vLLM logs "RotaryEmbedding: Failed to load weights" on every reload: the rotary cache is computed, not
-        loaded, and is left as it is (harmless).
+        vLLM logs "RotaryEmbedding: Failed to load weights" on every full reload: the rotary cache is computed,
+        not loaded, and is left as it is (harmless).
         """
-        _check_plain_hf(state_dict)
         start = time.perf_counter()
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        version = self.weights_version + 1 if version is None else version
+        if isinstance(state_dict, AdapterWeights):
+            self._load_adapter(state_dict, version)
+        else:
+            _check_plain_hf(state_dict)
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
         # Cached KV blocks were computed with the old weights; reusing them would mix two policies.
         self._llm.reset_prefix_cache()
-        self.weights_version = self.weights_version + 1 if version is None else version
+        self.weights_version = version
         return time.perf_counter() - start
+
+    def _load_adapter(self, adapter: AdapterWeights, version: int) -> None:
+        """Write the adapter as a PEFT directory (what a LoRARequest loads) and make it the one every
+        generation uses; the previous one is unloaded and its files removed."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_dir is None:
+            raise ValueError("adapter weights for an engine started without LoRA: start it with lora_rank "
+                             "(rollout.lora_adapter_sync)")
+        path = self._adapter_dir / f"v{version}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in adapter.tensors.items()}, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(adapter.config, default=list))
+        old, self._lora = self._lora, LoRARequest(f"drpt-v{version}", version + 1, str(path))
+        if old is not None:
+            self._llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self._llm.llm_engine.add_lora(self._lora)
+
+    def _generate(self, inputs: list, params):
+        """vLLM's generate with the current adapter, if any."""
+        return self._llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora)
 
     def health(self) -> dict[str, Any]:
         """Liveness and sync state: answering at all means the engine was built and the actor is responsive."""
@@ -326,7 +367,8 @@ PartialRolloutWorker = ray.remote(concurrency_groups={"control": 1})(RolloutEngi
 _MAX_TASK_RETRIES = 1
 
 
-def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[ActorHandle]:
+def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int,
+                         lora_rank: int | None = None) -> list[ActorHandle]:
     """Start `spec.num_workers` `RolloutWorker` actors (returns at once; engines start in the background).
 
     Each worker reserves `spec.num_cpus_per_worker` CPUs and `spec.num_gpus_per_worker` GPUs, is restarted up to
@@ -347,5 +389,5 @@ def make_rollout_workers(model_path: str, spec: RolloutSpec, seed: int) -> list[
         runtime_env={"env_vars": engine_env(spec)},
     )
     cls = PartialRolloutWorker if spec.partial_rollouts else RolloutWorker
-    return [cls.options(**options).remote(model_path, spec, seed + i) for i in range(spec.num_workers)]
+    return [cls.options(**options).remote(model_path, spec, seed + i, lora_rank) for i in range(spec.num_workers)]
 

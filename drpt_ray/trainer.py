@@ -86,6 +86,10 @@ def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
     n = len(rollouts) // len(examples)
     scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
                         [examples[r.prompt_index].scored_against for r in rollouts], split)
+    if len(rollouts) > 1 and scored.errors == len(rollouts):
+        # Not one response could be scored: a broken reward, not a run to train on zeros.
+        raise ValueError(f"the reward failed on every one of the {len(rollouts)} {split} responses of step "
+                         f"{ctx.step + 1}; the first: {scored.first_error} (reward.timeout_s bounds each call)")
     return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
             for i, e in enumerate(examples)]
 

@@ -168,6 +168,31 @@ def test_function_failures_score_zero_and_count(user_module: str) -> None:
         assert result == RewardResult(scores=[2.0, 0.0, 0.0, 0.0, 4.0], errors=3)
 
 
+def test_a_step_whose_every_response_fails_ends_the_job(user_module: str) -> None:
+    """A broken reward function (here: it raises on every call) stops the job at its first step
+    with the function's own error, instead of training on zero rewards to the end; one working
+    response in the batch is enough to go on (its failures are counted in reward_errors)."""
+    from types import SimpleNamespace
+
+    from drpt_ray.data import Example
+    from drpt_ray.rollout import Rollout
+    from drpt_ray.rollout.pipeline import Sampled
+    from drpt_ray.trainer import score
+
+    def sampled(texts: list[str]) -> Sampled:
+        rollouts = [Rollout(prompt_index=0, prompt_ids=[1], response_ids=[2], response_logprobs=[0.0], text=t,
+                            finish_reason="stop", weights_version=0) for t in texts]
+        return Sampled([Example("p", "r")], rollouts)
+
+    with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=5.0)) as reward:
+        ctx = SimpleNamespace(reward=reward, step=0)
+        with pytest.raises(ValueError, match=r"every one of the 3 general responses of step 1; "
+                                             r"the first: RuntimeError: user bug"):
+            score(ctx, sampled(["raise"] * 3), "general")
+        (group,) = score(ctx, sampled(["raise", "ok", "raise"]), "general")
+        assert group.rewards == [0.0, 2.0, 0.0] and group.errors == 2
+
+
 def test_function_timeout_kills_and_recovers(user_module: str) -> None:
     with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=0.5)) as reward:
         assert score_one(reward, "ok") == RewardResult([2.0], 0)  # start-up is not part of a call's time

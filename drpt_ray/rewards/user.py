@@ -140,7 +140,7 @@ class FunctionReward(Reward):
                 "reward.function %r failed on %d of %d responses (scored 0.0); first: %s",
                 self.path, len(failures), len(responses), failures[0],
             )
-        return RewardResult(scores=scores, errors=len(failures))
+        return RewardResult(scores=scores, errors=len(failures), first_error=failures[0] if failures else None)
 
     def close(self) -> None:
         """Stop the child process, if one is running."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, get_args
 
 from math_verify import parse, verify
@@ -39,10 +39,12 @@ class RewardResult:
     Attributes:
         scores: One reward per response, in input order; a failed scoring counts as 0.0.
         errors: How many scorings failed (user-function exceptions, timeouts, bad return values).
+        first_error: What the first failure said (not part of equality).
     """
 
     scores: list[float]
     errors: int
+    first_error: str | None = field(default=None, compare=False)
 
 
 class Reward(ABC):

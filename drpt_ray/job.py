@@ -103,7 +103,9 @@ def init_ray(cpus_needed: float, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
-    ray.init(num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1),
+    # address="local": a new Ray even when `ray start` (e.g. `drpt-ray serve`) left one on this machine,
+    # which a bare ray.init() would join and then refuse num_cpus for.
+    ray.init(address="local", num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1),
              include_dashboard=False, runtime_env=runtime_env)
 
 

@@ -16,6 +16,7 @@ naming the key and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,21 @@ from drpt_ray.topology import apply_driver_env
 apply_driver_env()  # before anything imports transformers, vLLM or Ray
 
 
+def importable_beside(spec_path: Path) -> None:
+    """Modules next to the spec (a reward function, an advantage estimator) become importable, as a
+    script's own directory is for `python train.py`: first on this process's sys.path (the reward's
+    child process inherits it) and on PYTHONPATH (the local Ray's workers inherit that)."""
+    here = str(spec_path.resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+
+
 def _run(args: argparse.Namespace) -> int:
     from drpt_ray.config import JobSpec, load_spec
     from drpt_ray.trainer import run_job
 
+    importable_beside(Path(args.spec))
     spec = load_spec(args.spec, JobSpec)
     if args.command == "sft" and spec.mode != "sft":
         raise ValueError(f"{args.spec}: mode is {spec.mode!r}; `drpt-ray sft` runs mode 'sft' (use `drpt-ray run`)")

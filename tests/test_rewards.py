@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import threading
@@ -191,6 +192,21 @@ def test_a_step_whose_every_response_fails_ends_the_job(user_module: str) -> Non
             score(ctx, sampled(["raise"] * 3), "general")
         (group,) = score(ctx, sampled(["raise", "ok", "raise"]), "general")
         assert group.rewards == [0.0, 2.0, 0.0] and group.errors == 2
+
+
+def test_a_reward_module_next_to_the_spec_is_importable(tmp_path: Path, monkeypatch) -> None:
+    """`drpt-ray run spec.yaml` makes the spec's directory importable, as `python train.py` does its
+    own: the reward's child process imports a module lying beside the spec, and PYTHONPATH (what a
+    local Ray's workers inherit) names the directory."""
+    from drpt_ray.cli import importable_beside
+
+    (tmp_path / "beside_spec_reward.py").write_text("def score(prompt, response, reference):\n    return 7.0\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    importable_beside(tmp_path / "spec.yaml")
+    assert os.environ["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
+    with contextlib.closing(FunctionReward("beside_spec_reward:score", timeout_s=5.0)) as reward:
+        assert score_one(reward, "anything") == RewardResult([7.0], 0)
 
 
 def test_function_timeout_kills_and_recovers(user_module: str) -> None:

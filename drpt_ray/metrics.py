@@ -10,8 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-# Shown on the progress bar and plotted, when present.
-HEADLINE = ("loss", "reward/reward_mean", "eval/target_loss", "eval/target_reward", "target/reward_mean")
+# Shown on the progress bar (under these short names) and plotted, when present.
+HEADLINE = {"loss": "loss", "reward/reward_mean": "reward", "eval/target_loss": "eval_loss",
+            "eval/target_reward": "eval_reward", "target/reward_mean": "target_reward"}
+
+
+def progress_postfix(metrics: dict) -> dict[str, str]:
+    """The headline metrics of one step, as a progress bar shows them."""
+    return {HEADLINE[k]: f"{v:.3f}" for k, v in metrics.items() if k in HEADLINE and isinstance(v, (int, float))}
 
 
 class PhaseTimer:

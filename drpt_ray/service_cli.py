@@ -39,7 +39,7 @@ def watch(run: Job | Sweep, out=None) -> str:
     DIVERGED job included)."""
     from tqdm.auto import tqdm
 
-    from drpt_ray.metrics import HEADLINE
+    from drpt_ray.metrics import progress_postfix
 
     out = out or sys.stdout
     bar = (tqdm(total=run.info.steps or None, desc=run.id, unit="step", file=out, dynamic_ncols=True)
@@ -51,8 +51,7 @@ def watch(run: Job | Sweep, out=None) -> str:
             match ev:
                 case MetricsReport() if bar is not None:
                     bar.n = ev.step
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in ev.metrics.items()
-                                     if k in HEADLINE and isinstance(v, (int, float))}, refresh=True)
+                    bar.set_postfix(progress_postfix(ev.metrics), refresh=True)
                 case LogLine():
                     write(ev.line)
                 case StateChange():

@@ -50,7 +50,7 @@ from drpt_ray.errors import Diverged
 from drpt_ray.learner import RLBatch, build_batch
 from drpt_ray.job import (Context, absolute_paths, build, latest_checkpoint, preflight, restore, save_checkpoint,
                           shutdown)
-from drpt_ray.metrics import MetricLogger, PhaseTimer
+from drpt_ray.metrics import MetricLogger, PhaseTimer, progress_postfix
 from drpt_ray.rollout import Rollout
 from drpt_ray.rollout.pipeline import Sampled
 
@@ -332,8 +332,7 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
                 m.update(evaluate(ctx))
             log.write(m)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}"
-                             for k, v in m.items() if k in log.headline and isinstance(v, float)})
+            bar.set_postfix(progress_postfix(m))
             alert = divergence(ctx, m)
             if alert is not None:
                 tqdm.write(f"ALERT step {ctx.step}: {alert}")

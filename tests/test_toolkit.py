@@ -218,3 +218,11 @@ def test_guard_entropy_ceiling_on_the_rlhf_bench_collapse():
     fresh = divergence_guard(DivergenceSpec(), vocab_size=512)
     assert [fresh.update(0.3, h) for h in (6.2, 6.0, 5.1)] == [None] * 3 and not fresh.alarmed
     assert fresh.update(0.3, 2.0) is None and fresh.update(0.3, 5.5) is not None
+
+
+def test_progress_bar_names_tell_the_general_and_target_rewards_apart():
+    from drpt_ray.metrics import progress_postfix
+
+    shown = progress_postfix({"reward/reward_mean": 0.25, "target/reward_mean": 0.5, "loss": 1.0, "lr": 3e-4,
+                              "eval/target_reward": 0.125})
+    assert shown == {"reward": "0.250", "target_reward": "0.500", "loss": "1.000", "eval_reward": "0.125"}

@@ -152,8 +152,9 @@ def test_parquet_round_trip(tmp_path):
 
 def test_jsonl_missing_key_names_file_line_and_key(tmp_path):
     p = tmp_path / "d.jsonl"
-    write_jsonl(p, [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing key 'response'"):
+    write_jsonl(p, [{"prompt": "a", "response": "b"}, {"prompt": "c", "completion": "d"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing key 'response' \(there are \['completion', 'prompt'\]; "
+                                         r"data\.response_key names the key to read instead"):
         load_examples(p)
 
 
@@ -173,7 +174,7 @@ def test_jsonl_bad_rows_name_the_line(tmp_path):
 def test_parquet_missing_column_and_null_cell(tmp_path):
     p = tmp_path / "d.parquet"
     pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), p)
-    with pytest.raises(ValueError, match=r"d\.parquet: missing column 'response'"):
+    with pytest.raises(ValueError, match=r"d\.parquet: missing column 'response' \(there are \['answer', 'prompt'\]"):
         load_examples(p)
     pq.write_table(pa.table({"prompt": ["a", "c"], "response": ["b", None]}), p)
     with pytest.raises(ValueError, match=r"d\.parquet: row 2: missing key 'response'"):

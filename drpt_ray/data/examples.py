@@ -56,6 +56,14 @@ def _checked_text(value: object, key: str, where: str) -> str:
     return value
 
 
+def _check_keys(present, prompt_key: str, response_key: str, where: str, what: str) -> None:
+    """Both keys present, else an error naming the missing one, what there is, and the setting to change."""
+    for key, field in ((prompt_key, "data.prompt_key"), (response_key, "data.response_key")):
+        if key not in present:
+            raise ValueError(f"{where}: missing {what} {key!r} (there are {sorted(present)}; {field} names the "
+                             f"{what} to read instead, e.g. response_key: completion for TRL-style data)")
+
+
 def _load_jsonl(path: Path, prompt_key: str, response_key: str) -> list[Example]:
     """Parse one JSON object per non-blank line."""
     examples = []
@@ -70,6 +78,7 @@ def _load_jsonl(path: Path, prompt_key: str, response_key: str) -> list[Example]
                 raise ValueError(f"{where}: not valid JSON: {e}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            _check_keys(row, prompt_key, response_key, where, "key")
             examples.append(
                 Example(
                     prompt=_checked_text(row.get(prompt_key), prompt_key, where),
@@ -87,9 +96,7 @@ def _load_parquet(path: Path, prompt_key: str, response_key: str) -> list[Exampl
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for unreadable files
         raise ValueError(f"{path}: not a readable parquet file: {e}") from None
-    for key in (prompt_key, response_key):
-        if key not in table.column_names:
-            raise ValueError(f"{path}: missing column {key!r} (columns: {table.column_names})")
+    _check_keys(table.column_names, prompt_key, response_key, str(path), "column")
     prompts = table.column(prompt_key).to_pylist()
     responses = table.column(response_key).to_pylist()
     return [

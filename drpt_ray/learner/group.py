@@ -223,6 +223,22 @@ def _serve(config: dict) -> None:
 # the driver side
 
 
+def _trainer_class(torch_trainer: type) -> type:
+    """TorchTrainer without Ray Train's PlacementGroupCleaner. The cleaner, a detached actor, asks the
+    State API every second whether the controller is alive and removes the run's placement group
+    when the answer is no; on a loaded machine the query comes back without the (live) controller,
+    and the cleaner removed a running learner's placement group, killing it mid-step (seen twice here
+    on 2026-12-07: its actor exited 10 ms after the removal, the controller alive). Without it the
+    group's placement group is still removed by the controller, or with the job's driver."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(torch_trainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 class LearnerGroup:
     """N data-parallel Learner ranks on Ray Train, with the Learner's methods (see the module docstring)."""
 
@@ -247,7 +263,7 @@ class LearnerGroup:
         self._mailbox = _Mailbox.remote(self.num_workers)
         use_gpu = res.learner_num_gpus > 0
         per_worker = {"CPU": res.learner_num_cpus, **({"GPU": res.learner_num_gpus} if use_gpu else {})}
-        trainer = TorchTrainer(
+        trainer = _trainer_class(TorchTrainer)(
             _serve,
             train_loop_config={"spec": spec, "mailbox": self._mailbox},
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker,

@@ -792,15 +792,33 @@ def set_path(tree: dict, path: str, value) -> dict:
 # Loading
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One line per problem, naming the dotted field path, the rule and the bad value."""
+def format_validation_error(err: ValidationError, source: str = "config", model: type[BaseModel] | None = None) -> str:
+    """One line per problem, naming the dotted field path, the rule and the bad value; with the
+    `model` that was validated, an unknown key also gets the closest known one."""
     lines = [f"{source}: {len(err.errors())} invalid field(s)"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         got = e.get("input")
         got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
-        lines.append(f"  {path}: {e['msg']}{got_s}")
+        hint = did_you_mean(model, e["loc"]) if model is not None and e["type"] == "extra_forbidden" else None
+        lines.append(f"  {path}: {e['msg']}{got_s}" + (f"; did you mean {hint!r}?" if hint else ""))
     return "\n".join(lines)
+
+
+def did_you_mean(model: type[BaseModel], loc: tuple) -> str | None:
+    """The known key closest to the unknown last part of `loc`, among the fields of the model found by
+    following `loc` through `model`'s nested specs; None when nothing is close."""
+    import difflib
+
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        sub = field and next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                              if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -839,4 +857,4 @@ def load_spec(path: str | Path, model: type[Spec]) -> Spec:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ValueError(format_validation_error(e, str(path))) from None
+        raise ValueError(format_validation_error(e, str(path), model)) from None

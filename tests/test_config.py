@@ -29,6 +29,10 @@ def test_yaml_spellings_of_numbers_stay_valid(tmp_path):
      "algorithm.target_objective 'reward' does not read the advantages"),
     ("mode: rlvr\nrollout: {partial_rollouts: true}\n", "rollout.partial_rollouts needs rollout.max_staleness > 0"),
     ("mode: rlvr\nrollout: {max_staleness: -1}\n", "rollout.max_staleness: Input should be greater than or equal to 0"),
+    # a misspelled key gets the closest known one of its own section
+    ("stpes: 10\n", "stpes: Extra inputs are not permitted (got 10); did you mean 'steps'?"),
+    ("rollout: {sampling: {temprature: 0.5}}\n",
+     "rollout.sampling.temprature: Extra inputs are not permitted (got 0.5); did you mean 'temperature'?"),
 ])
 def test_bad_values_are_errors_naming_the_key(tmp_path, text, needle):
     """Values are not coerced, and settings that cannot run together are refused, naming the key."""

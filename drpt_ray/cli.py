@@ -250,6 +250,13 @@ def _data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from drpt_ray.spec_doc import spec_yaml
+
+    print(spec_yaml(args.mode), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drpt-ray", description="Data-regularized post-training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("dataset", choices=["gsm8k"])
     f.add_argument("--root", help="cache directory (default: $DRPT_DATA_DIR/gsm8k, else ~/.cache/drpt-ray/gsm8k)")
     f.set_defaults(func=_data_fetch)
+    c = sub.add_parser("config", help="the job spec's schema").add_subparsers(dest="config_command", required=True)
+    show = c.add_parser("show", help="every key of a job spec with its default and description, as YAML")
+    show.add_argument("--mode", choices=["sft", "rlhf", "rlvr"], default="rlvr")
+    show.set_defaults(func=_config_show)
     # REST client (serve, submit, status, logs, cancel, sweep), model import, k8s render
     from drpt_ray import gguf_import, k8s, service_cli
 

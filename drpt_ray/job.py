@@ -170,7 +170,9 @@ def save_checkpoint(ctx: Context) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     ctx.learner.save(str(tmp))
-    state = {"step": ctx.step, "general": ctx.general.state_dict(), "target": ctx.target.state_dict(),
+    spec = {k: v for k, v in ctx.spec.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    state = {"step": ctx.step, "spec": spec,
+             "general": ctx.general.state_dict(), "target": ctx.target.state_dict(),
              "guard": ctx.guard.state_dict() if ctx.guard is not None else None,
              **(ctx.rollouts.state_dict() if ctx.rollouts is not None else {})}
     (tmp / "trainer.json").write_text(json.dumps(state))
@@ -186,8 +188,16 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# What may change between a run and its resume without changing what it trains.
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint", "progress", "tensorboard", "name", "output_dir", "divergence")
+
+
 def restore(ctx: Context, path: Path) -> None:
+    """Continue from the checkpoint at `path`, saying so, and naming what of the spec changed since."""
     state = json.loads((path / "trainer.json").read_text())
+    changed = spec_changes(state.get("spec"), ctx.spec.model_dump(mode="json"))
+    print(f"resumed from {path} (step {state['step']} of {ctx.spec.steps})"
+          + (f"; the spec changed since it was written: {', '.join(changed)}" if changed else ""), flush=True)
     ctx.learner.load(str(path))
     ctx.step = state["step"]
     ctx.general.load_state_dict(state["general"])
@@ -197,6 +207,23 @@ def restore(ctx: Context, path: Path) -> None:
     if ctx.rollouts is not None:  # the saved rollouts in flight train first, at their saved age
         ctx.rollouts.load_state_dict(state)
 
+
+
+def spec_changes(saved: dict | None, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between a checkpoint's spec (saved without RESUMABLE_CHANGES)
+    and the current one, with both values (a checkpoint without a spec: nothing to compare)."""
+    if saved is None:
+        return []
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
 
 
 def shutdown(ctx: Context) -> None:

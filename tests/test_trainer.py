@@ -110,3 +110,13 @@ def test_between_prompt_variance_fraction_by_hand():
     # Means 0.5 and 0 around 0.25: between 4 * 0.0625 = 0.25 of a total 0.75 -> 1/3.
     assert between_prompt_variance_fraction(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids) == pytest.approx(1 / 3)
     assert between_prompt_variance_fraction(torch.zeros(4), ids) == 0.0
+
+
+def test_a_resume_names_what_of_the_spec_changed():
+    from drpt_ray.job import spec_changes
+
+    saved = {"seed": 0, "optim": {"lr": 0.003, "betas": [0.9, 0.999]}, "regularizer": {"frac": 0.5}}
+    now = {"seed": 0, "optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "regularizer": {"frac": 0.5}, "steps": 200,
+           "checkpoint": {"every": 5}}
+    assert spec_changes(saved, now) == ["optim.lr 0.003 -> 0.001"]  # steps and checkpoint may change on a resume
+    assert spec_changes(None, now) == []  # a checkpoint written before specs were saved

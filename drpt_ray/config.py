@@ -553,6 +553,11 @@ class JobSpec(Spec):
     )
     eval_every: Int = Field(100, ge=1, description="Steps between held-out target evaluations.")
     eval_size: Int = Field(64, ge=1, description="RL: held-out target prompts per evaluation.")
+    eval_generate: Int = Field(
+        0, ge=0, description="SFT: held-out prompts the model answers greedily at each evaluation; "
+        "eval/target_exact is the share answered exactly as the data (stripped), and the first answers go to the "
+        "log. 0: the loss only.",
+    )
     eval_samples: Int = Field(
         8, ge=0, description="RL: sampled responses per held-out prompt for pass@k (0: greedy only).",
     )

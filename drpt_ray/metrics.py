@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 # Shown on the progress bar (under these short names) and plotted, when present.
 HEADLINE = {"loss": "loss", "reward/reward_mean": "reward", "eval/target_loss": "eval_loss",
-            "eval/target_reward": "eval_reward", "target/reward_mean": "target_reward"}
+            "eval/target_reward": "eval_reward", "eval/target_exact": "eval_exact",
+            "target/reward_mean": "target_reward"}
 
 
 def progress_postfix(metrics: dict) -> dict[str, str]:

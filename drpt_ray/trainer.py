@@ -249,7 +249,7 @@ def evaluate(ctx: Context) -> dict:
     spec = ctx.spec
     if spec.mode == "sft":
         batch = tokenize_sft(ctx.tokenizer, ctx.splits.eval, spec.data.max_len)
-        return {"eval/target_loss": ctx.learner.eval_sft(batch)}
+        return {"eval/target_loss": ctx.learner.eval_sft(batch)} | (generated(ctx) if spec.eval_generate else {})
     examples = ctx.splits.eval[: spec.eval_size]
     greedy = spec.rollout.sampling.model_copy(update={"n": 1, "temperature": 0.0, "seed": 0})
     t = PhaseTimer()  # evaluation is not a phase of the step's timings
@@ -265,6 +265,17 @@ def evaluate(ctx: Context) -> dict:
                 out[f"eval/target_pass@{k}"] = _mean([pass_at_k(spec.eval_samples, int(sum(g.rewards)), k)
                                                       for g in groups])
     return out
+
+
+def generated(ctx: Context) -> dict:
+    """SFT: greedy answers to the first `eval_generate` held-out prompts, scored against the data's
+    responses (a lower loss need not mean the wanted answers); the first three go to the log."""
+    examples = ctx.splits.eval[: ctx.spec.eval_generate]
+    longest = max(len(ctx.tokenizer(e.response, add_special_tokens=False).input_ids) for e in examples)
+    answers = ctx.learner.generate([e.prompt for e in examples], longest + 4)
+    for e, a in list(zip(examples, answers))[:3]:
+        tqdm.write(f"eval sample: {e.prompt!r} -> {a!r} (data: {e.response!r})")
+    return {"eval/target_exact": _mean([float(a.strip() == e.response.strip()) for e, a in zip(examples, answers)])}
 
 
 def _mean(xs: list[float]) -> float:

@@ -149,6 +149,21 @@ def test_merged_mode_needs_the_target_rows_before_the_step(tmp_path):
         lrn.rl_step(_rl_batch(lrn))
 
 
+def test_generate_batches_prompts_of_different_lengths_as_one_at_a_time(tmp_path):
+    """Learner.generate (SFT's eval/target_exact) pads a batch on the left: each answer equals the
+    greedy answer to its prompt alone, unpadded, from the same weights."""
+    learner = Learner(JobSpec(mode="sft", output_dir=str(tmp_path)))
+    prompts = ["map:a,b->", "a much longer prompt of several words:", "x"]
+    got = learner.generate(prompts, max_new_tokens=6)
+    tok = learner.tokenizer
+    for prompt, answer in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = learner.policy.generate(**ids, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+        assert answer == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(set(got)) > 1  # a random tiny model, but not one answer for all
+
+
 def test_iif_filters_the_buffer_then_trains_plainly(tmp_path):
     spec = JobSpec(mode="rlvr", output_dir=str(tmp_path),
                    regularizer={"feasible_set": "iif", "selection": "filter", "frac": 1.0})

@@ -32,7 +32,8 @@ BASE = {"mode": "rlvr", "rollout": {"sampling": {"n": 4}}, "progress": False}
           "regularizer": {"feasible_set": "soft_subset", "soft_granularity": "global"}}, "regularizer.passes"),
         ({"mode": "sft", "resources": {"learner_num_workers": 2}, "regularizer": {"target_mode": "merged"}},
          "regularizer.target_mode"),
-        ({"resources": {"learner_num_workers": 2}, "regularizer": {"target_mode": "merged"}}, "regularizer.target_mode"),
+        ({"resources": {"learner_num_workers": 2}, "regularizer": {"target_mode": "merged"}},
+         "regularizer.target_mode"),
         ({"rollout": {"lora_adapter_sync": True}}, "model.lora"),  # nothing but full weights to send
         ({"rollout": {"lora_adapter_sync": True}, "model": {"lora": {"r": 4}}}, "model.lora.r is 4"),
     ],

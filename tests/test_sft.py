@@ -54,7 +54,7 @@ def test_step_clips_the_curated_gradient(tmp_path):
 @pytest.mark.parametrize("target_mode", ["separate", "merged"])
 def test_short_run_learns_and_writes_artifacts(tmp_path, target_mode):
     spec = JobSpec(
-        steps=60, eval_every=30, output_dir=str(tmp_path), progress=False,
+        steps=60, eval_every=30, output_dir=str(tmp_path), progress=False, eval_generate=12,
         regularizer={"feasible_set": "layerwise_subset", "target_mode": target_mode},
     )
     r = run_job(spec)
@@ -66,6 +66,8 @@ def test_short_run_learns_and_writes_artifacts(tmp_path, target_mode):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert r.final["eval/target_loss"] == evals[-1]
+    assert 0.0 <= r.final["eval/target_exact"] <= 1.0
+    assert len([m for m in lines if "eval/target_exact" in m]) == 3
 
 
 def _write(tmp_path: Path, cfg: dict) -> Path:

@@ -21,6 +21,9 @@ class LearnerAPI(Protocol):
     def eval_sft(self, batch: dict) -> float | None:
         """Token-mean loss over every supervised token of `batch`."""
 
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers of the current policy (rank 0's)."""
+
     def score_rollouts(self, batch: RLBatch) -> RLBatch | None:
         """The batch with behaviour log-probs (and reference log-probs, values) filled in."""
 

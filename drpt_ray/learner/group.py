@@ -309,6 +309,9 @@ class LearnerGroup:
                 total, tokens = total + loss * count, tokens + count
         return total / max(tokens, 1.0)
 
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return self.execute(Learner.generate, prompts, max_new_tokens)[0]  # every rank: FSDP's forwards are collective
+
     def score_rollouts(self, batch: RLBatch) -> RLBatch:
         parts = self._call(Learner.score_rollouts, [(s,) for s in shard_rl(batch, self.num_workers)])
         return cat_rl([p for p in parts if p is not None])

@@ -304,6 +304,19 @@ class Learner:
                 self._join_forward()
         return total / max(tokens, 1.0) if n else None
 
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers of the current policy to `prompts` (transformers' generate, left padding)."""
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = to_device(dict(tok(prompts, return_tensors="pt", padding=True)), self.device)
+        finally:
+            tok.padding_side = side
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with self._inference():
+            out = self.policy.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
     # ------------------------------------------------------------------------------------------
     # RL
 

@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     from drpt_ray.trainer import run_job
 
     importable_beside(Path(args.spec))
-    spec = load_spec(args.spec, JobSpec)
+    spec = load_spec(args.spec, JobSpec, args.set)
     if args.command == "sft" and spec.mode != "sft":
         raise ValueError(f"{args.spec}: mode is {spec.mode!r}; `drpt-ray sft` runs mode 'sft' (use `drpt-ray run`)")
     if args.output_dir:
@@ -263,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run any JobSpec (sft | rlhf | rlvr) on local Ray or --address")
     r.add_argument("spec", help="YAML file with a JobSpec")
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    r.add_argument("--output-dir", help="override output_dir")
-    r.set_defaults(func=_run)
     s = sub.add_parser("sft", help="run an SFT JobSpec in-process")
     s.add_argument("spec", help="YAML file with a JobSpec of mode sft")
-    s.add_argument("--output-dir", help="override output_dir")
-    s.set_defaults(func=_run)
+    for cmd in (r, s):
+        cmd.add_argument("--output-dir", help="override output_dir")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one spec key, e.g. --set regularizer.feasible_set=full (repeatable)")
+        cmd.set_defaults(func=_run)
     d = sub.add_parser("demo", help="the embedded default: RLVR with the Dr. regularizer (or --mode sft)")
     d.add_argument("--mode", choices=["rlvr", "sft"], default="rlvr")
     d.add_argument("--seeds", help="rlvr: run the demo and full training over these seeds (0-4 or 0,1,2) and print the "

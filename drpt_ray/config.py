@@ -848,8 +848,28 @@ _SpecLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
 
 
-def load_spec(path: str | Path, model: type[Spec]) -> Spec:
-    """Parse a YAML file into `model`; raise ValueError with field paths on any problem."""
+def set_dotted(raw: dict, item: str) -> None:
+    """Apply one "a.b.c=value" override to a spec's raw mapping (the value read as YAML: 1e-3, true,
+    [1, 2], {k: v}); the sections on the way are created or must be mappings."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. regularizer.feasible_set=full")
+    try:
+        value = yaml.load(text, Loader=_SpecLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: the value is not valid YAML: {e}") from None
+    *sections, last = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(sections):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {'.'.join(sections[: i + 1])} is not a section")
+    node[last] = value
+
+
+def load_spec(path: str | Path, model: type[Spec], overrides: list[str] = ()) -> Spec:
+    """Parse a YAML file into `model`, with `overrides` ("dotted.key=value", the value read as YAML)
+    applied on top; raise ValueError with field paths on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
@@ -859,6 +879,8 @@ def load_spec(path: str | Path, model: type[Spec]) -> Spec:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at top level, got {type(raw).__name__}")
+    for item in overrides:
+        set_dotted(raw, item)
     try:
         return model.model_validate(raw)
     except ValidationError as e:

@@ -89,3 +89,16 @@ def test_config_show_prints_every_key_as_a_spec_that_loads_back_to_the_defaults(
     assert "lora: null" in shown and "(a mapping of: r, alpha, dropout, target_modules)" in shown
     # nested sections are written out to their leaves
     assert "\n    dim: 64 " in shown and "\n  lora_adapter_sync: false " in shown and "\n    temperature: " in shown
+
+
+def test_set_overrides_keys_of_the_file_as_yaml_values(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("mode: rlvr\nregularizer: {feasible_set: layerwise_subset, frac: 0.5}\n")
+    spec = load_spec(p, JobSpec, ["regularizer.feasible_set=full", "optim.lr=1e-4", "rollout.sampling.n=2",
+                                  "model.lora={r: 8}"])
+    assert (spec.regularizer.feasible_set, spec.regularizer.frac, spec.optim.lr, spec.rollout.sampling.n,
+            spec.model.lora.r) == ("full", 0.5, 1e-4, 2, 8)
+    with pytest.raises(ValueError, match=r"regularizer\.frac\.x: regularizer\.frac is not a section"):
+        load_spec(p, JobSpec, ["regularizer.frac.x=1"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        load_spec(p, JobSpec, ["steps"])

@@ -348,6 +348,11 @@ class _Run:
         self.info = self.client.call(self.public, "POST", f"{self.path}/cancel")
         return self.info
 
+    def logs(self) -> str:
+        """The driver's log (a sweep's: its Tune driver's): Ray's full output while Ray keeps it, else
+        the lines the driver streamed."""
+        return self.client.request("GET", f"{self.path}/logs").text
+
 
 class Job(_Run):
     collection, public = "jobs", JobPublic
@@ -362,10 +367,6 @@ class Job(_Run):
             rows += page.items
             if not page.items or len(rows) >= page.total:
                 return rows
-
-    def logs(self) -> str:
-        """The driver's log: Ray's full output while Ray keeps it, else the lines the driver streamed."""
-        return self.client.request("GET", f"{self.path}/logs").text
 
 
 class Sweep(_Run):

@@ -124,7 +124,7 @@ def _logs(args) -> int:
     c = _client(args)
     if args.follow:
         return 0 if watch(c.run(args.id)) == "SUCCEEDED" else 1
-    sys.stdout.write(c.job(args.id).logs())
+    sys.stdout.write(c.run(args.id).logs())
     return 0
 
 

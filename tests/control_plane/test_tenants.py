@@ -44,6 +44,7 @@ def test_a_tenant_sees_streams_and_cancels_only_its_own_runs(server_factory):
                   ("GET", "/v1/jobs/{j}/artifacts"), ("GET", "/v1/jobs/{j}/events?follow=false"),
                   ("POST", "/v1/jobs/{j}/stream-token"), ("POST", "/v1/jobs/{j}/cancel"),
                   ("GET", "/v1/sweeps/{s}"), ("GET", "/v1/sweeps/{s}/events?follow=false"),
+                  ("GET", "/v1/sweeps/{s}/logs"),
                   ("POST", "/v1/sweeps/{s}/stream-token"), ("POST", "/v1/sweeps/{s}/cancel")]
         for method, route in routes:
             theirs = bob.request(method, route.format(j=jid, s=sid))
@@ -55,6 +56,7 @@ def test_a_tenant_sees_streams_and_cancels_only_its_own_runs(server_factory):
         assert [j["id"] for j in bob.get("/v1/jobs").json()["items"]] == [bobs["id"]]
         assert bob.get("/v1/sweeps").json()["total"] == 0
         assert alice.get(f"/v1/jobs/{jid}").json()["state"] == "RUNNING"  # bob's cancel did nothing
+        assert alice.get(f"/v1/sweeps/{sid}/logs").status_code == 200  # her sweep's driver log is hers to read
 
         # the admin tenant sees every run and may cancel any
         assert {j["id"] for j in ops.get("/v1/jobs").json()["items"]} == {jid, bobs["id"]}

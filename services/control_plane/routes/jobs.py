@@ -77,9 +77,13 @@ def job_metrics(job_id: str, db: DbDep, caller: CallerDep, limit: int = Query(10
 def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, caller: CallerDep,
              tail: int | None = Query(None, ge=1, le=100_000)) -> PlainTextResponse:
     """The Ray job's full stdout/stderr when Ray still has it; otherwise the `log` lines the driver streamed."""
+    return run_log(db, launcher, job_id, "job", caller.scope, tail)
+
+
+def run_log(db, launcher, run_id: str, kind: str, scope, tail: int | None) -> PlainTextResponse:
+    """A job's or a sweep's driver log: Ray's while it keeps it, else the `log` lines the driver streamed."""
     with db.read() as s:
-        job = store.get_run(s, job_id, kind="job", scope=caller.scope)
-        ray_job_id = job.ray_job_id
+        ray_job_id = store.get_run(s, run_id, kind=kind, scope=scope).ray_job_id
         text = None
         if ray_job_id is not None:
             try:
@@ -87,7 +91,7 @@ def job_logs(job_id: str, db: DbDep, launcher: LauncherDep, caller: CallerDep,
             except LauncherUnavailable:
                 text = None
         if text is None:
-            rows = s.scalars(select(Event.data).where(Event.run_id == job_id, Event.type == "log")
+            rows = s.scalars(select(Event.data).where(Event.run_id == run_id, Event.type == "log")
                              .order_by(Event.pos)).all()
             text = "".join(r["line"] + "\n" for r in rows)
     if tail is not None:

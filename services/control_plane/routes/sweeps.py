@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import select
 
 from drpt_ray.config import SweepSpec
@@ -10,12 +11,13 @@ from services.control_plane.strict_json import StrictJSONRoute
 from services.control_plane import store
 from services.control_plane.db import Sweep, Trial
 from services.control_plane.admission import admit_sweep
-from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, OffsetQuery, SettingsDep,
-                                         SupervisorDep)
+from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyKeyDep, LauncherDep, OffsetQuery,
+                                         SettingsDep, SupervisorDep)
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from drpt_ray.wire import State, SweepPage, SweepPublic
 from services.control_plane.public import sweep_public
+from services.control_plane.routes.jobs import run_log
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[ApiAuth], route_class=StrictJSONRoute)
 
@@ -53,6 +55,15 @@ def list_sweeps(db: DbDep, caller: CallerDep, state: State | None = None, limit:
 def get_sweep(sweep_id: str, db: DbDep, caller: CallerDep) -> SweepPublic:
     with db.read() as s:
         return _public(s, store.get_run(s, sweep_id, kind="sweep", scope=caller.scope))
+
+
+@router.get("/{sweep_id}/logs", response_class=Response,
+            summary="The Tune driver's log (Ray's, else the streamed lines)",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}} | errors(404))
+def sweep_logs(sweep_id: str, db: DbDep, launcher: LauncherDep, caller: CallerDep,
+               tail: int | None = Query(None, ge=1, le=100_000)) -> PlainTextResponse:
+    """Why trials failed shows here too: the sweep's driver log, as for a job."""
+    return run_log(db, launcher, sweep_id, "sweep", caller.scope, tail)
 
 
 @router.post("/{sweep_id}/cancel", summary="Cancel a sweep (its Tune driver and trials are stopped)",

@@ -467,7 +467,9 @@ class RewardSpec(Spec):
 
 
 class CheckpointSpec(Spec):
-    every: Int = Field(0, ge=0, description="Steps between checkpoints (0: only the final model).")
+    every: Int = Field(
+        0, ge=0, description="Steps between checkpoints, and one at the last step (0: none, only the final model).",
+    )
     keep: Int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
     resume: bool = Field(True, description="Resume from the newest checkpoint in output_dir if one exists.")
 

@@ -352,8 +352,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
                 if spec.divergence.stop_on_divergence or alert.startswith("non-finite"):
                     raise Diverged(ctx.step, alert)
             alarmed = ctx.guard is not None and ctx.guard.alarmed
-            if (spec.checkpoint.every and ctx.step % spec.checkpoint.every == 0
-                and ctx.step < spec.steps and not alarmed):
+            if (spec.checkpoint.every and (ctx.step % spec.checkpoint.every == 0 or ctx.step == spec.steps)
+                    and not alarmed):  # the last step too: a finished run can be extended (more `steps`)
                 save_checkpoint(ctx)
         ctx.learner.save_model(str(ctx.out / "model"))
     finally:

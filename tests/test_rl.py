@@ -145,12 +145,12 @@ def test_rl_with_fsdp_learner(tmp_path):
         for key in ("loss", "loss/kl", "loss/value", "grad_norm", "approx_kl",
                     "reg/cos", "reg/cos_layer_min", "rollout/mismatch_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    # the checkpoint (step 2) holds full tensors of policy and critic, the final model one full copy,
+    # the checkpoint (step 3, the last) holds full tensors of policy and critic, the final model one full copy,
     # each equal to the data-parallel one
     ckpt, ckpt_dp = (torch.load(latest_checkpoint(tmp_path / x) / "learner.pt", weights_only=False)["model"]
                      for x in ("fsdp", "dp"))
     final, final_dp = (load_file(tmp_path / x / "model" / "model.safetensors") for x in ("fsdp", "dp"))
-    assert latest_checkpoint(tmp_path / "fsdp").name == "step_0000002"
+    assert latest_checkpoint(tmp_path / "fsdp").name == "step_0000003"  # the last step's
     assert ({"policy.lm_head.weight", "value_head.weight"} <= set(ckpt)
             and set(ckpt) == set(ckpt_dp) and set(final) == set(final_dp))
     diffs = []
@@ -191,7 +191,7 @@ def test_rl_kill_and_resume_matches_uninterrupted(tmp_path):
         run_job(rlvr(tmp_path / "b", **spec), on_metrics=crash)
     resumed = run_job(rlvr(tmp_path / "b", **spec))
     ca, cb = (latest_checkpoint(tmp_path / x) for x in "ab")
-    assert ca.name == cb.name == "step_0000002"
+    assert ca.name == cb.name == "step_0000004"  # the last step's
     assert json.loads((ca / "trainer.json").read_text()) == json.loads((cb / "trainer.json").read_text())
     wa, wb = (torch.load(c / "learner.pt", weights_only=False)["model"] for c in (ca, cb))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -63,7 +63,8 @@ class _Crash(Exception):
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     full = run_job(_spec(tmp_path / "a"))
-    w_full = torch.load(latest_checkpoint(tmp_path / "a") / "learner.pt", weights_only=False)  # step 4
+    assert latest_checkpoint(tmp_path / "a").name == "step_0000006"  # the last step is checkpointed too
+    w_full = torch.load(tmp_path / "a" / "checkpoints" / "step_0000004" / "learner.pt", weights_only=False)
 
     def crash_at_5(m):
         if m["step"] == 5:
@@ -79,7 +80,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(w_full["model"][k], w_b["model"][k]), k
     moments = [(w["opt"]["state"][k]["exp_avg_sq"] for w in (w_full, w_b)) for k in w_full["opt"]["state"]]
     assert moments and all(torch.equal(a, b) for a, b in moments)
-    cur_a = json.loads((latest_checkpoint(tmp_path / "a") / "trainer.json").read_text())
+    cur_a = json.loads((tmp_path / "a" / "checkpoints" / "step_0000004" / "trainer.json").read_text())
     cur_b = json.loads((tmp_path / "b" / "checkpoints" / "step_0000004" / "trainer.json").read_text())
     assert cur_a == cur_b and cur_a["general"] == {"epoch": 1, "pos": 12}
     # ... and the resumed run ends where the uninterrupted one did, bit for bit
@@ -98,7 +99,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoints_keep_only_the_newest(tmp_path):
     run_job(_spec(tmp_path, steps=8, checkpoint={"every": 2, "keep": 2}))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006", "step_0000008"]
 
 
 def test_between_prompt_variance_fraction_by_hand():
@@ -120,3 +121,17 @@ def test_a_resume_names_what_of_the_spec_changed():
            "checkpoint": {"every": 5}}
     assert spec_changes(saved, now) == ["optim.lr 0.003 -> 0.001"]  # steps and checkpoint may change on a resume
     assert spec_changes(None, now) == []  # a checkpoint written before specs were saved
+
+
+def test_a_finished_run_is_extended_from_its_last_step(tmp_path, capsys):
+    """The last step is checkpointed, so the same spec with more `steps` continues where it ended
+    (and says so); the metrics log then holds every step once."""
+    run_job(_spec(tmp_path, steps=5))  # checkpoints at 2, 4 and the last step, 5
+    assert latest_checkpoint(tmp_path).name == "step_0000005"
+    extended = run_job(_spec(tmp_path, steps=7, optim={"lr": 1e-4}))
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000005'} (step 5 of 7)" in out
+    assert "the spec changed since it was written: optim.lr 0.003 -> 0.0001" in out
+    assert extended.steps == 7
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(8))

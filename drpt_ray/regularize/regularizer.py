@@ -541,10 +541,14 @@ class Regularizer:
         if not isinstance(out, torch.Tensor) or out.shape[0] != p.n_rows:
             raise RuntimeError(f"merged target mode: cannot split rows of {type(module).__name__} output")
         detached = {n: prm.detach() for n, prm in module.named_parameters(recurse=False)}
+
+        def target_rows(x):  # a batch-shaped input, cut to the target rows: only those are recomputed
+            return x[p.n_train :] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == p.n_rows else x
+
         with _hooks_paused(self):
-            out_det = torch.func.functional_call(module, detached, args, kwargs)
-        is_target = torch.arange(p.n_rows, device=out.device) >= p.n_train
-        return torch.where(is_target.view(-1, *([1] * (out.dim() - 1))), out_det, out)
+            out_det = torch.func.functional_call(module, detached, tuple(map(target_rows, args)),
+                                                 {k: target_rows(v) for k, v in kwargs.items()})
+        return torch.cat([out[: p.n_train], out_det])
 
 
 @contextmanager

@@ -325,6 +325,9 @@ def part_real(args, out: Path) -> None:
 
 
 def rlvr_report(results: list[dict], out: Path, base: str, title: str, args) -> None:
+    if not results:
+        print(f"no finished runs of these methods and seeds in {out / 'results.json'}")
+        return
     k = next(key for key in results[0] if key.startswith("pass@") and key not in ("pass@1", "pass@1_start"))
     report(out, f"{base}, seeds={seed_text(args.seeds)}: held-out target pass@k (sampled at the training temperature, "
                 f"unbiased estimator) and held-out target reward (greedy), both by the strict target verifier; "

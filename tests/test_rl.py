@@ -122,7 +122,7 @@ def test_rl_with_fsdp_learner(tmp_path):
     near-zero gradients to a few per cent of an update (measured).
     """
     job = dict(
-        steps=3, eval_every=3, warm_start_sft_steps=4, checkpoint={"every": 2, "keep": 1},
+        steps=3, eval_every=3, warm_start_sft_steps=4, checkpoint={"every": 2, "keep": 2},
         # `reward`: after 4 warm-start steps every reward is 0, and its zero-variance guard keeps g_T
         # non-zero (token_pg's g_T would be 0: nothing for the sharded cosines to check). With zero
         # advantages and the KL reference equal to the warm-started policy, the entropy bonus is
@@ -145,10 +145,10 @@ def test_rl_with_fsdp_learner(tmp_path):
         for key in ("loss", "loss/kl", "loss/value", "grad_norm", "approx_kl",
                     "reg/cos", "reg/cos_layer_min", "rollout/mismatch_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    # the checkpoint (step 3, the last) holds full tensors of policy and critic, the final model one full copy,
+    # the checkpoint of step 2 holds full tensors of policy and critic, the final model one full copy,
     # each equal to the data-parallel one
-    ckpt, ckpt_dp = (torch.load(latest_checkpoint(tmp_path / x) / "learner.pt", weights_only=False)["model"]
-                     for x in ("fsdp", "dp"))
+    ckpt, ckpt_dp = (torch.load(tmp_path / x / "checkpoints" / "step_0000002" / "learner.pt",
+                                weights_only=False)["model"] for x in ("fsdp", "dp"))
     final, final_dp = (load_file(tmp_path / x / "model" / "model.safetensors") for x in ("fsdp", "dp"))
     assert latest_checkpoint(tmp_path / "fsdp").name == "step_0000003"  # the last step's
     assert ({"policy.lm_head.weight", "value_head.weight"} <= set(ckpt)

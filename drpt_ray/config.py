@@ -812,6 +812,12 @@ def format_validation_error(err: ValidationError, source: str = "config", model:
     return "\n".join(lines)
 
 
+def nested_spec(annotation) -> type[BaseModel] | None:
+    """The spec class a field holds (`X`, `X | None`), or None for a plain value."""
+    return next((t for t in (annotation, *typing.get_args(annotation))
+                 if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
 def did_you_mean(model: type[BaseModel], loc: tuple) -> str | None:
     """The known key closest to the unknown last part of `loc`, among the fields of the model found by
     following `loc` through `model`'s nested specs; None when nothing is close."""
@@ -819,8 +825,7 @@ def did_you_mean(model: type[BaseModel], loc: tuple) -> str | None:
 
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        sub = field and next((t for t in (field.annotation, *typing.get_args(field.annotation))
-                              if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        sub = field and nested_spec(field.annotation)
         if sub is None:
             return None
         model = sub

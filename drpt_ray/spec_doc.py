@@ -4,11 +4,10 @@ its description, read from the one schema (drpt_ray/config.py), so it cannot dri
 from __future__ import annotations
 
 import json
-import typing
 
 from pydantic import BaseModel
 
-from drpt_ray.config import JobSpec
+from drpt_ray.config import JobSpec, nested_spec
 
 COMMENT_COLUMN = 44
 
@@ -31,18 +30,11 @@ def _lines(spec: BaseModel, depth: int) -> list[str]:
             out.append(_commented(f"{pad}{name}:", about))
             out += _lines(value, depth + 1)
             continue
-        nested = _nested_model(field.annotation)
+        nested = nested_spec(field.annotation)
         if value is None and nested is not None:  # an optional section, off by default: say what it holds
             about = f"{about} (a mapping of: {', '.join(nested.model_fields)})"
         out.append(_commented(f"{pad}{name}: {_yaml_value(value)}", about))
     return out
-
-
-def _nested_model(annotation) -> type[BaseModel] | None:
-    for t in (annotation, *typing.get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
 
 
 def _yaml_value(value) -> str:

@@ -64,7 +64,19 @@ def summary(history: list[dict]) -> str:
         pts = [m[key] for m in history if key in m]
         if pts:
             lines.append(f"  {key}: {pts[0]:.3f} -> {pts[-1]:.3f}")
+    if errors := reward_errors(history):
+        lines.append(f"  {errors}")
     return "summary (first -> last):\n" + "\n".join(lines)
+
+
+def reward_errors(history: list[dict]) -> str:
+    """How many responses the reward failed to score over the run ('' when none): a run trained on
+    zeros it was given for failures must say so beside its result."""
+    general, target = (int(sum(m.get(f"{split}/errors", 0.0) for m in history)) for split in ("reward", "target"))
+    if not general + target:
+        return ""
+    return (f"reward errors: {general + target} responses scored 0 by a failing reward "
+            f"({general} general, {target} target)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -98,7 +110,9 @@ def verdict(history: list[dict]) -> str:
     if len(evals) < 2:
         return "verdict: no held-out evaluation after the start"
     word = "learned" if evals[-1] > evals[0] else "did NOT learn"
-    return f"verdict: {word}: held-out target reward {evals[0]:.3f} at the start, {evals[-1]:.3f} at the end"
+    errors = reward_errors(history)
+    return (f"verdict: {word}: held-out target reward {evals[0]:.3f} at the start, {evals[-1]:.3f} at the end"
+            + (f" ({errors})" if errors else ""))
 
 
 # The real demo's verdict: held-out strict pass@1 must rise by this much over the run (SmolLM2 as

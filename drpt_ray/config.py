@@ -456,6 +456,12 @@ class RewardSpec(Spec):
         "`kind`: e.g. an RLHF job whose reward model can be gamed while the scarce target data has a checkable "
         "wanted behaviour.",
     )
+    max_error_frac: float = Field(
+        0.5, ge=0, le=1,
+        description="End the job (FAILED, with the first error's traceback) at a step where more than this share "
+        "of the responses of a split could not be scored (raised, timed out, returned a non-number); fewer score 0 "
+        "and count in reward/errors. 1: never end; 0: end at the first error.",
+    )
 
     @model_validator(mode="after")
     def _function_given(self) -> "RewardSpec":

@@ -102,11 +102,14 @@ def init_ray(cpus_needed: float, address: str | None) -> None:
     runtime_env = {"env_vars": driver_env(), "worker_process_setup_hook": "drpt_ray.quiet.quiet_workers"}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
+        print(f"Ray: joined the cluster at {address}", flush=True)
         return
     # address="local": a new Ray even when `ray start` (e.g. `drpt-ray serve`) left one on this machine,
     # which a bare ray.init() would join and then refuse num_cpus for.
-    ray.init(address="local", num_cpus=max(math.ceil(cpus_needed), os.cpu_count() or 1),
-             include_dashboard=False, runtime_env=runtime_env)
+    num_cpus = max(math.ceil(cpus_needed), os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    print(f"Ray: started a local Ray for this run ({num_cpus} CPUs; it ends with the run; --address joins a "
+          "running cluster instead)", flush=True)
 
 
 def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:

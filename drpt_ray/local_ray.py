@@ -1,6 +1,6 @@
 """A local Ray on this machine: the environment it starts with, free ports, and a head in its own
 process group that is ended through that group (never `ray stop`, which would end every Ray on the
-machine). `drpt-ray serve` starts its Ray here; the control-plane tests and the benches that submit
+machine). `drpt-ray serve` (`start_local_ray`), the control-plane tests and the benches that submit
 through the REST API start a blocking head with `start_ray_head` and end it with `stop_group`.
 """
 
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -73,44 +74,47 @@ def ray_command() -> str:
     return cmd
 
 
-def start_local_ray(dashboard_port: int, num_cpus: int, timeout_s: float = 90.0) -> str:
-    """Start a local Ray head with the dashboard (the Jobs API) unless one answers already; returns
-    its URL. It outlives this process, so restarting the control plane does not stop running jobs."""
+@dataclass
+class OwnRay:
+    """A Ray head this process started (`start_ray_head`), ended through its process group."""
+
+    proc: subprocess.Popen
+    url: str
+    temp_dir: Path
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_local_ray(dashboard_port: int, num_cpus: int, log: Path) -> tuple[str, OwnRay | None]:
+    """The dashboard URL of a local Ray for `drpt-ray serve`: the one already answering at
+    `dashboard_port` (not ours: None), else a head started here (logging to `log`), which the caller
+    stops when it is done or leaves running for a later serve to reuse."""
     url = f"http://127.0.0.1:{dashboard_port}"
     if dashboard_up(url):
-        print(f"drpt-ray serve: using the local Ray dashboard at {url}")
-        return url
-    # The agents' default ports (52365, ...) may be held by another Ray on this machine; a busy
-    # agent port does not fail `ray start`, it silently disables the Jobs API. Take free ones.
-    agent_ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")}
-    cmd = [ray_command(), "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    cmd += [f"--{flag}={port}" for flag, port in agent_ports.items()]
-    print("drpt-ray serve: starting a local Ray:", " ".join(cmd[1:]))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=ray_env())
-    if done.returncode != 0:
-        raise ValueError(f"`ray start` failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-    deadline = time.monotonic() + timeout_s
-    while not dashboard_up(url):
-        if time.monotonic() > deadline:
-            raise ValueError(f"the local Ray started but its dashboard did not answer at {url} "
-                             f"within {timeout_s:.0f} s")
-        time.sleep(0.5)
-    print(f"drpt-ray serve: local Ray up, dashboard {url} (it keeps running after serve exits; `ray stop` ends it)")
-    return url
+        print(f"drpt-ray serve: using the local Ray dashboard at {url} (not started here: left running on exit)")
+        return url, None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"drpt-ray serve: starting a local Ray with {num_cpus} CPUs (log {log})", flush=True)
+    proc, url, temp_dir = start_ray_head(num_cpus, log, ray_env(), dashboard_port=dashboard_port)
+    print(f"drpt-ray serve: local Ray up, dashboard {url} (process group {proc.pid})", flush=True)
+    return url, OwnRay(proc, url, temp_dir)
 
 
 def start_ray_head(num_cpus: int, log: Path, env: Mapping[str, str], cwd: Path | None = None,
-                   timeout_s: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
-    """`ray start --head --block` with its dashboard (the Jobs API), every port free, in its own
-    process group, logging to `log`; waits until the node has started (not just the dashboard: it
-    answers before a raylet that may still die). Returns the process, the dashboard URL and Ray's
-    temp dir (remove it after `stop_group`). RuntimeError with the log's tail if it exits or times out."""
+                   timeout_s: float = 120.0, dashboard_port: int | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """`ray start --head --block` with its dashboard (the Jobs API) at `dashboard_port` and every
+    other port free, in its own process group, logging to `log`; waits until the node has started
+    (not just the dashboard: it answers before a raylet that may still die). Returns the process,
+    the dashboard URL and Ray's temp dir (remove it after `stop_group`). RuntimeError with the log's
+    tail if it exits or times out."""
     # Directly under /tmp, not TMPDIR (a clone's .tmp): Ray's unix socket paths
     # (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead) must stay under 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="drptray", dir="/tmp"))
     ports = {flag: free_port() for flag in HEAD_PORT_FLAGS}
+    if dashboard_port is not None:
+        ports["dashboard-port"] = dashboard_port
     cmd = [ray_command(), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}

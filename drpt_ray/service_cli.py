@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import sys
 
 from drpt_ray.client import (TOKEN_FILE, Alert, Client, End, Job, LogLine, MetricsReport,
@@ -181,6 +182,28 @@ def ensure_token() -> str:
 
 
 def _serve(args) -> int:
+    ensure_token()
+    own_ray = None
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"], own_ray = start_local_ray(args.ray_dashboard_port, args.num_cpus,
+                                                             TOKEN_FILE.parent / "serve-ray.log")
+    # uvicorn shuts down on SIGINT/SIGTERM, then re-raises the signal to the handler it found: a
+    # no-op one here, so the process lives on to stop its Ray below instead of dying at once.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        return _serve_api(args)
+    finally:
+        if own_ray is not None and args.keep_ray:
+            print(f"drpt-ray serve: the local Ray it started keeps running ({own_ray.url}); the next serve uses it")
+        elif own_ray is not None:
+            # Its running jobs end with it; --keep-ray leaves them running for the next serve to follow.
+            print("drpt-ray serve: stopping the local Ray it started", flush=True)
+            own_ray.stop()
+
+
+def _serve_api(args) -> int:
+    """The control plane in uvicorn until SIGINT/SIGTERM."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -188,9 +211,6 @@ def _serve(args) -> int:
     from services.control_plane.app import create_app
     from services.control_plane.settings import Settings
 
-    ensure_token()
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ["RAY_ADDRESS"] = start_local_ray(args.ray_dashboard_port, args.num_cpus)
     if not os.environ.get("DRPT_PUBLIC_URL"):
         host = HOST if args.host in ("0.0.0.0", "::", "") else args.host
         os.environ["DRPT_PUBLIC_URL"] = f"http://{host}:{args.port}"
@@ -222,6 +242,8 @@ def register(subparsers) -> None:
     s.add_argument("--port", type=int, default=PORT)
     s.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1), help="CPUs of the local Ray it starts")
     s.add_argument("--ray-dashboard-port", type=int, default=8265, help="dashboard port of the local Ray")
+    s.add_argument("--keep-ray", action="store_true",
+                   help="leave the local Ray this serve starts (and its running jobs) up when serve exits")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 

@@ -86,10 +86,11 @@ def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
     n = len(rollouts) // len(examples)
     scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
                         [examples[r.prompt_index].scored_against for r in rollouts], split)
-    if len(rollouts) > 1 and scored.errors == len(rollouts):
-        # Not one response could be scored: a broken reward, not a run to train on zeros.
-        raise ValueError(f"the reward failed on every one of the {len(rollouts)} {split} responses of step "
-                         f"{ctx.step + 1}; the first: {scored.first_error} (reward.timeout_s bounds each call)")
+    if scored.errors > ctx.spec.reward.max_error_frac * len(rollouts):
+        # Most responses could not be scored: a broken reward, not a run to train on zeros.
+        raise ValueError(f"the reward failed on {scored.errors} of the {len(rollouts)} {split} responses of step "
+                         f"{ctx.step + 1} (more than reward.max_error_frac {ctx.spec.reward.max_error_frac:g}; "
+                         f"reward.timeout_s bounds each call); the first:\n{scored.first_error}")
     return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
             for i, e in enumerate(examples)]
 
@@ -180,7 +181,7 @@ def rollout_batch(ctx: Context, groups: list[Group], split: str, stale: bool, t:
         f"{prefix}reward_std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
         f"{prefix}response_len": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
         f"{prefix}truncated_frac": float(batch.truncated.float().mean()),
-        f"{prefix}reward_errors": float(sum(g.errors for g in groups)),
+        f"{prefix}errors": float(sum(g.errors for g in groups)),
     }
 
 

@@ -135,7 +135,7 @@ def test_lora_rl_steps_on_smollm2_keep_vllm_in_sync(smollm2: Path, tmp_path: Pat
     assert abs(second["rollout/mismatch_kl"]) < 0.01 * second["loss/kl"]
     assert abs(first["rollout/mismatch_kl"]) < 1e-4
     for r in (first, second):
-        assert 0.0 <= r["reward/reward_mean"] <= 1.0 and r["reward/reward_errors"] == r["target/reward_errors"] == 0
+        assert 0.0 <= r["reward/reward_mean"] <= 1.0 and r["reward/errors"] == r["target/errors"] == 0
 
 
 def test_bad_model_inputs_name_the_path(tmp_path: Path) -> None:

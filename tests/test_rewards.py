@@ -169,10 +169,11 @@ def test_function_failures_score_zero_and_count(user_module: str) -> None:
         assert result == RewardResult(scores=[2.0, 0.0, 0.0, 0.0, 4.0], errors=3)
 
 
-def test_a_step_whose_every_response_fails_ends_the_job(user_module: str) -> None:
-    """A broken reward function (here: it raises on every call) stops the job at its first step
-    with the function's own error, instead of training on zero rewards to the end; one working
-    response in the batch is enough to go on (its failures are counted in reward_errors)."""
+def test_a_step_whose_responses_mostly_fail_ends_the_job_with_the_traceback(user_module: str) -> None:
+    """A broken reward function (here: it raises) stops the job at the first step where more than
+    `reward.max_error_frac` of a split's responses failed, with the function's own traceback,
+    instead of training on zero rewards to the end; at or below that share the step goes on and
+    its failures are counted in reward/errors."""
     from types import SimpleNamespace
 
     from drpt_ray.data import Example
@@ -186,12 +187,22 @@ def test_a_step_whose_every_response_fails_ends_the_job(user_module: str) -> Non
         return Sampled([Example("p", "r")], rollouts)
 
     with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=5.0)) as reward:
-        ctx = SimpleNamespace(reward=reward, step=0)
-        with pytest.raises(ValueError, match=r"every one of the 3 general responses of step 1; "
-                                             r"the first: RuntimeError: user bug"):
-            score(ctx, sampled(["raise"] * 3), "general")
-        (group,) = score(ctx, sampled(["raise", "ok", "raise"]), "general")
-        assert group.rewards == [0.0, 2.0, 0.0] and group.errors == 2
+        def ctx(max_error_frac: float) -> SimpleNamespace:
+            return SimpleNamespace(reward=reward, step=0, spec=SimpleNamespace(
+                reward=RewardSpec(kind="function", function=f"{user_module}:dispatch", max_error_frac=max_error_frac)))
+
+        with pytest.raises(ValueError, match=r"failed on 3 of the 4 general responses of step 1 \(more than "
+                                             r"reward.max_error_frac 0.5") as err:
+            score(ctx(0.5), sampled(["raise", "ok", "raise", "raise"]), "general")
+        # the user's own frame and exception, as a traceback
+        assert "Traceback (most recent call last)" in str(err.value)
+        assert 'raise RuntimeError("user bug")' in str(err.value) and "RuntimeError: user bug" in str(err.value)
+        (group,) = score(ctx(0.5), sampled(["raise", "ok", "raise", "ok"]), "general")  # 2 of 4: not more
+        assert group.rewards == [0.0, 2.0, 0.0, 2.0] and group.errors == 2
+        (group,) = score(ctx(1.0), sampled(["raise"] * 3), "general")  # 1: never end
+        assert group.errors == 3
+        with pytest.raises(ValueError, match="failed on 1 of the 3 target responses"):
+            score(ctx(0.0), sampled(["ok", "raise", "ok"]), "target")
 
 
 def test_a_reward_module_next_to_the_spec_is_importable(tmp_path: Path, monkeypatch) -> None:
@@ -378,3 +389,19 @@ def test_target_kind_scores_the_target_split_with_its_verifier(tmp_path):
     reward.close()
     with pytest.raises(ValueError, match="target_kind 'task'"):
         make_reward(RewardSpec(kind="exact_match", target_kind="task"), None, tmp_path)
+
+
+def test_summary_and_verdict_count_the_reward_errors() -> None:
+    """A run whose reward failed on some responses says how many beside its result; a clean run
+    says nothing about errors."""
+    from drpt_ray.cli import summary, verdict
+
+    history = [{"reward/reward_mean": 0.1, "reward/errors": 3.0, "target/errors": 0.0, "eval/target_reward": 0.2},
+               {"reward/reward_mean": 0.4, "reward/errors": 1.0, "target/errors": 2.0},
+               {"reward/reward_mean": 0.5, "reward/errors": 0.0, "target/errors": 0.0, "eval/target_reward": 0.6}]
+    said = "reward errors: 6 responses scored 0 by a failing reward (4 general, 2 target)"
+    assert said in summary(history)
+    assert verdict(history) == ("verdict: learned: held-out target reward 0.200 at the start, 0.600 at the end "
+                                f"({said})")
+    clean = [{k: v for k, v in m.items() if not k.endswith("/errors")} for m in history]
+    assert "error" not in summary(clean) and verdict(clean).endswith("0.600 at the end")

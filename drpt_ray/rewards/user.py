@@ -21,6 +21,7 @@ import logging
 import math
 import multiprocessing as mp
 import numbers
+import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Callable
@@ -102,8 +103,14 @@ def _serve(conn: Connection, path: str) -> None:
             return
         try:
             conn.send(("ok", _as_reward(fn(prompt, response, reference))))
-        except Exception as e:  # any failure of user code is a 0 reward, reported to the parent
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except Exception:  # any failure of user code is a 0 reward, reported to the parent with its traceback
+            conn.send(("error", traceback.format_exc()))
+
+
+def last_line(failure: str) -> str:
+    """A failure's one-line form for a log line: the last line of a traceback is the exception."""
+    lines = failure.strip().splitlines()
+    return lines[-1] if lines else failure
 
 
 class FunctionReward(Reward):
@@ -138,7 +145,7 @@ class FunctionReward(Reward):
         if failures:
             logger.warning(
                 "reward.function %r failed on %d of %d responses (scored 0.0); first: %s",
-                self.path, len(failures), len(responses), failures[0],
+                self.path, len(failures), len(responses), last_line(failures[0]),
             )
         return RewardResult(scores=scores, errors=len(failures), first_error=failures[0] if failures else None)
 

@@ -32,6 +32,7 @@ import torch
 from ray.actor import ActorHandle
 
 from drpt_ray.config import RolloutSpec, SamplingSpec
+from drpt_ray.quiet import quiet_vllm
 from drpt_ray.rollout.sync import AdapterWeights
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ def engine_env(spec: RolloutSpec) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: required by the weights-iterator reload
         "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),  # else vLLM takes ~90% of RAM for the KV cache on CPU
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # per-step INFO lines drown the job log
+        # c10's start-up warnings (NUMA memory binding, once per engine); its errors still print
+        "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
     }
 
 
@@ -127,6 +130,7 @@ class RolloutEngine:
 
     def __init__(self, model_path: str, spec: RolloutSpec, seed: int = 0, lora_rank: int | None = None) -> None:
         os.environ.update(engine_env(spec))
+        quiet_vllm(os.environ["VLLM_LOGGING_LEVEL"], Path(tempfile.mkdtemp(prefix="drpt-engine-")))
         from vllm import LLM  # after the env update: vLLM reads these variables
 
         self.model_path = str(model_path)
@@ -144,7 +148,8 @@ class RolloutEngine:
         if lora_rank is not None:
             device_kwargs |= {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1}
         start = time.perf_counter()
-        self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed, **device_kwargs)
+        self._llm: LLM = LLM(model=self.model_path, max_model_len=spec.max_model_len, seed=seed,
+                             use_tqdm_on_load=False, **device_kwargs)
         self._lora = None  # the LoRARequest every generation runs with (adapter sync), None: the base weights
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="drpt-adapter-")) if lora_rank is not None else None
         self.max_model_len = spec.max_model_len

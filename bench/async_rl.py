@@ -6,8 +6,9 @@ rollouts), in one run.
     # smoke: --part demo --seeds 1 --steps 6 --warm-start-steps 20
 
 demo: the README demo (tiny model, scarce_target, GRPO + layer-wise) per seed and staleness, with
-    `algorithm.tis_cap: 2.0` in every mode so that only the overlap differs. Per run: steps per second
-    of the training loop (steps / the sum of `time/step`; evaluations excluded), the loop's seconds
+    `algorithm.rollout_correction: {upper: 2.0}` (token-level TIS) in every mode so that only the
+    overlap differs. Per run: steps per second of the training loop (steps / the sum of
+    `time/step`; evaluations excluded), the loop's seconds
     until the greedy held-out reward first reaches --reach, learner and rollout idle fractions (from
     `time/gen` and `time/rollout_busy`), final held-out reward and pass@1, and whether the run met
     tests/test_async.py's learning checks. "trained age": the mean age, in weight versions, of the
@@ -50,13 +51,13 @@ from drpt_ray.machine import machine_summary  # noqa: E402
 # label -> (rollout.max_staleness, rollout.partial_rollouts)
 MODES = {"sync": (0, False), "1": (1, False), "2": (2, False), "1 + partial": (1, True)}
 QUIET = {"progress": False, "tensorboard": False, "checkpoint": {"resume": False}}
-TIS_CAP = 2.0
+TIS = {"level": "token", "mode": "truncate", "upper": 2.0}
 
 
 def with_mode(base: dict, mode: str) -> dict:
     k, partial = MODES[mode]
     return base | {"rollout": base["rollout"] | {"max_staleness": k, "partial_rollouts": partial},
-                   "algorithm": base["algorithm"] | {"tis_cap": TIS_CAP}}
+                   "algorithm": base["algorithm"] | {"rollout_correction": TIS}}
 
 
 def loop_figures(h: list[dict], workers: int) -> dict:

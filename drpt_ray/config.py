@@ -348,8 +348,8 @@ class RolloutSpec(Spec):
         0, ge=0,
         description="Asynchronous RL: rollouts for up to this many coming steps are generated while the learner "
         "updates, and no sample is trained more than this many weight versions after the weights that sampled it "
-        "(older ones are dropped and counted in rollout/dropped); algorithm.tis_cap corrects the difference. 0: the "
-        "synchronous loop.",
+        "(older ones are dropped and counted in rollout/dropped); algorithm.rollout_correction corrects the "
+        "difference. 0: the synchronous loop.",
     )
     partial_rollouts: bool = Field(
         False, description="Asynchronous RL: new weights reach a generation in progress at its next chunk boundary and "
@@ -363,6 +363,35 @@ class RolloutSpec(Spec):
         False, description="model.lora: send the rollout workers only the adapter, which vLLM serves as a LoRARequest, "
         "instead of the full weights with the adapter merged in (model.lora.r must be a rank vLLM serves)."
     )
+
+
+# The names algorithms/stability.py's rollout correction understands (it checks them again at run time).
+CorrectionLevel = Literal["token", "sequence", "geometric"]
+CorrectionMode = Literal["truncate", "mask"]
+
+
+class RolloutCorrectionSpec(Spec):
+    """Importance weights of the learner over the rollout engine, bounded (algorithms/stability.py)."""
+
+    level: CorrectionLevel = Field(
+        "token", description="token: each token's ratio; sequence: the response's (product of its tokens'); "
+        "geometric: the geometric mean of its tokens' ratios (length-independent).",
+    )
+    mode: CorrectionMode = Field(
+        "truncate", description="truncate: weight min(ratio, upper) (TIS); mask: weight the ratio inside "
+        "[lower, upper], 0 outside (IcePop when two-sided, TRL's sequence mask).",
+    )
+    upper: float | None = Field(2.0, gt=0, description="Truncation cap or upper mask bound (None: no cap; "
+                                "truncate only).")
+    lower: float | None = Field(None, ge=0, description="mode mask: lower bound (None: one-sided).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RolloutCorrectionSpec":
+        if self.mode == "mask" and self.upper is None:
+            raise ValueError("algorithm.rollout_correction.upper: mode 'mask' needs an upper bound")
+        if self.lower is not None and (self.mode != "mask" or self.lower >= self.upper):
+            raise ValueError("algorithm.rollout_correction.lower: a lower bound needs mode 'mask' and lower < upper")
+        return self
 
 
 class AlgorithmSpec(Spec):
@@ -401,11 +430,20 @@ class AlgorithmSpec(Spec):
     max_sampling_rounds: Int = Field(
         3, ge=1, description="Dynamic sampling: generation rounds per step at most (the batch may stay short).",
     )
-    tis_cap: float | None = Field(
-        None, gt=0,
-        description="Truncated importance sampling: weight each token by min(pi_learner / pi_vllm, tis_cap) to correct "
-        "the rollout engine's mismatch; None: off."
+    rollout_correction: RolloutCorrectionSpec | None = Field(
+        None,
+        description="Correct the rollout engine's mismatch (and, asynchronous, the samples' older weights) with "
+        "importance weights pi_learner / pi_vllm; None: off. `{}` is token-level truncation at 2 (TIS).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_tis_cap(cls, data):
+        if isinstance(data, dict) and "tis_cap" in data:  # renamed in Dec 2026: say to what, not just "unknown key"
+            cap = data["tis_cap"]
+            now = "null" if cap is None else f"{{upper: {cap}}} (token-level truncation, the same weights)"
+            raise ValueError(f"algorithm.tis_cap is now algorithm.rollout_correction: {now}")
+        return data
     mask_truncated_completions: bool = Field(
         False,
         description="Responses cut at max_new_tokens get no policy gradient (they still count in the "
@@ -605,9 +643,10 @@ class JobSpec(Spec):
             raise ValueError("rollout.partial_rollouts needs rollout.max_staleness > 0: weights change during a "
                              "generation only in the asynchronous loop")
         if self.mode != "sft" and self.rollout.max_staleness:
-            if self.algorithm.tis_cap is None:
-                raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set algorithm.tis_cap "
-                                 "(the cap of the importance weights that correct them, e.g. 2.0)")
+            if self.algorithm.rollout_correction is None:
+                raise ValueError("rollout.max_staleness > 0 trains on samples of older weights: set "
+                                 "algorithm.rollout_correction (importance weights that correct them; {} is "
+                                 "token-level truncation at 2)")
         if self.rollout.lora_adapter_sync:
             if self.model.lora is None:
                 raise ValueError("rollout.lora_adapter_sync sends a LoRA adapter: set model.lora, or turn it off")

@@ -48,7 +48,7 @@ REAL_DEMO = {
     "model": {"path": "runs/smollm2", "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
     "data": {"task": "reasoning_gym", "n_target": 16, "n_eval": 200, "n_general": 2000, "max_len": 128},
     "regularizer": {"feasible_set": "layerwise_subset", "selection": "filter", "frac": 1.0},
-    "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip", "tis_cap": 2.0},
+    "algorithm": {"advantage": "grpo", "policy_loss": "ppo_clip", "rollout_correction": {"upper": 2.0}},
     # 2 CPUs for the engine: the synchronous loop's learner waits while it generates, so it may use both cores.
     "rollout": {"max_model_len": 256, "num_cpus_per_worker": 2.0,
                 "sampling": {"n": 4, "max_new_tokens": 12, "temperature": 0.7}},

@@ -37,12 +37,14 @@ from drpt_ray.algorithms import (
     AdvantageInputs,
     between_prompt_variance_fraction,
     compute_advantages,
+    correction_metrics,
+    correction_weights,
     has_reward_variance,
     kl_penalty_tokens,
+    log_ratios,
     mismatch_kl,
     pass_at_k,
     refill,
-    tis_weights,
 )
 from drpt_ray.config import JobSpec, SamplingSpec
 from drpt_ray.data import BatchSampler, Example, tokenize_sft
@@ -162,16 +164,16 @@ def rollout_batch(ctx: Context, groups: list[Group], split: str, stale: bool, t:
         mask = batch.response_mask
         if train:
             m["rollout/mismatch_kl"] = mismatch_kl(batch.old_logprobs, batch.rollout_logprobs, mask)
-        if alg.tis_cap is not None and (train or stale):
+        fix = alg.rollout_correction
+        if fix is not None and (train or stale):
             # The learner's old log-probs (current weights) define the PPO ratio; vLLM's are what
-            # actually sampled, possibly with weights some versions older: one capped weight
+            # actually sampled, possibly with weights some versions older: one bounded weight
             # corrects both the engine's mismatch and the staleness.
-            weights = tis_weights(batch.old_logprobs, batch.rollout_logprobs, mask, alg.tis_cap)
+            log_ratio = log_ratios(batch.old_logprobs, batch.rollout_logprobs, mask, fix.level)
+            weights = correction_weights(log_ratio, mask, fix.mode, fix.upper, fix.lower)
             batch.advantages = batch.advantages * weights
-            if stale:
-                on, name = mask != 0, "rollout/" + ("" if train else "target_")
-                m[name + "is_weight_mean"] = float(weights[on].mean())
-                m[name + "is_capped_frac"] = float((weights[on] >= alg.tis_cap).float().mean())
+            name = "rollout/" + ("" if train else "target_")
+            m |= {name + k: v for k, v in correction_metrics(log_ratio, weights, mask, fix.mode, fix.upper).items()}
         if train and alg.mask_truncated_completions:
             batch = batch.without_truncated()
     if not train:

@@ -64,12 +64,14 @@ def test_staleness_0_is_the_synchronous_loop(tmp_path):
 def test_stale_rollouts_get_capped_importance_weights(tmp_path):
     """Rollouts sampled by the initial weights (version 0) and trained after the learner moved on
     (20 SFT steps, version 1): each token's advantage is multiplied by min(exp(logp_now -
-    logp_behaviour), tis_cap), with logp_now from an independent float64 forward of the learner's
-    current weights and logp_behaviour the rollout engine's own log-probs of what it sampled."""
+    logp_behaviour), upper) (algorithm.rollout_correction, token-level truncation), with logp_now
+    from an independent float64 forward of the learner's current weights and logp_behaviour the
+    rollout engine's own log-probs of what it sampled."""
     cap = 1.5
     spec = rlvr(tmp_path,
                 rollout={"max_staleness": 1, "sampling": {"n": 8, "max_new_tokens": 8, "temperature": 1.0, "seed": 3}},
-                algorithm={"advantage": "grpo", "policy_loss": "ppo_clip", "tis_cap": cap})
+                algorithm={"advantage": "grpo", "policy_loss": "ppo_clip",
+                                       "rollout_correction": {"upper": cap}})
     learner = Learner(spec)
     tok = learner.tokenizer
     splits = load_task(spec.data)
@@ -89,7 +91,7 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
 
     corrected = batch_of(spec)
     plain = batch_of(rlvr(tmp_path, rollout=spec.rollout.model_dump(exclude={"max_staleness"}),
-                          algorithm={"tis_cap": None}))
+                          algorithm={"rollout_correction": None}))
     # the oracle: the learner's current weights in a plain float64 HF model
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model", dtype=torch.float64,
                                                  attn_implementation="eager")
@@ -108,7 +110,7 @@ def test_stale_rollouts_get_capped_importance_weights(tmp_path):
 
 
 ASYNC = {"rollout": {**RLVR_DEMO["rollout"], "max_staleness": 1},
-         "algorithm": {**RLVR_DEMO["algorithm"], "tis_cap": 2.0}}
+         "algorithm": {**RLVR_DEMO["algorithm"], "rollout_correction": {"upper": 2.0}}}
 
 
 def _assert_bounded_staleness(history: list[dict], k: int, batch: int) -> None:

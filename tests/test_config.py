@@ -24,8 +24,8 @@ def test_yaml_spellings_of_numbers_stay_valid(tmp_path):
     ("optim: {lr: .inf}\n", "optim.lr: Input should be a finite number"),
     ("seed: -1\n", "seed: Input should be greater than or equal to 0"),
     # asynchronous RL settings that cannot run
-    ("mode: rlvr\nrollout: {max_staleness: 1}\n", "set algorithm.tis_cap"),
-    ("mode: rlvr\nrollout: {max_staleness: 1}\nalgorithm: {tis_cap: 2.0, target_objective: reward}\n",
+    ("mode: rlvr\nrollout: {max_staleness: 1}\n", "set algorithm.rollout_correction"),
+    ("mode: rlvr\nrollout: {max_staleness: 1}\nalgorithm: {rollout_correction: {}, target_objective: reward}\n",
      "algorithm.target_objective 'reward' does not read the advantages"),
     ("mode: rlvr\nrollout: {partial_rollouts: true}\n", "rollout.partial_rollouts needs rollout.max_staleness > 0"),
     ("mode: rlvr\nrollout: {max_staleness: -1}\n", "rollout.max_staleness: Input should be greater than or equal to 0"),
@@ -68,7 +68,8 @@ def test_every_searched_value_is_checked_not_only_the_first():
 
 def test_asynchronous_rl_settings_that_can_run(tmp_path):
     p = tmp_path / "job.yaml"
-    p.write_text("mode: rlvr\nrollout: {max_staleness: 2, partial_rollouts: true}\nalgorithm: {tis_cap: 2.0}\n")
+    p.write_text("mode: rlvr\nrollout: {max_staleness: 2, partial_rollouts: true}\n"
+                 "algorithm: {rollout_correction: {}}\n")
     spec = load_spec(p, JobSpec)
     assert ((spec.rollout.max_staleness, spec.rollout.partial_rollouts, spec.rollout.partial_chunk_tokens)
             == (2, True, 32))

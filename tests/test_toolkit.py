@@ -12,10 +12,12 @@ import torch
 
 from drpt_ray.algorithms import (
     DivergenceGuard,
+    correction_metrics,
+    correction_weights,
     has_reward_variance,
+    log_ratios,
     mismatch_kl,
     pass_at_k,
-    tis_weights,
     token_entropy,
 )
 
@@ -64,20 +66,73 @@ def test_entropy_matches_categorical_and_is_stable():
 # truncated importance sampling and the rollout/learner mismatch
 
 
-def test_tis_weights_by_hand():
+def test_token_truncation_by_hand():
     # ratios exp(learner - rollout): [2, 0.5, 4] on row 0, padding (huge ratio) on row 1 col 2.
     rollout = t([[math.log(0.25), math.log(0.5), math.log(0.1)], [math.log(0.5), 0.0, -50.0]])
     learner = t([[math.log(0.5), math.log(0.25), math.log(0.4)], [math.log(0.5), 0.0, 0.0]]).requires_grad_()
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    close(tis_weights(learner, rollout, mask, cap=None), [[2.0, 0.5, 4.0], [1.0, 1.0, 0.0]])
-    # cap 3: min(r, 3) -> the 4 becomes 3, ratios below the cap are untouched.
-    w = tis_weights(learner, rollout, mask, cap=3.0)
+    lr = log_ratios(learner, rollout, mask, "token")
+    close(correction_weights(lr, mask, "truncate", upper=None), [[2.0, 0.5, 4.0], [1.0, 1.0, 0.0]])
+    # cap 3: min(r, 3) -> the 4 becomes 3, ratios below the cap are untouched (TIS).
+    w = correction_weights(lr, mask, "truncate", upper=3.0)
     close(w, [[2.0, 0.5, 3.0], [1.0, 1.0, 0.0]])
     assert not w.requires_grad
-    with pytest.raises(ValueError, match="cap must be > 0"):
-        tis_weights(learner, rollout, mask, cap=0.0)
+    with pytest.raises(ValueError, match="upper must be > 0"):
+        correction_weights(lr, mask, "truncate", upper=0.0)
     with pytest.raises(ValueError, match="same shape"):
-        tis_weights(learner, rollout[:, :2], mask, cap=None)
+        log_ratios(learner, rollout[:, :2], mask, "token")
+    with pytest.raises(ValueError, match="level must be"):
+        log_ratios(learner, rollout, mask, "tokens")
+
+
+def test_sequence_geometric_and_masked_corrections_by_hand():
+    """Row 0's token ratios are 2, 0.5, 4 (product 4, geometric mean 4^(1/3)); row 1's are 1, 1 and a
+    padded position; row 2's 8, 8 (product 64, geometric mean 8)."""
+    rollout = t([[math.log(0.25), math.log(0.5), math.log(0.1)], [math.log(0.5), 0.0, -50.0],
+                 [math.log(0.1), math.log(0.1), 0.0]])
+    learner = t([[math.log(0.5), math.log(0.25), math.log(0.4)], [math.log(0.5), 0.0, 0.0],
+                 [math.log(0.8), math.log(0.8), 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    seq = log_ratios(learner, rollout, mask, "sequence")
+    close(seq.exp() * mask, [[4.0, 4.0, 4.0], [1.0, 1.0, 0.0], [64.0, 64.0, 0.0]])
+    geo = log_ratios(learner, rollout, mask, "geometric")
+    g0 = 4.0 ** (1 / 3)
+    close(geo.exp() * mask, [[g0, g0, g0], [1.0, 1.0, 0.0], [8.0, 8.0, 0.0]])
+    # sequence-level truncation at 5: row 0 keeps 4, row 2's 64 is cut to 5, on every token of the row
+    close(correction_weights(seq, mask, "truncate", upper=5.0), [[4.0] * 3, [1.0, 1.0, 0.0], [5.0, 5.0, 0.0]])
+    # one-sided sequence mask at 5 (TRL's sequence mask): row 2 dropped, the others keep their ratio
+    close(correction_weights(seq, mask, "mask", upper=5.0), [[4.0] * 3, [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # two-sided token mask [0.6, 3] (IcePop): of row 0 only the 2 survives; row 2's 8s go
+    tok = log_ratios(learner, rollout, mask, "token")
+    close(correction_weights(tok, mask, "mask", upper=3.0, lower=0.6),
+          [[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="lower < upper"):
+        correction_weights(tok, mask, "mask", upper=3.0, lower=3.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        correction_weights(tok, mask, "clip", upper=3.0)
+    # the metrics over the 7 response tokens: ratios 2, .5, 4, 1, 1, 8, 8
+    w = correction_weights(tok, mask, "mask", upper=3.0, lower=0.6)
+    m = correction_metrics(tok, w, mask, "mask", upper=3.0)
+    ratios = torch.tensor([2.0, 0.5, 4.0, 1.0, 1.0, 8.0, 8.0], dtype=torch.float64)
+    assert m["is_masked_frac"] == pytest.approx(4 / 7)
+    assert m["is_weight_mean"] == pytest.approx(4 / 7)  # (2 + 1 + 1) / 7
+    assert m["is_ratio_p50"] == pytest.approx(2.0)
+    assert m["is_ratio_p95"] == pytest.approx(float(torch.quantile(ratios, 0.95)))
+    m = correction_metrics(tok, correction_weights(tok, mask, "truncate", upper=3.0), mask, "truncate", upper=3.0)
+    assert m["is_capped_frac"] == pytest.approx(3 / 7) and "is_masked_frac" not in m
+
+
+def test_rollout_correction_spec_rules():
+    from drpt_ray.config import AlgorithmSpec
+
+    default = AlgorithmSpec(rollout_correction={}).rollout_correction
+    assert (default.level, default.mode, default.upper, default.lower) == ("token", "truncate", 2.0, None)
+    for bad, needle in [({"mode": "mask", "upper": None}, "needs an upper bound"),
+                        ({"lower": 0.5}, "needs mode 'mask'"),
+                        ({"mode": "mask", "upper": 2.0, "lower": 2.0}, "lower < upper"),
+                        ({"level": "word"}, "level")]:
+        with pytest.raises(ValueError, match=needle):
+            AlgorithmSpec(rollout_correction=bad)
 
 
 def test_mismatch_kl_by_hand():
@@ -226,3 +281,10 @@ def test_progress_bar_names_tell_the_general_and_target_rewards_apart():
     shown = progress_postfix({"reward/reward_mean": 0.25, "target/reward_mean": 0.5, "loss": 1.0, "lr": 3e-4,
                               "eval/target_reward": 0.125})
     assert shown == {"reward": "0.250", "target_reward": "0.500", "loss": "1.000", "eval_reward": "0.125"}
+
+
+def test_the_former_tis_cap_key_names_its_replacement():
+    from drpt_ray.config import AlgorithmSpec
+
+    with pytest.raises(ValueError, match=r"algorithm.tis_cap is now algorithm.rollout_correction: \{upper: 2.0\}"):
+        AlgorithmSpec.model_validate({"tis_cap": 2.0})

@@ -3,11 +3,13 @@
 Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero on response tokens.
 
 - `token_entropy`: policy entropy per position, the first thing to watch for collapse.
-- `tis_weights`, `mismatch_kl`: vLLM samples from a slightly different distribution than the
-  learner computes (kernels, precision), so "on-policy" data is off-policy. Truncated importance
-  sampling reweights each token by the learner/rollout ratio, capped (verl's
-  `tis_imp_ratio_cap`; Yao et al. 2025, "Your efficient RL framework secretly brings you
-  off-policy RL training"); the mismatch KL measures how far the two have drifted.
+- `log_ratios`, `correction_weights`, `correction_metrics`, `mismatch_kl`: vLLM samples from a
+  slightly different distribution than the learner computes (kernels, precision, older weights), so
+  "on-policy" data is off-policy. The learner/rollout ratio, per token, per response, or as the
+  response's geometric mean, reweights the loss: truncated (TIS; Yao et al. 2025, "Your efficient
+  RL framework secretly brings you off-policy RL training"; verl's `rollout_is`) or masked outside
+  [lower, upper] (IcePop when two-sided; TRL's sequence mask); the mismatch KL measures how far the
+  two have drifted.
 - `has_reward_variance`, `refill`: a group whose responses all got the same reward has zero
   advantage and adds no gradient; DAPO's dynamic sampling drops such groups and draws again.
 - `between_prompt_variance_fraction`: how much of a batch's reward variance lies between prompts.
@@ -18,6 +20,7 @@ Shapes: n responses, T response-token positions, V vocabulary; masks are nonzero
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
@@ -54,33 +57,75 @@ def _check_same_shape(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Te
         )
 
 
-def tis_weights(
-    learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float | None
-) -> torch.Tensor:
-    """Truncated importance-sampling weights min(pi_learner / pi_rollout, cap) per token.
+def log_ratios(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+               level: str) -> torch.Tensor:
+    """log(pi_learner / pi_rollout) at `level`, on every token of a response (0 outside the mask).
 
-    Multiplying the per-token policy loss by these corrects for the rollout engine sampling from
-    its own distribution rather than the learner's. The cap bounds the variance a few tokens the
-    rollout engine found much less likely than the learner could add. Detached: a weight, not a
-    path for the gradient.
+    token: each token's own; sequence: the response's sum (the whole response's ratio); geometric:
+    the response's mean (the geometric mean of its token ratios, which does not grow with length).
+    Detached: a weight, not a path for the gradient.
 
-    Args:
-        learner_logprobs: (n, T) log-probs of the sampled tokens under the learner.
-        rollout_logprobs: (n, T) log-probs the rollout engine (vLLM) reported for them.
-        mask: (n, T), nonzero on response tokens.
-        cap: truncation C > 0, or None for plain (untruncated) importance weights.
+    Raises:
+        ValueError: shapes differ, or an unknown level.
+    """
+    _check_same_shape(learner_logprobs, rollout_logprobs, mask)
+    on = mask != 0
+    per_token = torch.where(on, learner_logprobs.detach() - rollout_logprobs.detach(), 0.0)
+    if level == "token":
+        return per_token
+    if level not in ("sequence", "geometric"):
+        raise ValueError(f"rollout correction level must be token, sequence or geometric, got {level!r}")
+    per_row = per_token.sum(-1, keepdim=True)
+    if level == "geometric":
+        per_row = per_row / on.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(on, per_row.expand_as(per_token), 0.0)
+
+
+def correction_weights(log_ratio: torch.Tensor, mask: torch.Tensor, mode: str,
+                       upper: float | None, lower: float | None = None) -> torch.Tensor:
+    """Importance weights w = r = exp(log_ratio) that correct the rollout/learner mismatch, bounded.
+
+    truncate (TIS): min(r, upper); `lower` unused. mask (IcePop-style when two-sided): r where
+    lower <= r <= upper, else 0: a token or response the two policies disagree on too much adds no
+    gradient. `upper` None: plain importance weights (truncate only).
+
     Returns:
         (n, T) weights, 0 outside the mask.
     Raises:
-        ValueError: shapes differ, or cap <= 0.
+        ValueError: an unknown mode, upper <= 0, lower < 0 or lower >= upper, mask mode without upper.
     """
-    _check_same_shape(learner_logprobs, rollout_logprobs, mask)
-    if cap is not None and cap <= 0:
-        raise ValueError(f"tis cap must be > 0 (or None for no truncation), got {cap}")
-    ratio = torch.exp(learner_logprobs.detach() - rollout_logprobs.detach())
-    if cap is not None:
-        ratio = ratio.clamp(max=cap)
-    return torch.where(mask != 0, ratio, 0.0)
+    if upper is not None and upper <= 0:
+        raise ValueError(f"rollout correction upper must be > 0 (or None for no truncation), got {upper}")
+    if mode == "truncate":
+        w = log_ratio.exp() if upper is None else log_ratio.clamp(max=math.log(upper)).exp()
+    elif mode == "mask":
+        if upper is None or (lower is not None and not 0 <= lower < upper):
+            raise ValueError(f"rollout correction mask needs 0 <= lower < upper, got lower={lower}, upper={upper}")
+        keep = log_ratio <= math.log(upper)
+        if lower:
+            keep &= log_ratio >= math.log(lower)
+        w = torch.where(keep, log_ratio.clamp(max=math.log(upper)).exp(), 0.0)
+    else:
+        raise ValueError(f"rollout correction mode must be truncate or mask, got {mode!r}")
+    return torch.where(mask != 0, w, 0.0)
+
+
+def correction_metrics(log_ratio: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, mode: str,
+                       upper: float | None) -> dict[str, float]:
+    """What verl and slime log about the correction, over the response tokens: the mean weight,
+    quantiles of the ratio, and the share of tokens capped (truncate) or masked out (mask)."""
+    on = mask != 0
+    ratio, w = log_ratio[on].exp(), weights[on]
+    if ratio.numel() == 0:
+        return {}
+    q = torch.quantile(ratio.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    m = {"is_weight_mean": float(w.mean()), "is_ratio_p05": float(q[0]), "is_ratio_p50": float(q[1]),
+         "is_ratio_p95": float(q[2])}
+    if mode == "mask":
+        m["is_masked_frac"] = float((w == 0).float().mean())
+    elif upper is not None:
+        m["is_capped_frac"] = float((ratio >= upper).float().mean())
+    return m
 
 
 def mismatch_kl(learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> float:

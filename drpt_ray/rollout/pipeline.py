@@ -4,8 +4,8 @@
 step trains on. It keeps up to `depth + 1` steps' generations in flight: a job is submitted with the
 weights of the latest `publish`, so with depth k the workers generate the next k steps while the
 learner scores, captures and updates, and a step trains rollouts at most k weight versions old
-(older ones are dropped and generated again with the current weights; the capped importance
-weights of `algorithm.tis_cap` correct the rest). Depth 0 is the synchronous loop: the one job in
+(older ones are dropped and generated again with the current weights; the bounded importance
+weights of `algorithm.rollout_correction` correct the rest). Depth 0 is the synchronous loop: the one job in
 flight is the step's own, sampled with the current weights. The trainer calls the same four
 methods either way (`take`, `generate`, `publish`, `state_dict`), so it has no asynchronous branch.
 

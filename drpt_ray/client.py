@@ -39,7 +39,7 @@ from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.reporting import TERMINAL
 from drpt_ray import wire
 from drpt_ray.wire import (DEFAULT_URL, ErrorResponse, FieldError, JobPage,
-                           JobPublic, MetricsPage, RunPublic, State, SweepPage,
+                           JobPublic, MetricsPage, RunPublic, SamplesPage, State, SweepPage,
                            SweepPublic, TrialPublic)
 
 TOKEN_FILE = Path("~/.drpt/token").expanduser()
@@ -154,6 +154,10 @@ class Alert(_Streamed, wire.AlertEvent):
     model_config = _STREAMED
 
 
+class SamplesTable(_Streamed, wire.SamplesEvent):
+    model_config = _STREAMED
+
+
 class TrialReport(_Streamed, wire.TrialEvent):
     model_config = _STREAMED
 
@@ -169,9 +173,9 @@ class End(BaseModel):
     message: str | None = None
 
 
-Event = StateChange | MetricsReport | LogLine | Alert | TrialReport | SweepSummary | End
+Event = StateChange | MetricsReport | LogLine | Alert | SamplesTable | TrialReport | SweepSummary | End
 _EVENTS: dict[str, type[Event]] = {"state": StateChange, "metrics": MetricsReport, "log": LogLine, "alert": Alert,
-                                   "trial": TrialReport, "sweep": SweepSummary, "end": End}
+                                   "samples": SamplesTable, "trial": TrialReport, "sweep": SweepSummary, "end": End}
 
 
 def parse_event(ev: SSEEvent) -> Event | None:
@@ -360,10 +364,19 @@ class Job(_Run):
 
     def metrics(self) -> list[dict[str, Any]]:
         """The metrics history: one dict per reported step, in the order the driver reported them."""
+        return self._all(MetricsPage, "metrics", {})
+
+    def samples(self, split: str | None = None, step: int | None = None) -> list[dict[str, Any]]:
+        """Rows of the samples tables (`JobSpec.samples`): `step`, `split`, `group`, `prompt`,
+        `response`, `reward`, `advantage`; optionally one split's or one step's only."""
+        return self._all(SamplesPage, "samples", {k: v for k, v in (("split", split), ("step", step)) if v is not None})
+
+    def _all(self, page_model: type[MetricsPage] | type[SamplesPage], what: str, params: dict) -> list[dict[str, Any]]:
+        """Every item of a paged list, page by page."""
         rows: list[dict[str, Any]] = []
         while True:
-            page = self.client.call(MetricsPage, "GET", f"{self.path}/metrics",
-                                    params={"limit": METRICS_PAGE, "offset": len(rows)})
+            page = self.client.call(page_model, "GET", f"{self.path}/{what}",
+                                    params=params | {"limit": METRICS_PAGE, "offset": len(rows)})
             rows += page.items
             if not page.items or len(rows) >= page.total:
                 return rows

@@ -561,6 +561,15 @@ PATH_FIELDS: tuple[tuple[str, ...], ...] = (("model", "path"), ("data", "general
                                             ("data", "eval_path"), ("reward", "model_path"))
 
 
+class SamplesSpec(Spec):
+    """The rollouts a user reads (TRL's log_completions): to samples.jsonl, TensorBoard text and the stream."""
+
+    every: Int = Field(10, ge=0, description="RL: every this many steps, a table of general and target rollouts "
+                       "(prompt, response, reward, advantage), and at every evaluation its greedy answers (0: none).")
+    groups: Int = Field(2, ge=1, le=64, description="Prompts per split in each table, with all their n responses "
+                        "(a group's advantages are read against each other).")
+
+
 class JobSpec(Spec):
     """One post-training job: SFT, RLHF or RLVR with a Dr. regularizer. The REST API, the CLI, the
     library and Ray Tune all read this model."""
@@ -616,6 +625,7 @@ class JobSpec(Spec):
     )
     progress: bool = Field(True, description="Show a progress bar.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
+    samples: SamplesSpec = Field(default_factory=SamplesSpec)
 
     @field_validator("output_dir")
     @classmethod

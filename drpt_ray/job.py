@@ -20,7 +20,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Context:
     reward: Any = None
     guard: DivergenceGuard | None = None
     step: int = 0
+    samples: list[dict] = field(default_factory=list)  # rows for the step's samples table (`JobSpec.samples`)
 
 
 def preflight(spec: JobSpec) -> TaskSplits:

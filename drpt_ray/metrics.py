@@ -8,7 +8,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 # Shown on the progress bar (under these short names) and plotted, when present.
 HEADLINE = {"loss": "loss", "reward/reward_mean": "reward", "eval/target_loss": "eval_loss",
@@ -19,6 +19,17 @@ HEADLINE = {"loss": "loss", "reward/reward_mean": "reward", "eval/target_loss": 
 def progress_postfix(metrics: dict) -> dict[str, str]:
     """The headline metrics of one step, as a progress bar shows them."""
     return {HEADLINE[k]: f"{v:.3f}" for k, v in metrics.items() if k in HEADLINE and isinstance(v, (int, float))}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of a samples table as Markdown (TensorBoard renders it), cells escaped to stay one cell."""
+    def cell(v) -> str:
+        text = "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
+
+    cols = ["group", "prompt", "response", "reward", "advantage"]
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows])
 
 
 class PhaseTimer:
@@ -41,17 +52,26 @@ class PhaseTimer:
         return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": time.perf_counter() - self.start}
 
 
-class MetricLogger:
-    """Append-only step metrics; on resume, lines after `resume_step` (from a crashed run) are dropped."""
+def _reopened(path: Path, resume_step: int) -> tuple[list[dict], TextIO]:
+    """The lines of `path` up to `resume_step` (a crashed run's later ones dropped), and `path` open to append."""
+    kept = []
+    if resume_step and path.exists():
+        lines = filter(str.strip, path.read_text().splitlines())
+        kept = [m for m in map(json.loads, lines) if m["step"] <= resume_step]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return kept, open(path, "a")
 
-    def __init__(self, out: Path, tensorboard: bool, callback: Callable[[dict], None] | None, resume_step: int = 0):
+
+class MetricLogger:
+    """Append-only step metrics and samples tables; on resume, lines after `resume_step` (from a
+    crashed run) are dropped."""
+
+    def __init__(self, out: Path, tensorboard: bool, callback: Callable[[dict], None] | None, resume_step: int = 0,
+                 on_samples: Callable[[int, list[dict]], None] | None = None):
         self.path = out / "metrics.jsonl"
-        self.history: list[dict] = []
-        if resume_step and self.path.exists():
-            kept = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            self.history = [m for m in kept if m["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-        self._file = open(self.path, "a")
+        self.history, self._file = _reopened(self.path, resume_step)
+        _, self._samples = _reopened(out / "samples.jsonl", resume_step)
+        self.on_samples = on_samples
         self.callback = callback
         self.headline = HEADLINE
         self._tb = None
@@ -71,8 +91,22 @@ class MetricLogger:
         if self.callback is not None:
             self.callback(metrics)
 
+    def write_samples(self, step: int, rows: list[dict]) -> None:
+        """One samples table: a line per row in samples.jsonl, a Markdown table per split in
+        TensorBoard's text tab, and the callback (the stream)."""
+        if not rows:
+            return
+        self._samples.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        self._samples.flush()
+        if self._tb is not None:
+            for split in dict.fromkeys(r["split"] for r in rows):
+                self._tb.add_text(f"samples/{split}", markdown_table([r for r in rows if r["split"] == split]), step)
+        if self.on_samples is not None:
+            self.on_samples(step, rows)
+
     def close(self) -> None:
         self._file.close()
+        self._samples.close()
         if self._tb is not None:
             self._tb.close()
 

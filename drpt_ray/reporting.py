@@ -27,6 +27,8 @@ An EVENT is a flat JSON object: `seq` (int, from 1, no gaps), `ts` (unix seconds
 | `metrics` | `step` (int) and `metrics` (the dict `run_job` reported for that step, `step` included)  |
 | `log`     | `line`: one line of the driver's stdout/stderr, without the newline                      |
 | `alert`   | `step` (int >= 0) and `message` (non-empty str): the divergence guard tripped at `step`   |
+| `samples` | `step` and `rows`: a samples table (`JobSpec.samples`), each row `split` (general, target, |
+|           | eval), `group`, `prompt`, `response`, `reward`, `advantage` (null for eval rows)          |
 | `trial`   | sweeps: `trial_id`, `config` (searched path -> value), `state` (PENDING, RUNNING,        |
 |           | TERMINATED, STOPPED, ERROR), `metrics` (that report's metrics, {} on start), optional     |
 |           | `error`                                                                                  |
@@ -136,6 +138,11 @@ class EventReporter:
 
     def log(self, line: str) -> None:
         self.emit({"type": "log", "line": line})
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """The `run_job(on_samples=...)` callback: one `samples` event per table (a non-finite number as null)."""
+        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        self.emit({"type": "samples", "step": int(step), "rows": clean})
 
     def alert(self, step: int, message: str) -> None:
         """The `run_job(on_alert=...)` callback: the divergence guard tripped at `step`."""

@@ -77,7 +77,8 @@ def reported_run(a: argparse.Namespace) -> int:
             spec.output_dir = str(Path(a.output_dir).resolve())
         reporter.state("RUNNING", artifacts={"output_dir": str(Path(spec.output_dir).resolve())})
         try:
-            result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address, on_alert=reporter.alert)
+            result = run_job(spec, on_metrics=reporter.on_metrics, address=a.address, on_alert=reporter.alert,
+                             on_samples=reporter.samples)
         except Diverged as e:
             print(f"drpt-ray: diverged at step {e.step}: {e.message}", file=sys.stderr)
             reporter.state("DIVERGED", f"step {e.step}: {e.message}", artifacts=artifacts(spec.output_dir))

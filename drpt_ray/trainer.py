@@ -58,6 +58,7 @@ from drpt_ray.rollout.pipeline import Sampled
 
 MetricsCallback = Callable[[dict], None]
 AlertCallback = Callable[[int, str], None]
+SamplesCallback = Callable[[int, list[dict]], None]  # (step, rows of the samples table)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Group:
     rollouts: list[Rollout]
     rewards: list[float]
     errors: int = 0
+    advantages: list[float] | None = None  # per response: its tokens' mean advantage (set by `rollout_batch`)
 
 
 def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
@@ -162,6 +164,9 @@ def rollout_batch(ctx: Context, groups: list[Group], split: str, stale: bool, t:
         )
         batch.advantages, batch.returns = compute_advantages(alg.advantage, inputs)  # returns: None without a critic
         mask = batch.response_mask
+        row_adv = ((batch.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+        for i, g in enumerate(groups):  # the advantage as estimated, before any correction weight
+            g.advantages = row_adv[i * len(g.rollouts) : (i + 1) * len(g.rollouts)]
         if train:
             m["rollout/mismatch_kl"] = mismatch_kl(batch.old_logprobs, batch.rollout_logprobs, mask)
         fix = alg.rollout_correction
@@ -240,11 +245,22 @@ def rl_step(ctx: Context, t: PhaseTimer) -> dict:
         m |= target_m
         with t("regularize"):
             m |= ctx.learner.capture_target(target_batch)
+    every = ctx.spec.samples.every
+    if every and (ctx.step + 1) % every == 0:
+        ctx.samples += sample_rows(groups, "general", ctx.spec.samples.groups)
+        ctx.samples += sample_rows(target or [], "target", ctx.spec.samples.groups)
     with t("update"):
         m |= ctx.learner.rl_step(batch)
     with t("sync"):
         ctx.rollouts.publish(ctx.learner.weights_ref())
     return m
+
+
+def sample_rows(groups: list[Group], split: str, n_groups: int) -> list[dict]:
+    """The first `n_groups` prompts' responses as rows of the samples table."""
+    return [{"split": split, "group": i, "prompt": g.example.prompt, "response": r.text, "reward": reward,
+             "advantage": None if g.advantages is None else g.advantages[j]}
+            for i, g in enumerate(groups[:n_groups]) for j, (r, reward) in enumerate(zip(g.rollouts, g.rewards))]
 
 
 def evaluate(ctx: Context) -> dict:
@@ -256,7 +272,10 @@ def evaluate(ctx: Context) -> dict:
     examples = ctx.splits.eval[: spec.eval_size]
     greedy = spec.rollout.sampling.model_copy(update={"n": 1, "temperature": 0.0, "seed": 0})
     t = PhaseTimer()  # evaluation is not a phase of the step's timings
-    out = {"eval/target_reward": _mean([g.rewards[0] for g in sample(ctx, examples, "target", greedy, t)[0]])}
+    answers = sample(ctx, examples, "target", greedy, t)[0]
+    out = {"eval/target_reward": _mean([g.rewards[0] for g in answers])}
+    if spec.samples.every:
+        ctx.samples += sample_rows(answers, "eval", spec.samples.groups)
     if spec.eval_samples:
         # The training temperature, a fixed seed: the same draw at every evaluation, only the policy moves.
         sampled = spec.rollout.sampling.model_copy(update={"n": spec.eval_samples, "seed": 1})
@@ -311,9 +330,10 @@ def divergence(ctx: Context, m: dict) -> str | None:
 
 
 def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None,
-            on_alert: AlertCallback | None = None) -> JobResult:
+            on_alert: AlertCallback | None = None, on_samples: SamplesCallback | None = None) -> JobResult:
     """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary.
 
+    `on_samples(step, rows)` gets each samples table (`spec.samples`) as it is written.
     A collapsed run never ends as a success: each step the divergence guard may raise an alert
     (`on_alert(step, message)`, also printed); a non-finite loss, or any alert with
     `divergence.stop_on_divergence`, raises `Diverged`. While the guard is alarmed (a streak of K
@@ -334,17 +354,21 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
         print(f"warm start: {spec.warm_start_sft_steps} SFT steps, loss {warm_start(ctx):.3f}", flush=True)
     if ctx.rollouts is not None and (resume is not None or spec.warm_start_sft_steps):
         ctx.rollouts.publish(ctx.learner.weights_ref())
-    log = MetricLogger(ctx.out, spec.tensorboard, on_metrics, resume_step=ctx.step)
+    log = MetricLogger(ctx.out, spec.tensorboard, on_metrics, resume_step=ctx.step, on_samples=on_samples)
     bar = tqdm(total=spec.steps, initial=ctx.step, disable=not spec.progress,
                desc=f"{spec.mode}[{spec.regularizer.feasible_set}]")
     try:
         if ctx.step == 0:
             log.write({"step": 0, **base, **evaluate(ctx)})
+            log.write_samples(0, ctx.samples)
+            ctx.samples = []
         while ctx.step < spec.steps:
             m = step(ctx)
             if ctx.step % spec.eval_every == 0 or ctx.step == spec.steps:
                 m.update(evaluate(ctx))
             log.write(m)
+            log.write_samples(ctx.step, ctx.samples)
+            ctx.samples = []
             bar.update(1)
             bar.set_postfix(progress_postfix(m))
             alert = divergence(ctx, m)

@@ -83,6 +83,12 @@ class MetricsPage(Page):
     )
 
 
+class SamplesPage(Page):
+    items: list[dict[str, Any]] = Field(
+        description="Rows of the samples tables (`step` and a SampleRow's fields), in stream order.",
+    )
+
+
 class StreamToken(BaseModel):
     token: str = Field(description="Opens this run's event stream as `?stream_token=`; read-only, this run only.")
     expires_at: datetime = Field(
@@ -175,6 +181,24 @@ class AlertEvent(_Event):
     message: str = Field(pattern=r"\S", description="Why the divergence guard tripped (not blank).")
 
 
+class SampleRow(BaseModel):
+    """One response of a samples table (`JobSpec.samples`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    split: Literal["general", "target", "eval"]
+    group: int = Field(ge=0, description="The prompt's index in the table: a group's n responses share it.")
+    prompt: str = Field(max_length=100_000)
+    response: str = Field(max_length=100_000)
+    reward: float | None
+    advantage: float | None = Field(None, description="The response's mean token advantage (eval rows: none).")
+
+
+class SamplesEvent(_Event):
+    type: Literal["samples"]
+    step: Step
+    rows: list[SampleRow] = Field(max_length=1024)
+
+
 class TrialEvent(_Event):
     type: Literal["trial"]
     trial_id: str = Field(min_length=1, max_length=80)  # the trials.trial_id column
@@ -195,7 +219,7 @@ class SweepEvent(_Event):
 
 
 # One driver event (drpt_ray/reporting.py's wire format), told apart by `type`.
-IngestEvent = Annotated[StateEvent | MetricsEvent | LogEvent | AlertEvent | TrialEvent | SweepEvent,
+IngestEvent = Annotated[StateEvent | MetricsEvent | LogEvent | AlertEvent | SamplesEvent | TrialEvent | SweepEvent,
                         Field(discriminator="type")]
 
 

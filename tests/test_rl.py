@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import ray
@@ -50,6 +51,30 @@ def test_rlvr_demo_learns_without_collapsing(tmp_path):
     assert 0 < m["reg/kept_frac_mean"] <= 1 and m["policy/entropy"] > 0 and m["rollout/mismatch_kl"] < 1e-3
     assert 0 <= m["eval/target_pass@1"] <= m["eval/target_pass@4"] <= 1 and m["eval/target_pass@4"] > 0.5
     assert (tmp_path / "curves.png").exists() and (tmp_path / "model" / "model.safetensors").exists()
+    assert_samples_tables(tmp_path / "samples.jsonl", rlvr(tmp_path))
+
+
+def assert_samples_tables(path, spec) -> None:
+    """samples.jsonl (`spec.samples`): every `every` steps the first groups of the general and target
+    rollouts, all n responses each, with advantages that are GRPO's of the logged rewards; at every
+    evaluation the greedy answers, right or wrong by the strict verifier."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    every, n = spec.samples.every, spec.rollout.sampling.n
+    by = lambda split: sorted({r["step"] for r in rows if r["split"] == split})  # noqa: E731
+    assert by("general") == by("target") == list(range(every, spec.steps + 1, every))
+    assert by("eval") == list(range(0, spec.steps + 1, spec.eval_every))
+    assert all(r["reward"] in (0.0, 1.0) and r["advantage"] is None for r in rows if r["split"] == "eval")
+    for step in by("general"):
+        for split in ("general", "target"):
+            table = [r for r in rows if r["step"] == step and r["split"] == split]
+            assert [r["group"] for r in table] == [g for g in range(spec.samples.groups) for _ in range(n)]
+            for g in range(spec.samples.groups):
+                group = [r for r in table if r["group"] == g]
+                assert len({r["prompt"] for r in group}) == 1
+                rewards = [r["reward"] for r in group]
+                mean, std = statistics.fmean(rewards), statistics.stdev(rewards)
+                for r in group:
+                    assert r["advantage"] == pytest.approx((r["reward"] - mean) / (std + 1e-6), abs=1e-4), (step, r)
 
 
 def test_rlhf_ppo_with_critic_and_kl(tmp_path):

@@ -146,3 +146,40 @@ def test_cli_prints_the_field_path_of_a_refused_spec_and_exits_2(dry_server, tmp
     assert cli.main(["submit", str(spec), "--url", dry_server.url, "--token", TOKEN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("drpt-ray: error: POST /v1/jobs: HTTP 422: body.output_dir:") and "absolute" in err
+
+
+def test_samples_tables_stream_and_come_back_filtered(dry_server, monkeypatch):
+    """A driver's samples tables (EventReporter.samples, a non-finite number sent as null) reach the
+    job's event stream typed, and GET /v1/jobs/{id}/samples pages and filters them by split and step;
+    a malformed row is refused naming its field."""
+    from drpt_ray.client import SamplesTable
+    from drpt_ray.reporting import EventReporter
+    from tests.control_plane.conftest import ingest_token
+
+    client = dry_server.client()
+    job = client.submit(TINY_SFT)
+
+    def row(split, group, reward, advantage):
+        return {"split": split, "group": group, "prompt": f"p{group}", "response": f"r|{reward}\n",
+                "reward": reward, "advantage": advantage}
+
+    at_0 = [row("eval", 0, 1.0, None), row("eval", 1, 0.0, None)]
+    at_10 = [row("general", 0, 1.0, 0.7), row("general", 0, 0.0, -0.7), row("target", 0, 1.0, float("nan"))]
+    reporter = EventReporter(dry_server.url, job.id, ingest_token(job.id))
+    reporter.samples(0, at_0)
+    reporter.samples(10, at_10)
+    reporter.state("SUCCEEDED")
+    assert reporter.close(30)
+    want = [{"step": 0, **r} for r in at_0] + [{"step": 10, **r} for r in at_10]
+    want[-1]["advantage"] = None
+    monkeypatch.setattr("drpt_ray.client.METRICS_PAGE", 2)  # 5 rows come in 3 pages
+    assert job.samples() == want
+    assert job.samples(split="general") == want[2:4]
+    assert job.samples(step=0) == want[:2] and job.samples(split="eval", step=10) == []
+    tables = [ev for ev in job.events() if isinstance(ev, SamplesTable)]
+    assert [(t.step, len(t.rows)) for t in tables] == [(0, 2), (10, 3)] and tables[1].rows[2].advantage is None
+    with dry_server.http() as c:
+        bad = row("train", 0, 1.0, None)
+        r = c.post(f"/v1/ingest/{job.id}", headers=ingest_headers(job.id),
+                   json={"events": [{"seq": 4, "type": "samples", "step": 11, "rows": [bad]}]})
+        assert r.status_code == 422 and "split" in r.text

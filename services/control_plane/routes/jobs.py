@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
@@ -17,7 +18,7 @@ from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyK
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
 from services.control_plane.launcher import LauncherUnavailable
-from drpt_ray.wire import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, State
+from drpt_ray.wire import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, SamplesPage, State
 from services.control_plane.public import job_public
 from services.control_plane.admission import admit_job
 
@@ -69,6 +70,22 @@ def job_metrics(job_id: str, db: DbDep, caller: CallerDep, limit: int = Query(10
         total = s.scalar(select(func.count()).select_from(Event).where(*where))
         rows = s.scalars(select(Event.data).where(*where).order_by(Event.pos).offset(offset).limit(limit)).all()
         return MetricsPage(items=[r["metrics"] for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}/samples", summary="Rows of the samples tables (prompts, responses, rewards), paged",
+            responses=errors(404))
+def job_samples(job_id: str, db: DbDep, caller: CallerDep,
+                split: Literal["general", "target", "eval"] | None = Query(None, description="Only this split's rows."),
+                step: int | None = Query(None, ge=0, description="Only this step's table."),
+                limit: int = Query(1000, ge=1, le=10000), offset: OffsetQuery = 0) -> SamplesPage:
+    """Every row the driver streamed, filtered here: a table is a few dozen rows every few steps."""
+    with db.read() as s:
+        store.get_run(s, job_id, kind="job", scope=caller.scope)
+        tables = s.scalars(select(Event.data).where(Event.run_id == job_id, Event.type == "samples")
+                           .order_by(Event.pos)).all()
+    rows = [{"step": t["step"], **r} for t in tables if step in (None, t["step"])
+            for r in t["rows"] if split in (None, r["split"])]
+    return SamplesPage(items=rows[offset : offset + limit], total=len(rows), limit=limit, offset=offset)
 
 
 # response_class Response, not PlainTextResponse: that would declare the JSON errors as text/plain too

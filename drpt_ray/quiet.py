@@ -52,6 +52,9 @@ def quiet_workers() -> None:
     """Ray's `worker_process_setup_hook` (`init_ray`): runs at the start of each worker process."""
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    # transformers' "Loading weights" / "Writing model shards" bars at every load and save, interleaved
+    # with the job's own progress bar; read when transformers is imported, after this hook.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def vllm_logging_config(level: str) -> dict:

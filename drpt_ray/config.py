@@ -515,7 +515,27 @@ class CheckpointSpec(Spec):
         0, ge=0, description="Steps between checkpoints, and one at the last step (0: none, only the final model).",
     )
     keep: Int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
-    resume: bool = Field(True, description="Resume from the newest checkpoint in output_dir if one exists.")
+    resume: str = Field(
+        "auto", min_length=1,
+        description="auto: continue from the newest checkpoint in output_dir, or start fresh if there is none; "
+        "never: start fresh; or a path: a checkpoint directory (<output_dir>/checkpoints/step_N, with trainer.json) "
+        "or a run's output_dir (its newest checkpoint), loaded and continued here, writing into this run's own "
+        "output_dir (a path that holds no checkpoint is an error). true / false, the values before these, still "
+        "mean auto / never. Through the REST API a path must lie under the operator's read roots "
+        "(DRPT_READ_ROOTS), outside the runs directory.",
+    )
+    resume_changed_spec: bool = Field(
+        False,
+        description="Resume even when a key that changes what is trained (algorithm, optim, data, regularizer, "
+        "...: any but the run's length, evaluation, checkpoint, divergence, logging, name and output_dir keys) "
+        "differs from the checkpoint's spec; the changes are printed. false: such a resume is refused, listing them.",
+    )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_bool(cls, v):
+        # `resume` was a bool: YAML files, deploy manifests and scripts still say true / false.
+        return {True: "auto", False: "never"}[v] if isinstance(v, bool) else v
 
 
 class DivergenceSpec(Spec):
@@ -558,7 +578,14 @@ CODE_FIELDS: tuple[tuple[str, ...], ...] = (("algorithm", "advantage"), ("algori
                                             ("algorithm", "target_objective"), ("reward", "function"))
 # The fields that name a file or directory a job reads (a server admits only paths under its read roots).
 PATH_FIELDS: tuple[tuple[str, ...], ...] = (("model", "path"), ("data", "general_path"), ("data", "target_path"),
-                                            ("data", "eval_path"), ("reward", "model_path"))
+                                            ("data", "eval_path"), ("reward", "model_path"), ("checkpoint", "resume"))
+RESUME_MODES = ("auto", "never")  # checkpoint.resume's words; any other value of it is a path
+
+
+def names_path(loc: tuple[str, ...], value) -> bool:
+    """Whether `value`, of the PATH_FIELDS field at `loc`, names a file or directory (None does not,
+    nor do checkpoint.resume's words)."""
+    return isinstance(value, str) and not (loc == ("checkpoint", "resume") and value in RESUME_MODES)
 
 
 class SamplesSpec(Spec):

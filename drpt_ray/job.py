@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from drpt_ray.algorithms import DivergenceGuard
-from drpt_ray.config import PATH_FIELDS, DivergenceSpec, JobSpec
+from drpt_ray.config import PATH_FIELDS, DivergenceSpec, JobSpec, names_path
 from drpt_ray.data import BatchSampler, Example, TaskSplits, load_task, render_chat
 from drpt_ray.learner import Learner, LearnerAPI, LearnerGroup
 from drpt_ray.models import model_dir
@@ -48,7 +48,7 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     for section, key in PATH_FIELDS:
         sub = getattr(spec, section)
         value = getattr(sub, key)
-        if value and Path(value).expanduser().exists():
+        if value and names_path((section, key), value) and Path(value).expanduser().exists():
             setattr(sub, key, str(Path(value).expanduser().resolve()))
     return spec
 
@@ -192,16 +192,64 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-# What may change between a run and its resume without changing what it trains.
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint", "progress", "tensorboard", "name", "output_dir", "divergence")
+# What may change between a run and its resume without changing what it trains: its length, when and
+# how it evaluates (evaluation reads the policy with fixed seeds and moves no data cursor), checkpoints,
+# the divergence alerts, logging and naming.
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_size", "eval_samples", "eval_k", "eval_generate",
+                     "eval_before_warm_start", "checkpoint", "divergence", "progress", "tensorboard", "name",
+                     "output_dir")
 
 
-def restore(ctx: Context, path: Path) -> None:
-    """Continue from the checkpoint at `path`, saying so, and naming what of the spec changed since."""
+@dataclass
+class Resume:
+    """The checkpoint a run continues from: its directory, its trainer.json, the training keys changed since."""
+
+    path: Path
+    state: dict
+    changed: list[str]
+
+
+def resume_point(spec: JobSpec) -> Resume | None:
+    """The checkpoint `checkpoint.resume` names for `spec`, or None to start fresh; checked before
+    anything starts, so a refused resume has written nothing.
+
+    Raises:
+        ValueError: a path that holds no checkpoint, or a checkpoint written with other training keys
+            (`spec_changes`) without `checkpoint.resume_changed_spec`; each names the field and the path.
+    """
+    mode = spec.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        path = latest_checkpoint(Path(spec.output_dir))
+        if path is None:
+            return None
+    else:
+        given = Path(mode).expanduser().resolve()
+        path = given if (given / "trainer.json").is_file() else latest_checkpoint(given)
+        if path is None:
+            raise ValueError(f"checkpoint.resume: {given} is not a checkpoint: it holds no trainer.json, nor "
+                             "checkpoints/step_*/trainer.json (name a checkpoints/step_N directory or a run's "
+                             "output_dir)")
     state = json.loads((path / "trainer.json").read_text())
-    changed = spec_changes(state.get("spec"), ctx.spec.model_dump(mode="json"))
-    print(f"resumed from {path} (step {state['step']} of {ctx.spec.steps})"
-          + (f"; the spec changed since it was written: {', '.join(changed)}" if changed else ""), flush=True)
+    changed = spec_changes(state.get("spec"), spec.model_dump(mode="json"))
+    if changed and not spec.checkpoint.resume_changed_spec:
+        raise ValueError(f"checkpoint.resume: {path} (step {state['step']}) was written by a run with other values "
+                         f"of keys that change what is trained: {', '.join(changed)}. Set "
+                         "checkpoint.resume_changed_spec: true to continue it with the new values anyway, or "
+                         "checkpoint.resume: never (or another output_dir) to start fresh")
+    return Resume(path, state, changed)
+
+
+def restore(ctx: Context, resume: Resume) -> None:
+    """Continue from `resume`'s checkpoint, saying from which run and step, where to, and what of the
+    spec changed since."""
+    path, state = resume.path, resume.state
+    # save_checkpoint writes <output_dir>/checkpoints/step_N; a step directory copied elsewhere names no run
+    source = f"run {path.parent.parent} ({path})" if path.parent.name == "checkpoints" else str(path)
+    print(f"resumed from step {state['step']} of {source}; training to step {ctx.spec.steps} in {ctx.out}"
+          + (f"; the spec changed since it was written: {', '.join(resume.changed)}" if resume.changed else ""),
+          flush=True)
     ctx.learner.load(str(path))
     ctx.step = state["step"]
     ctx.general.load_state_dict(state["general"])

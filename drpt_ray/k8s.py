@@ -218,7 +218,7 @@ def render_rayjob(
         head_cpus, head_memory: Head pod size (GCS, dashboard, the job driver).
         worker_memory: Memory per worker pod (default 32Gi per GPU, else 4Gi per CPU, at least 4Gi).
         backoff_limit: Retries of a failed job, each on a fresh cluster; with `checkpoint.every` > 0 and
-            `checkpoint.resume` a retry continues from the newest checkpoint under `output_dir`.
+            `checkpoint.resume: auto` a retry continues from the newest checkpoint under `output_dir`.
 
     Raises:
         ValueError: a name Kubernetes rejects, or `output_dir` / a local `model.path` outside /data.

@@ -50,7 +50,7 @@ from drpt_ray.config import JobSpec, SamplingSpec
 from drpt_ray.data import BatchSampler, Example, tokenize_sft
 from drpt_ray.errors import Diverged
 from drpt_ray.learner import RLBatch, build_batch
-from drpt_ray.job import (Context, absolute_paths, build, latest_checkpoint, preflight, restore, save_checkpoint,
+from drpt_ray.job import (Context, absolute_paths, build, preflight, restore, resume_point, save_checkpoint,
                           shutdown)
 from drpt_ray.metrics import MetricLogger, PhaseTimer, progress_postfix
 from drpt_ray.rollout import Rollout
@@ -331,7 +331,7 @@ def divergence(ctx: Context, m: dict) -> str | None:
 
 def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: str | None = None,
             on_alert: AlertCallback | None = None, on_samples: SamplesCallback | None = None) -> JobResult:
-    """Run a JobSpec to the end (resuming from the newest checkpoint when asked); returns a summary.
+    """Run a JobSpec to the end (from the checkpoint `checkpoint.resume` names, if any); returns a summary.
 
     `on_samples(step, rows)` gets each samples table (`spec.samples`) as it is written.
     A collapsed run never ends as a success: each step the divergence guard may raise an alert
@@ -343,8 +343,8 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None, address: s
     """
     spec = absolute_paths(spec)  # actors do not share the driver's working directory
     splits = preflight(spec)
+    resume = resume_point(spec)  # before any actor starts: a refused resume costs nothing
     ctx = build(spec, splits, address)
-    resume = latest_checkpoint(ctx.out) if spec.checkpoint.resume else None
     base = {}  # the held-out figures of the model as loaded, when a warm start will change it
     if resume is not None:
         restore(ctx, resume)

@@ -103,3 +103,15 @@ def test_set_overrides_keys_of_the_file_as_yaml_values(tmp_path):
         load_spec(p, JobSpec, ["regularizer.frac.x=1"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         load_spec(p, JobSpec, ["steps"])
+
+
+def test_checkpoint_resume_takes_its_words_a_path_and_the_former_booleans(tmp_path):
+    p = tmp_path / "job.yaml"
+    for text, resume in (("{}", "auto"), ("{resume: true}", "auto"), ("{resume: false}", "never"),
+                         ("{resume: never}", "never"), ("{resume: runs/a}", "runs/a")):
+        p.write_text(f"checkpoint: {text}\n")
+        assert load_spec(p, JobSpec).checkpoint.resume == resume, text
+    assert load_spec(p, JobSpec, ["checkpoint.resume=false"]).checkpoint.resume == "never"
+    assert not JobSpec().checkpoint.resume_changed_spec
+    with pytest.raises(ValueError, match="checkpoint.resume: String should have at least 1 character"):
+        load_spec(p, JobSpec, ["checkpoint.resume=''"])

@@ -125,13 +125,61 @@ def test_a_resume_names_what_of_the_spec_changed():
 
 def test_a_finished_run_is_extended_from_its_last_step(tmp_path, capsys):
     """The last step is checkpointed, so the same spec with more `steps` continues where it ended
-    (and says so); the metrics log then holds every step once."""
+    (and says from which run and step, to which step, where); the metrics log then holds every step once."""
     run_job(_spec(tmp_path, steps=5))  # checkpoints at 2, 4 and the last step, 5
     assert latest_checkpoint(tmp_path).name == "step_0000005"
-    extended = run_job(_spec(tmp_path, steps=7, optim={"lr": 1e-4}))
+    extended = run_job(_spec(tmp_path, steps=7, eval_every=2))  # the run's length and evaluation may change
     out = capsys.readouterr().out
-    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000005'} (step 5 of 7)" in out
-    assert "the spec changed since it was written: optim.lr 0.003 -> 0.0001" in out
+    assert (f"resumed from step 5 of run {tmp_path} ({tmp_path / 'checkpoints' / 'step_0000005'}); "
+            f"training to step 7 in {tmp_path}\n") in out  # nothing else changed, so nothing more is said
     assert extended.steps == 7
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(8))
+
+
+def test_a_changed_training_key_is_refused_before_anything_is_written_unless_allowed(tmp_path, capsys):
+    run_job(_spec(tmp_path, steps=2))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    changed = dict(steps=4, optim={"lr": 1e-4}, regularizer={"feasible_set": "full", "refresh_every": 2})
+    with pytest.raises(ValueError) as e:
+        run_job(_spec(tmp_path, **changed))
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint.resume: {tmp_path / 'checkpoints' / 'step_0000002'} (step 2)")
+    assert "optim.lr 0.003 -> 0.0001" in msg and "regularizer.feasible_set 'layerwise_subset' -> 'full'" in msg
+    assert "checkpoint.resume_changed_spec: true" in msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no step, no log line
+    assert run_job(_spec(tmp_path, **changed, checkpoint={"every": 2, "resume_changed_spec": True})).steps == 4
+    out = capsys.readouterr().out
+    assert f"resumed from step 2 of run {tmp_path}" in out
+    assert ("the spec changed since it was written: optim.lr 0.003 -> 0.0001, "
+            "regularizer.feasible_set 'layerwise_subset' -> 'full'\n") in out
+
+
+def test_resume_never_starts_fresh_beside_an_existing_checkpoint(tmp_path, capsys):
+    run_job(_spec(tmp_path, steps=2))
+    fresh = run_job(_spec(tmp_path, steps=2, optim={"lr": 1e-4}, checkpoint={"every": 2, "resume": "never"}))
+    assert "resumed" not in capsys.readouterr().out  # nor refused: the changed lr is a new run
+    assert [m["step"] for m in fresh.history] == [0, 1, 2]
+
+
+def test_resume_from_another_runs_checkpoint_writes_into_its_own_output_dir(tmp_path, capsys, monkeypatch):
+    """A path resumes another run's checkpoint (a step directory, or a run's newest) exactly, and
+    this run's checkpoints, log and model go to its own output_dir; the other run is left as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = run_job(_spec(a))  # checkpoints at 2, 4, 6
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    step_4 = a / "checkpoints" / "step_0000004"
+    resumed = run_job(_spec(b, checkpoint={"every": 2, "resume": str(step_4)}))
+    assert f"resumed from step 4 of run {a} ({step_4}); training to step 6 in {b}" in capsys.readouterr().out
+    # the uninterrupted run's steps 5 and 6, bit for bit
+    assert [(m["step"], m["loss"]) for m in resumed.history] == [(m["step"], m["loss"]) for m in full.history[-2:]]
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000006"]
+    assert (b / "model" / "model.safetensors").exists()
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    # a run's output_dir: its newest checkpoint; a relative path is the working directory's
+    monkeypatch.chdir(tmp_path)
+    extended = run_job(_spec(tmp_path / "c", steps=7, checkpoint={"every": 2, "resume": "a"}))
+    assert f"resumed from step 6 of run {a}" in capsys.readouterr().out and extended.steps == 7
+    with pytest.raises(ValueError, match=f"checkpoint.resume: {tmp_path / 'b' / 'model'} is not a checkpoint"):
+        run_job(_spec(tmp_path / "d", checkpoint={"resume": "b/model"}))
+    assert not (tmp_path / "d").exists()  # refused before anything started

@@ -85,7 +85,7 @@ Ray Train run (FailureConfig(max_failures=0)); the call in flight, and every lat
 `LearnerGroupError` naming the rank, the method and the cause, within seconds (Ray Train's
 health check, or the peer's broken gloo connection), and the remaining workers, the mailbox and
 the placement group are released. The trainer's job then ends; re-running it with
-`checkpoint.resume` continues from the newest checkpoint (tests/test_learner_group.py).
+`checkpoint.resume: auto` continues from the newest checkpoint (tests/test_learner_group.py).
 Restarting the group in place (Ray Train's max_failures > 0) is not used: the driver's loop
 state (step, data cursors, rollout weights) would have to roll back with it.
 

@@ -6,9 +6,10 @@ judged by its `module:function` name, paths by the filesystem's answer for the r
 
 * where a run writes: its own directory (`refuse_escaping_paths`);
 * what code it runs: the operator's allow-list (`refuse_unallowed_code`);
-* what it reads: model, data and reward-model paths must resolve (symlinks followed) to an existing
-  path under DRPT_READ_ROOTS and outside DRPT_RUNS_DIR (no job reads another's run directory); a
-  missing path and a forbidden one get the same answer, so a refusal says nothing about the host;
+* what it reads: model, data, reward-model and checkpoint.resume paths (PATH_FIELDS) must resolve
+  (symlinks followed) to an existing path under DRPT_READ_ROOTS and outside DRPT_RUNS_DIR (no job
+  reads another's run directory); a missing path and a forbidden one get the same answer, so a
+  refusal says nothing about the host;
 * what it reserves: the CPUs and GPUs of its topology plan (drpt_ray.topology.plan, the driver
   included) against DRPT_MAX_RUN_CPUS / DRPT_MAX_RUN_GPUS, the KV cache over its rollout workers
   against DRPT_MAX_KV_CACHE_GIB, its batch sizes against DRPT_MAX_BATCH_SIZE; a sweep is judged by
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from fastapi.exceptions import RequestValidationError
 
-from drpt_ray.config import PATH_FIELDS, JobSpec, SweepSpec, get_path, set_path
+from drpt_ray.config import PATH_FIELDS, JobSpec, SweepSpec, get_path, names_path, set_path
 from drpt_ray.topology import plan
 from services.control_plane.launcher import Launcher
 from services.control_plane.security import refuse_escaping_paths, refuse_unallowed_code
@@ -57,8 +58,8 @@ def admit_sweep(spec: SweepSpec, settings: Settings, launcher: Launcher) -> None
                                                f"at most {settings.max_sweep_trials} (DRPT_MAX_SWEEP_TRIALS)"))
     paths = {("base", *loc): p for loc, p in _read_paths(spec.base).items()}
     for field, dim in spec.space.items():
-        if tuple(field.split(".")) in PATH_FIELDS:
-            paths |= {("space", field, "values", i): v for i, v in enumerate(dim.values or []) if isinstance(v, str)}
+        if (loc := tuple(field.split("."))) in PATH_FIELDS:
+            paths |= {("space", field, "values", i): v for i, v in enumerate(dim.values or []) if names_path(loc, v)}
     errors += _unreadable(paths, settings)
     errors += _oversized(_largest_trial(spec), ("base",), settings, _capacity(settings, launcher))
     _raise(errors)
@@ -70,7 +71,7 @@ def _capacity(settings: Settings, launcher: Launcher) -> dict[str, float] | None
 
 def _read_paths(spec: JobSpec) -> dict[tuple, str]:
     body = spec.model_dump()
-    return {loc: v for loc in PATH_FIELDS if isinstance(v := get_path(body, ".".join(loc)), str)}
+    return {loc: v for loc in PATH_FIELDS if names_path(loc, v := get_path(body, ".".join(loc)))}
 
 
 def _unreadable(paths: dict[tuple, str], settings: Settings) -> list[Error]:

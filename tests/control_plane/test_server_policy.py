@@ -78,6 +78,35 @@ def test_allowed_modules_only_and_still_no_import(server_factory, probe_dir):
     assert not (probe_dir / "IMPORTED").exists()
 
 
+def test_a_resume_path_is_a_read_path(server_factory, tmp_path):
+    """`checkpoint.resume` naming a checkpoint is read like model.path: only under the operator's read
+    roots and outside the runs directory (no job resumes another's run); its words are no path.
+    (Every read-root case is in tests/control_plane/test_tenants.py; this is the field's own check.)"""
+    root, outside = tmp_path / "shared", tmp_path / "private"
+    ckpt = root / "ckpts" / "step_0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer.json").write_text("{}")
+    (outside / "step_0000002").mkdir(parents=True)
+    other_run = root / "runs" / "job_0000000000000001" / "checkpoints" / "step_0000002"
+    other_run.mkdir(parents=True)
+    s = server_factory(DRPT_LAUNCHER="dry-run", DRPT_READ_ROOTS=str(root), DRPT_RUNS_DIR=str(root / "runs"))
+    sft = {"mode": "sft", "steps": 2, "progress": False}
+    with s.http() as c:
+        for resume in (str(ckpt), "auto", "never", True, False):
+            r = c.post("/v1/jobs", json=sft | {"checkpoint": {"resume": resume}})
+            assert r.status_code == 201, (resume, r.text)
+        for resume in ("/etc", str(outside / "step_0000002"), str(other_run), "ckpts/step_0000002"):
+            r = c.post("/v1/jobs", json=sft | {"checkpoint": {"resume": resume}})
+            assert r.status_code == 422, (resume, r.text)
+            assert [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == ["body.checkpoint.resume"]
+            assert "DRPT_READ_ROOTS" in r.json()["detail"][0]["msg"]
+        sweep = c.post("/v1/sweeps", json={"base": sft, "space": {"checkpoint.resume": {
+            "values": [str(ckpt), "never", "/etc"]}}})
+        assert sweep.status_code == 422, sweep.text
+        assert ([".".join(map(str, d["loc"])) for d in sweep.json()["detail"]]
+                == ["body.space.checkpoint.resume.values.2"])
+
+
 def test_a_local_ray_starts_without_the_control_planes_secrets(monkeypatch):
     """`drpt-ray serve` starts its local Ray with `ray_env()`: every job driver inherits that
     environment, so no API token, ingest secret or database URL may be in it (issue 22, item 2).

@@ -218,10 +218,12 @@ def resume_point(spec: JobSpec) -> Resume | None:
             (`spec_changes`) without `checkpoint.resume_changed_spec`; each names the field and the path.
     """
     mode = spec.checkpoint.resume
+    own = latest_checkpoint(Path(spec.output_dir))
     if mode == "never":
+        _refuse_writing_beside(spec, own)
         return None
     if mode == "auto":
-        path = latest_checkpoint(Path(spec.output_dir))
+        path = own
         if path is None:
             return None
     else:
@@ -231,6 +233,8 @@ def resume_point(spec: JobSpec) -> Resume | None:
             raise ValueError(f"checkpoint.resume: {given} is not a checkpoint: it holds no trainer.json, nor "
                              "checkpoints/step_*/trainer.json (name a checkpoints/step_N directory or a run's "
                              "output_dir)")
+        if own is not None and path.resolve().parent != own.resolve().parent:
+            _refuse_writing_beside(spec, own)
     state = json.loads((path / "trainer.json").read_text())
     changed = spec_changes(state.get("spec"), spec.model_dump(mode="json"))
     if changed and not spec.checkpoint.resume_changed_spec:
@@ -239,6 +243,16 @@ def resume_point(spec: JobSpec) -> Resume | None:
                          "checkpoint.resume_changed_spec: true to continue it with the new values anyway, or "
                          "checkpoint.resume: never (or another output_dir) to start fresh")
     return Resume(path, state, changed)
+
+
+def _refuse_writing_beside(spec: JobSpec, old: Path | None) -> None:
+    """A run that does not continue its output_dir's checkpoints must not write its own beside them:
+    `checkpoint.keep` deletes by step number (the old run's higher steps would outlive the new ones)
+    and a later `resume: auto` would continue the old run."""
+    if old is not None and spec.checkpoint.every:
+        raise ValueError(f"checkpoint.resume: output_dir {spec.output_dir} holds another run's checkpoints "
+                         f"(newest {old.name}) and this run would write its own beside them; use another "
+                         f"output_dir, delete {old.parent}, or continue that run (checkpoint.resume: auto)")
 
 
 def restore(ctx: Context, resume: Resume) -> None:

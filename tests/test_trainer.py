@@ -155,11 +155,20 @@ def test_a_changed_training_key_is_refused_before_anything_is_written_unless_all
             "regularizer.feasible_set 'layerwise_subset' -> 'full'\n") in out
 
 
-def test_resume_never_starts_fresh_beside_an_existing_checkpoint(tmp_path, capsys):
+def test_resume_never_starts_fresh_but_not_writing_beside_another_runs_checkpoints(tmp_path, capsys):
+    """`never` ignores the output_dir's checkpoints; a run that would write its own beside them is
+    refused (checkpoint.keep deletes by step number, and a later `auto` would continue the old run)."""
     run_job(_spec(tmp_path, steps=2))
-    fresh = run_job(_spec(tmp_path, steps=2, optim={"lr": 1e-4}, checkpoint={"every": 2, "resume": "never"}))
+    fresh = run_job(_spec(tmp_path, steps=2, optim={"lr": 1e-4}, checkpoint={"every": 0, "resume": "never"}))
     assert "resumed" not in capsys.readouterr().out  # nor refused: the changed lr is a new run
     assert [m["step"] for m in fresh.history] == [0, 1, 2]
+    with pytest.raises(ValueError, match=f"output_dir {tmp_path} holds another run's checkpoints "
+                                         r"\(newest step_0000002\)"):
+        run_job(_spec(tmp_path, steps=2, checkpoint={"every": 2, "resume": "never"}))
+    other = tmp_path / "other"
+    run_job(_spec(other, steps=2))
+    with pytest.raises(ValueError, match="holds another run's checkpoints"):  # resuming a third run's, into this
+        run_job(_spec(tmp_path, steps=4, checkpoint={"every": 2, "resume": str(other)}))
 
 
 def test_resume_from_another_runs_checkpoint_writes_into_its_own_output_dir(tmp_path, capsys, monkeypatch):

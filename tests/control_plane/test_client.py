@@ -146,3 +146,23 @@ def test_cli_prints_the_field_path_of_a_refused_spec_and_exits_2(dry_server, tmp
     assert cli.main(["submit", str(spec), "--url", dry_server.url, "--token", TOKEN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("drpt-ray: error: POST /v1/jobs: HTTP 422: body.output_dir:") and "absolute" in err
+
+
+def test_a_working_dir_packs_its_files_follows_links_inside_and_refuses_links_out(tmp_path):
+    import io
+    import zipfile
+
+    from drpt_ray.working_dir import pack
+
+    d, outside = tmp_path / "project", tmp_path / "secret.txt"
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "a.jsonl").write_text("{}\n")
+    (d / "data" / "again").symlink_to(d / "data")  # a loop: walked once
+    (d / "alias.jsonl").symlink_to(d / "data" / "a.jsonl")
+    outside.write_text("not yours")
+    assert sorted(zipfile.ZipFile(io.BytesIO(pack(d))).namelist()) == ["alias.jsonl", "data/a.jsonl"]
+    with pytest.raises(ValueError, match="more than 4 bytes"):
+        pack(d, max_bytes=4)
+    (d / "data" / "leak.txt").symlink_to(outside)
+    with pytest.raises(ValueError, match=f"links to {outside}, outside the directory"):
+        pack(d)

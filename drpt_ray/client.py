@@ -4,6 +4,7 @@
 
     client = Client("http://127.0.0.1:8000", token)          # or DRPT_URL / DRPT_TOKEN / ~/.drpt/token
     job = client.submit({"mode": "sft", "steps": 50}, idempotency_key="sft-50-a")  # a JobSpec or a dict
+    # job = client.submit(spec, working_dir="my_project")    # ships the directory: its modules and data
     for ev in job.events():                                   # typed; resumes after a dropped connection
         if isinstance(ev, MetricsReport):
             print(ev.step, ev.metrics.get("loss"))
@@ -24,6 +25,7 @@ drpt_ray/service_cli.py. Every refusal is an `ApiError` (a `ClientError`, a Valu
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -38,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from drpt_ray.config import JobSpec, SweepSpec
 from drpt_ray.reporting import TERMINAL
 from drpt_ray import wire
+from drpt_ray.working_dir import pack
 from drpt_ray.wire import (DEFAULT_URL, ErrorResponse, FieldError, JobPage,
                            JobPublic, MetricsPage, RunPublic, SamplesPage, State, SweepPage,
                            SweepPublic, TrialPublic)
@@ -219,10 +222,20 @@ class Client:
         """`request`, its JSON body read into `model`."""
         return model.model_validate_json(self.request(method, path, **kwargs).content)
 
-    def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> "Job":
+    def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None,
+               working_dir: str | Path | None = None) -> "Job":
         """Submit a JobSpec (or its dict). With `idempotency_key`, resending the same spec under the
-        same key within 24 h returns the first job instead of a second one: safe to retry."""
-        return self._create(Job, spec, idempotency_key)
+        same key within 24 h returns the first job instead of a second one: safe to retry.
+
+        With `working_dir`, that directory ships with the job (drpt_ray.working_dir packs it): the job
+        runs in it, imports its modules from it and reads the spec's relative data paths from it. The
+        server must allow it (its DRPT_WORKING_DIR_MAX_BYTES); a `module:function` the spec names must
+        still be on its DRPT_USER_CODE_MODULES.
+        """
+        if working_dir is None:
+            return self._create(Job, spec, idempotency_key)
+        body = {"spec": _set_fields(spec), "working_dir": base64.b64encode(pack(working_dir)).decode()}
+        return self._post(Job, "/v1/jobs/with-working-dir", body, idempotency_key)
 
     def submit_sweep(self, spec: SweepSpec | dict[str, Any], idempotency_key: str | None = None) -> "Sweep":
         """Start a Ray Tune sweep (a SweepSpec or its dict); `idempotency_key` as in `submit`."""
@@ -270,11 +283,17 @@ class Client:
                 time.sleep(1.0)
 
     def _create(self, handle: type[R], spec: BaseModel | dict[str, Any], idempotency_key: str | None) -> R:
-        # Only what the caller set: the server fills in the defaults, so a spec means what its
-        # server's version of the schema says.
-        body = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, BaseModel) else spec
+        return self._post(handle, f"/v1/{handle.collection}", _set_fields(spec), idempotency_key)
+
+    def _post(self, handle: type[R], path: str, body: dict[str, Any], idempotency_key: str | None) -> R:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return handle(self, self.call(handle.public, "POST", f"/v1/{handle.collection}", json=body, headers=headers))
+        return handle(self, self.call(handle.public, "POST", path, json=body, headers=headers))
+
+
+def _set_fields(spec: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    # Only what the caller set: the server fills in the defaults, so a spec means what its
+    # server's version of the schema says.
+    return spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, BaseModel) else spec
 
 
 def _page(state: str | None, limit: int | None, offset: int) -> dict:

@@ -3,7 +3,7 @@
 
     drpt-ray serve                    the control plane on 127.0.0.1:8000 (starts a local Ray with
                                       its dashboard when RAY_ADDRESS is empty)
-    drpt-ray submit SPEC.yaml [-f]    submit a JobSpec; -f follows it
+    drpt-ray submit SPEC.yaml [-f]    submit a JobSpec; -f follows it; --working-dir DIR ships DIR with it
     drpt-ray status [ID]              list jobs and sweeps, or one of them
     drpt-ray logs [-f] ID             the driver log; -f follows the event stream with a progress bar
     drpt-ray cancel ID                cancel a job or sweep
@@ -83,7 +83,7 @@ def _submit(args) -> int:
     from drpt_ray.config import JobSpec, load_spec
 
     spec = load_spec(args.spec, JobSpec)  # local check first: errors name the YAML's fields
-    job = _client(args).submit(spec)
+    job = _client(args).submit(spec, working_dir=args.working_dir)
     print(job.id)
     if args.follow:
         return 0 if watch(job) == "SUCCEEDED" else 1
@@ -247,8 +247,16 @@ def register(subparsers) -> None:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
-    p = subparsers.add_parser("submit", help="submit a JobSpec to the control plane")
+    p = subparsers.add_parser(
+        "submit", help="submit a JobSpec to the control plane",
+        description="Submit a JobSpec to the control plane. With --working-dir DIR the job runs in a copy of DIR "
+        "on the cluster: its modules are importable (a reward.function 'module:function' still needs the "
+        "server's DRPT_USER_CODE_MODULES) and the spec's relative model/data paths are read from it, checked at "
+        "submission. The server must allow it (DRPT_WORKING_DIR_MAX_BYTES).")
     p.add_argument("spec", help="YAML file with a JobSpec")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="ship DIR with the job (a zip of its files, without __pycache__ and .git; symlinks out of "
+                   "DIR are refused): the job runs in it and its relative paths resolve in it")
     p.add_argument("-f", "--follow", action="store_true", help="follow the job to its end")
     _common(p)
     p.set_defaults(func=_submit)

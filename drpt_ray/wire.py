@@ -1,23 +1,40 @@
 """The control plane's wire format, shared by the server (services/control_plane) and the SDK
 (drpt_ray.client), neither of which imports the other: where the server listens by default, the
 response models, the one error shape, and the driver's events and ingest batch. The request bodies
-are `drpt_ray.config.JobSpec` / `SweepSpec` themselves (one schema); the server builds responses
-from its database rows in services/control_plane/public.py."""
+are `drpt_ray.config.JobSpec` / `SweepSpec` themselves (one schema), or a JobSpec with its working
+directory (`JobWithWorkingDir`); the server builds responses from its database rows in
+services/control_plane/public.py."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field
 
-from drpt_ray.config import INT32_MAX
+from drpt_ray.config import INT32_MAX, JobSpec
 from drpt_ray.reporting import DRIVER_STATES, STATES, TRIAL_STATES
 
 HOST, PORT = "127.0.0.1", 8000  # where the control plane listens unless told otherwise
 DEFAULT_URL = f"http://{HOST}:{PORT}"
 
 State = Literal[STATES]
+
+
+class JobWithWorkingDir(BaseModel):
+    """The body of `POST /v1/jobs/with-working-dir`: a job and the directory it runs in.
+
+    The zip travels base64 in the JSON body, not as a multipart upload: one content type and one
+    strict parser for every body, every refusal a 422 naming its field, the idempotency fingerprint
+    covering the zip with the spec, and DRPT_MAX_BODY_BYTES bounding the whole request (the zip
+    costs 4/3 of its size there; the working directories this is for are code and small data)."""
+
+    model_config = ConfigDict(extra="forbid")
+    spec: JobSpec
+    working_dir: Base64Bytes = Field(
+        description="A zip (base64) of the directory the job runs in: its modules are importable and its relative "
+        "model, data and reward-model paths name files in it. The server must allow it (DRPT_WORKING_DIR_MAX_BYTES).",
+    )
 
 
 class RunPublic(BaseModel):

@@ -10,6 +10,12 @@ judged by its `module:function` name, paths by the filesystem's answer for the r
   (symlinks followed) to an existing path under DRPT_READ_ROOTS and outside DRPT_RUNS_DIR (no job
   reads another's run directory); a missing path and a forbidden one get the same answer, so a
   refusal says nothing about the host;
+* what it ships: a job's working directory (a zip, `admit_job(..., working_dir=)`) only where the
+  operator allows it (DRPT_WORKING_DIR_MAX_BYTES > 0), at most that many bytes unpacked, entries
+  relative and without '..'. The job runs in it, so its relative read paths must name a file or a
+  directory in the zip (the 422 names the path they resolve to there); absolute ones follow the
+  read-root rule above. Code in it is still user code: the allow-list above judges every
+  `module:function` the spec names, whichever directory the module comes from;
 * what it reserves: the CPUs and GPUs of its topology plan (drpt_ray.topology.plan, the driver
   included) against DRPT_MAX_RUN_CPUS / DRPT_MAX_RUN_GPUS, the KV cache over its rollout workers
   against DRPT_MAX_KV_CACHE_GIB, its batch sizes against DRPT_MAX_BATCH_SIZE; a sweep is judged by
@@ -22,8 +28,11 @@ judged by its `module:function` name, paths by the filesystem's answer for the r
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
+import posixpath
+import zipfile
+from pathlib import Path, PurePosixPath
 
 from fastapi.exceptions import RequestValidationError
 
@@ -40,11 +49,22 @@ RESOURCE_FIELDS = ("resources.", "rollout.num_workers", "rollout.num_cpus_per_wo
 Error = dict
 
 
-def admit_job(spec: JobSpec, settings: Settings, launcher: Launcher) -> None:
-    """422 naming every field of `spec` this server does not accept (see the module docstring)."""
-    refuse_escaping_paths({("output_dir",): spec.output_dir})
-    refuse_unallowed_code(spec.user_code(), settings.user_code, settings.user_code_modules)
-    _raise(_unreadable(_read_paths(spec), settings) + _oversized(spec, (), settings, _capacity(settings, launcher)))
+def admit_job(spec: JobSpec, settings: Settings, launcher: Launcher, working_dir: bytes | None = None) -> None:
+    """422 naming every field of `spec` this server does not accept (see the module docstring). With
+    `working_dir` (the zip of POST /v1/jobs/with-working-dir) the spec's fields are under `spec`."""
+    at = () if working_dir is None else ("spec",)
+    refuse_escaping_paths({(*at, "output_dir"): spec.output_dir})
+    refuse_unallowed_code({(*at, *loc): v for loc, v in spec.user_code().items()}, settings.user_code,
+                          settings.user_code_modules)
+    paths = {(*at, *loc): p for loc, p in _read_paths(spec).items()}
+    errors: list[Error] = []
+    if working_dir is not None:  # the job runs in it: relative paths are read from it, absolute ones as without
+        files = _shipped_files(working_dir, settings.working_dir_max_bytes)
+        relative = {loc: p for loc, p in paths.items() if not Path(p).expanduser().is_absolute()}
+        errors += _not_shipped(relative, files)
+        paths = {loc: p for loc, p in paths.items() if loc not in relative}
+    errors += _unreadable(paths, settings)
+    _raise(errors + _oversized(spec, at, settings, _capacity(settings, launcher)))
 
 
 def admit_sweep(spec: SweepSpec, settings: Settings, launcher: Launcher) -> None:
@@ -93,6 +113,45 @@ def _unreadable(paths: dict[tuple, str], settings: Settings) -> list[Error]:
     why = (f"not readable by server jobs: name an existing absolute path under the operator's read roots "
            f"(DRPT_READ_ROOTS: {[str(r) for r in roots] or 'none configured'}), outside the runs directory")
     return [_error(loc, path, why) for loc, path in paths.items() if not readable(path)]
+
+
+def _shipped_files(data: bytes, max_bytes: int) -> set[str]:
+    """Every path in a working-directory zip: its files and the directories above them. 422 at
+    `working_dir` when the operator allows none, or it is no zip, or an entry is absolute or climbs
+    out with '..', or its files take more than `max_bytes` unpacked (the declared sizes: an entry
+    never unpacks to more than it declares, so they bound what lands on the cluster's disks)."""
+    loc = ("working_dir",)
+    if max_bytes == 0:
+        _raise([_error(loc, None, "this server does not take a job's working directory: the operator allows it by "
+                                  "setting DRPT_WORKING_DIR_MAX_BYTES (0 here); submit without --working-dir and "
+                                  "read data from the read roots")])
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # what zipfile raises on bad bytes
+        _raise([_error(loc, None, "not a zip archive")])
+    names = [PurePosixPath(e.filename) for e in entries]
+    unsafe = [str(n) for n in names if n.is_absolute() or ".." in n.parts or "\\" in str(n)]
+    if unsafe:
+        _raise([_error(loc, None, f"entries must be relative paths without '..': {unsafe[:5]}")])
+    size = sum(e.file_size for e in entries)
+    if size > max_bytes:
+        _raise([_error(loc, None, f"its files take {size} bytes unpacked; this server allows {max_bytes} "
+                                  "(DRPT_WORKING_DIR_MAX_BYTES)")])
+    return {str(p) for n in names for p in (n, *n.parents) if str(p) != "."}
+
+
+def _not_shipped(paths: dict[tuple, str], files: set[str]) -> list[Error]:
+    """An error for every relative read path of a job with a working directory that names nothing in
+    it: the job runs there, so that is where the path resolves."""
+    errors = []
+    for loc, path in paths.items():
+        resolved = posixpath.normpath(path)  # keeps a leading '..', which no entry has
+        if resolved not in files:
+            errors.append(_error(loc, path, f"a relative path resolves inside the job's working directory, to "
+                                            f"<working dir>/{resolved}, and the shipped working directory holds "
+                                            "no such file or directory"))
+    return errors
 
 
 def _largest_trial(spec: SweepSpec) -> JobSpec:

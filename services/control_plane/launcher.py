@@ -8,6 +8,13 @@ entrypoint's shell writes it to `spec.json`, so nothing has to share a filesyste
 control plane. The Ray submission id is the run id: a submit repeated after a crash is recognised
 ("already exists") instead of starting the run twice.
 
+A job that shipped its working directory (POST /v1/jobs/with-working-dir) has it stored as
+`DRPT_RUNS_DIR/<id>/working_dir.zip` by the control plane; the launcher passes that zip as the
+runtime env's `working_dir` (Ray's client uploads it with the submission, so the cluster needs no
+shared filesystem for it either). Ray starts the driver in its unpacked copy with the copy first on
+PYTHONPATH, so the entrypoint stays there (no `cd`): the job's modules import and its relative
+data paths resolve in it, while spec.json and `--output-dir` point into the run's own directory.
+
 Ray 2.60 enables token auth on the dashboard by default. The launcher sends
 `Authorization: Bearer <token>` with the token from `DRPT_RAY_AUTH_TOKEN`, else `RAY_AUTH_TOKEN`,
 else the file named by `RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token` (where `ray start` writes
@@ -41,6 +48,7 @@ RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 TRANSIENT = ("No available agent", "try again later", "status code 503", "status code 502")
 REQUEST_TIMEOUT_S = 30.0
 CAPACITY_TTL_S = 10.0  # how long the cluster's capacity is reused between submissions
+WORKING_DIR_ZIP = "working_dir.zip"
 
 
 class LauncherUnavailable(Exception):
@@ -73,16 +81,36 @@ def ray_auth_token(settings: Settings) -> str | None:
     return None
 
 
-def entrypoint(settings: Settings, run_id: str, kind: str) -> str:
-    """The shell command Ray runs for a job or a sweep."""
+def shipped_working_dir(settings: Settings, run_id: str) -> Path:
+    """Where the control plane keeps the working directory a job shipped (a zip): in the run's own
+    directory, a name the submitter does not choose."""
+    return settings.runs_dir / run_id / WORKING_DIR_ZIP
+
+
+def entrypoint(settings: Settings, run_id: str, kind: str, output_dir: str | None = None) -> str:
+    """The shell command Ray runs for a job or a sweep. With `output_dir` (a job that shipped its
+    working directory) the driver stays in Ray's copy of that directory and writes to `output_dir`
+    inside the run's directory; otherwise it runs in the run's directory."""
     workdir = settings.runs_dir / run_id
     module, id_flag = ("drpt_ray.tune", "--sweep-id") if kind == "sweep" else ("drpt_ray.run", "--job-id")
     q = shlex.quote
+    spec = q(str(workdir / "spec.json"))
+    stay = f" --output-dir {q(str(workdir / output_dir))}" if output_dir else ""
+    enter = "" if output_dir else f"cd {q(str(workdir))} && "
     return (
-        f"mkdir -p {q(str(workdir))} && cd {q(str(workdir))} && printf '%s' \"$DRPT_SPEC_JSON\" > spec.json && "
-        f"exec {q(settings.driver_python)} -m {module} --spec spec.json {id_flag} {q(run_id)} "
-        f"--report-url {q(settings.public_url)} --address auto"
+        f"mkdir -p {q(str(workdir))} && {enter}printf '%s' \"$DRPT_SPEC_JSON\" > {spec} && "
+        f"exec {q(settings.driver_python)} -m {module} --spec {spec} {id_flag} {q(run_id)} "
+        f"--report-url {q(settings.public_url)} --address auto{stay}"
     )
+
+
+def ray_job(settings: Settings, run_id: str, kind: str, spec: dict, ingest_token: str) -> dict:
+    """The Jobs API `submit_job` arguments of a run (see the module docstring)."""
+    runtime_env, output_dir = {"env_vars": driver_env(spec, ingest_token)}, None
+    if (shipped := shipped_working_dir(settings, run_id)).is_file():
+        runtime_env["working_dir"], output_dir = str(shipped), spec["output_dir"]
+    return dict(entrypoint=entrypoint(settings, run_id, kind, output_dir), submission_id=run_id,
+                runtime_env=runtime_env, metadata={"drpt_run_id": run_id, "drpt_kind": kind}, entrypoint_num_cpus=0)
 
 
 def driver_env(spec: dict, ingest_token: str) -> dict[str, str]:
@@ -136,11 +164,7 @@ class RayJobsLauncher:
     def submit(self, run_id: str, kind: str, spec: dict, ingest_token: str) -> str:
         c = self._c()
         try:
-            return self._call(
-                c.submit_job, entrypoint=entrypoint(self.settings, run_id, kind), submission_id=run_id,
-                runtime_env={"env_vars": driver_env(spec, ingest_token)},
-                metadata={"drpt_run_id": run_id, "drpt_kind": kind}, entrypoint_num_cpus=0,
-            )
+            return self._call(c.submit_job, **ray_job(self.settings, run_id, kind, spec, ingest_token))
         except RuntimeError as e:
             if "already exists" in str(e):
                 return run_id  # submitted before a crash: the same run, not a second one

@@ -6,6 +6,7 @@
 | `DRPT_ADMIN_TENANTS` | tenants whose tokens see and cancel every tenant's runs (none) |
 | `DRPT_MAX_RUNNING_PER_TENANT` | a tenant's runs on Ray at once; its other runs wait QUEUED while other tenants' start (no limit) |
 | `DRPT_READ_ROOTS` | comma-separated directories server jobs may read models and data from (none: no host path) |
+| `DRPT_WORKING_DIR_MAX_BYTES` | most bytes (unpacked) of the working directory a job may ship with it (`drpt-ray submit --working-dir`); the zip travels base64 in the request, so DRPT_MAX_BODY_BYTES bounds it too (0: no working directories) |
 | `DRPT_MAX_RUN_CPUS`, `DRPT_MAX_RUN_GPUS` | most CPUs / GPUs one job (one sweep trial) may reserve (no limit but the cluster's) |
 | `DRPT_CLUSTER_CAPACITY` | refuse a job that needs more CPUs / GPUs than the Ray cluster's alive nodes hold (true; off for an autoscaling cluster) |
 | `DRPT_MAX_KV_CACHE_GIB` | most vLLM KV cache one job may ask for over its rollout workers (64) |
@@ -68,6 +69,9 @@ class Settings(BaseSettings):
     read_roots: Annotated[list[Path], NoDecode] = _env("DRPT_READ_ROOTS", "Directories server jobs may read models, "
                                                        "data and reward models from (symlinks resolved); empty: none.",
                                                        default_factory=list)
+    working_dir_max_bytes: int = _env("DRPT_WORKING_DIR_MAX_BYTES", "Most bytes (its files unpacked) of the working "
+                                      "directory a job may ship (POST /v1/jobs/with-working-dir); 0: refused.",
+                                      0, ge=0)
     max_run_cpus: float | None = _env("DRPT_MAX_RUN_CPUS",
                                       "Most CPUs one job or sweep trial may reserve (None: the cluster's).", None, gt=0)
     max_run_gpus: float | None = _env("DRPT_MAX_RUN_GPUS",

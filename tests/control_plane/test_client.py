@@ -183,3 +183,23 @@ def test_samples_tables_stream_and_come_back_filtered(dry_server, monkeypatch):
         r = c.post(f"/v1/ingest/{job.id}", headers=ingest_headers(job.id),
                    json={"events": [{"seq": 4, "type": "samples", "step": 11, "rows": [bad]}]})
         assert r.status_code == 422 and "split" in r.text
+
+
+def test_a_working_dir_packs_its_files_follows_links_inside_and_refuses_links_out(tmp_path):
+    import io
+    import zipfile
+
+    from drpt_ray.working_dir import pack
+
+    d, outside = tmp_path / "project", tmp_path / "secret.txt"
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "a.jsonl").write_text("{}\n")
+    (d / "data" / "again").symlink_to(d / "data")  # a loop: walked once
+    (d / "alias.jsonl").symlink_to(d / "data" / "a.jsonl")
+    outside.write_text("not yours")
+    assert sorted(zipfile.ZipFile(io.BytesIO(pack(d))).namelist()) == ["alias.jsonl", "data/a.jsonl"]
+    with pytest.raises(ValueError, match="more than 4 bytes"):
+        pack(d, max_bytes=4)
+    (d / "data" / "leak.txt").symlink_to(outside)
+    with pytest.raises(ValueError, match=f"links to {outside}, outside the directory"):
+        pack(d)

@@ -11,7 +11,7 @@ from drpt_ray.wire import ErrorResponse
 from tests.control_plane.conftest import H, ingest_headers
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
-BODY_ROUTES = ["/v1/jobs", "/v1/sweeps", "/v1/ingest/job_0000000000000000"]
+BODY_ROUTES = ["/v1/jobs", "/v1/jobs/with-working-dir", "/v1/sweeps", "/v1/ingest/job_0000000000000000"]
 
 
 def test_every_route_declares_its_error_statuses_with_the_one_error_shape(dry_server):

@@ -71,7 +71,7 @@ def test_a_malformed_key_is_a_422(dry_server, key):
 def test_the_header_is_in_the_openapi_contract(dry_server):
     with dry_server.http() as c:
         paths = c.get("/openapi.json").json()["paths"]
-    for path in ("/v1/jobs", "/v1/sweeps"):
+    for path in ("/v1/jobs", "/v1/jobs/with-working-dir", "/v1/sweeps"):
         (param,) = [p for p in paths[path]["post"]["parameters"] if p["name"] == "Idempotency-Key"]
         assert param["in"] == "header" and not param["required"] and "422" in param["description"]
 

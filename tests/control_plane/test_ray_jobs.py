@@ -1,11 +1,13 @@
 """End to end on a real local Ray (Jobs API, token auth on) behind a real uvicorn control plane:
-a tiny RLVR job followed by 20 SSE clients, cancel, SIGKILL + restart of the control plane
-mid-job, a job the divergence guard stops, and a Tune sweep of regularizer strengths."""
+a tiny RLVR job followed by 20 SSE clients, one with a shipped working directory, cancel, SIGKILL +
+restart of the control plane mid-job, a job the divergence guard stops, and a Tune sweep of
+regularizer strengths."""
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import threading
 import time
 
@@ -13,7 +15,7 @@ import httpx
 import pytest
 
 from drpt_ray.demo import RLVR_DEMO
-from tests.control_plane.conftest import make_server, wait_for
+from tests.control_plane.conftest import ROOT, make_server, wait_for
 from tests.control_plane.test_api import sse_events
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,9 @@ def ray_server(ray_cluster, tmp_path_factory):
     (workdir / "data").mkdir()
     (workdir / "data" / "broken.jsonl").write_text("this line is not JSON\n")  # readable, but no dataset
     s = make_server(workdir, RAY_ADDRESS=ray_cluster.dashboard_url,
-                    DRPT_MAX_RUNNING_JOBS=1, DRPT_READ_ROOTS=str(workdir / "data")).start()
+                    DRPT_MAX_RUNNING_JOBS=1, DRPT_READ_ROOTS=str(workdir / "data"),
+                    DRPT_WORKING_DIR_MAX_BYTES=1 << 20, DRPT_USER_CODE="true",
+                    DRPT_USER_CODE_MODULES="shipped_reward").start()
     yield s
     s.stop()
 
@@ -106,6 +110,25 @@ def test_rlvr_job_succeeds_and_20_sse_clients_each_get_every_event(ray_server, r
         (line,) = [x for x in logs.splitlines() if x.startswith("drpt-ray driver: environment has")]
         assert "DRPT_INGEST_TOKEN" in line and line.endswith("; control-plane secrets: none"), line
         wait_for(lambda: ray_cluster.job_status(done["ray_job_id"]) == "SUCCEEDED", 60, "the Ray job to exit 0")
+
+
+def test_a_job_with_a_working_dir_imports_its_reward_and_reads_its_data_from_it(ray_server, tmp_path):
+    """`drpt-ray submit --working-dir` (issue 26, item 2): the reward module and the data files exist
+    only in the shipped directory; the job reads both from Ray's copy of it and writes to its run directory."""
+    example = ROOT / "examples" / "custom_task"
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for name in ("general", "target", "eval"):
+        shutil.copy(example / f"{name}.jsonl", project / "data")
+    shutil.copy(example / "reward.py", project / "shipped_reward.py")  # a name no module on the cluster has
+    files = {f"{name}_path": f"data/{name}.jsonl" for name in ("general", "target", "eval")}
+    spec = RLVR_TINY | {"name": "rlvr-working-dir", "data": {"task": None, **files},
+                        "reward": {"kind": "function", "function": "shipped_reward:score"}}
+    job = ray_server.client().submit(spec, working_dir=project)
+    assert job.wait(timeout=300) == "SUCCEEDED", (job.info.message, job.logs()[-3000:])
+    assert job.info.artifacts["output_dir"] == str(ray_server.workdir / "runs" / job.id / "runs" / "job")
+    history = job.metrics()
+    assert len(history) == RLVR_TINY["steps"] + 1 and "reward/reward_mean" in history[1]
 
 
 def test_cancel_a_running_job_stops_its_ray_job(ray_server, ray_cluster):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.control_plane.conftest import ROOT, ingest_headers
+from tests.control_plane.conftest import ROOT, TOKEN, ingest_headers
 
 RL = {"mode": "rlvr", "steps": 2, "progress": False}
 USER_CODE = [  # each field that takes a 'module:function', with the probe and with installed stdlib callables
@@ -186,3 +186,94 @@ def test_the_ui_redirect_is_relative_whatever_the_host_header(server_factory):
         r = c.get("/ui", headers={"Host": "evil.example"}, follow_redirects=False)
         assert r.status_code == 307 and r.headers["location"] == "/ui/"
         assert c.get("/ui/").status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------
+# a job's working directory (issue 26, item 2)
+
+FILES_JOB = RL | {"data": {"task": None, "general_path": "data/general.jsonl", "target_path": "data/target.jsonl"},
+                  "reward": {"kind": "function", "function": "shipped_reward:score"}}
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A user's directory: a reward module, two data files, and what is never shipped."""
+    d = tmp_path / "project"
+    (d / "data").mkdir(parents=True)
+    (d / "shipped_reward.py").write_text("def score(prompt, response, reference):\n    return 1.0\n")
+    for name in ("general", "target"):
+        (d / "data" / f"{name}.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    for skipped in ("__pycache__/shipped_reward.cpython-311.pyc", ".git/config"):
+        (d / skipped).parent.mkdir()
+        (d / skipped).write_text("not shipped")
+    return d
+
+
+def test_a_working_dir_is_refused_unless_the_operator_allows_it(server_factory, project, capsys):
+    import json
+
+    from drpt_ray import cli
+
+    s = server_factory(DRPT_LAUNCHER="dry-run", DRPT_USER_CODE="true", DRPT_USER_CODE_MODULES="shipped_reward")
+    spec = project.parent / "job.yaml"
+    spec.write_text(json.dumps(FILES_JOB))  # JSON is YAML
+    assert cli.main(["submit", str(spec), "--working-dir", str(project), "--url", s.url, "--token", TOKEN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drpt-ray: error: POST /v1/jobs/with-working-dir: HTTP 422: body.working_dir:"), err
+    assert "allows it by setting DRPT_WORKING_DIR_MAX_BYTES" in err
+    assert s.client().jobs().total == 0
+
+
+def test_a_working_dir_is_checked_at_submission_and_kept_in_the_run_directory(server_factory, project):
+    import zipfile
+
+    from drpt_ray.client import ApiError
+
+    s = server_factory(DRPT_LAUNCHER="dry-run", DRPT_WORKING_DIR_MAX_BYTES="4096", DRPT_USER_CODE="true",
+                       DRPT_USER_CODE_MODULES="shipped_reward")
+    client = s.client()
+    # a relative data path names a file of the working directory: the error names where it resolves
+    missing = FILES_JOB | {"data": FILES_JOB["data"] | {"target_path": "./data/../data/missing.jsonl",
+                                                        "eval_path": "../project/data/target.jsonl"}}
+    with pytest.raises(ApiError) as e:
+        client.submit(missing, working_dir=project)
+    assert e.value.paths == ["body.spec.data.target_path", "body.spec.data.eval_path"], e.value
+    assert "<working dir>/data/missing.jsonl" in e.value.fields[0].msg
+    assert "<working dir>/../project/data/target.jsonl" in e.value.fields[1].msg
+    # shipped code is still user code: the operator's allow-list judges the module
+    with pytest.raises(ApiError) as e:
+        client.submit(FILES_JOB | {"reward": {"kind": "function", "function": "other:score"}}, working_dir=project)
+    assert e.value.paths == ["body.spec.reward.function"] and "DRPT_USER_CODE_MODULES" in e.value.message
+
+    job = client.submit(FILES_JOB, working_dir=project, idempotency_key="wd-1")
+    with zipfile.ZipFile(s.workdir / "runs" / job.id / "working_dir.zip") as z:
+        assert sorted(z.namelist()) == ["data/general.jsonl", "data/target.jsonl", "shipped_reward.py"]
+    assert client.submit(FILES_JOB, working_dir=project, idempotency_key="wd-1").id == job.id  # a retry
+    (project / "shipped_reward.py").write_text("def score(prompt, response, reference):\n    return 0.0\n")
+    with pytest.raises(ApiError) as e:  # the same key and spec with other code is another request
+        client.submit(FILES_JOB, working_dir=project, idempotency_key="wd-1")
+    assert e.value.paths == ["header.Idempotency-Key"], e.value
+
+    (project / "data" / "big.jsonl").write_text("x" * 4000)  # 4,000 + the rest > 4,096 bytes unpacked
+    with pytest.raises(ApiError) as e:
+        client.submit(FILES_JOB, working_dir=project)
+    assert e.value.paths == ["body.working_dir"] and "allows 4096 (DRPT_WORKING_DIR_MAX_BYTES)" in e.value.message
+    assert client.jobs().total == 1
+
+
+def test_a_shipped_job_runs_in_its_working_dir_and_writes_to_its_run_dir(tmp_path):
+    """What the Ray Jobs API gets for a job with a working directory and for one without."""
+    from services.control_plane.launcher import ray_job
+    from services.control_plane.settings import Settings
+
+    settings = Settings(api_tokens=[TOKEN], runs_dir=tmp_path / "runs")
+    spec = {"mode": "sft", "output_dir": "runs/job"}
+    plain = ray_job(settings, "job_a", "job", spec, "token")
+    run_dir = settings.runs_dir / "job_b"
+    run_dir.mkdir(parents=True)
+    (run_dir / "working_dir.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    shipped = ray_job(settings, "job_b", "job", spec, "token")
+    assert "working_dir" not in plain["runtime_env"] and f"cd {settings.runs_dir / 'job_a'} &&" in plain["entrypoint"]
+    assert shipped["runtime_env"]["working_dir"] == str(run_dir / "working_dir.zip")
+    assert " cd " not in shipped["entrypoint"]  # Ray starts the driver in its copy of the working dir: it stays
+    assert shipped["entrypoint"].endswith(f"--output-dir {run_dir / 'runs/job'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -17,8 +18,9 @@ from services.control_plane.deps import (ApiAuth, CallerDep, DbDep, IdempotencyK
                                          SettingsDep, SupervisorDep)
 from services.control_plane.errors import errors
 from services.control_plane.idempotency import create_once
-from services.control_plane.launcher import LauncherUnavailable
-from drpt_ray.wire import Artifacts, ArtifactFile, JobPage, JobPublic, MetricsPage, SamplesPage, State
+from services.control_plane.launcher import LauncherUnavailable, shipped_working_dir
+from drpt_ray.wire import (Artifacts, ArtifactFile, JobPage, JobPublic, JobWithWorkingDir, MetricsPage, SamplesPage,
+                           State)
 from services.control_plane.public import job_public
 from services.control_plane.admission import admit_job
 
@@ -31,13 +33,37 @@ def submit_job(spec: JobSpec, db: DbDep, supervisor: SupervisorDep, key: Idempot
                caller: CallerDep) -> JobPublic:
     """Record the job (QUEUED) and return at once; the supervisor submits it to Ray when a slot is free."""
     admit_job(spec, settings, supervisor.launcher)
-    body = spec.model_dump(mode="json")
+    return _record(spec, spec.model_dump(mode="json"), None, db, supervisor, key, settings, caller)
 
+
+@router.post("/with-working-dir", status_code=201, summary="Submit a job with the directory it runs in")
+def submit_job_with_working_dir(body: JobWithWorkingDir, db: DbDep, supervisor: SupervisorDep, key: IdempotencyKeyDep,
+                                settings: SettingsDep, caller: CallerDep) -> JobPublic:
+    """As `POST /v1/jobs`, plus a zip of the job's working directory, which ships to Ray with the job:
+    the driver runs in it, its modules are importable (a `module:function` still needs the operator's
+    DRPT_USER_CODE_MODULES) and the spec's relative model, data and reward-model paths must name files
+    in it. Refused (422) unless the operator sets DRPT_WORKING_DIR_MAX_BYTES, and above it."""
+    admit_job(body.spec, settings, supervisor.launcher, body.working_dir)
+    # the zip's digest, not the zip, decides whether a retry under the same Idempotency-Key is the same request
+    digest = hashlib.sha256(body.working_dir).hexdigest()
+    fingerprint = {"spec": body.spec.model_dump(mode="json"), "working_dir": digest}
+    return _record(body.spec, fingerprint, body.working_dir, db, supervisor, key, settings, caller)
+
+
+def _record(spec: JobSpec, fingerprint: dict, working_dir: bytes | None, db, supervisor, key, settings,
+            caller) -> JobPublic:
+    """Record the job QUEUED (with its working directory, if any) once per idempotency key, and wake the supervisor."""
     def create(s):
-        job = store.create(s, "job", body, spec.name, mode=spec.mode, tenant=caller.tenant)
+        job = store.create(s, "job", spec.model_dump(mode="json"), spec.name, mode=spec.mode, tenant=caller.tenant)
+        if working_dir is not None:
+            # before the row commits, so the supervisor never sees the job without it (a rollback
+            # after this leaves a directory for an id that was never recorded, and nothing reads it)
+            path = shipped_working_dir(settings, job.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(working_dir)
         return job_public(job), f"/v1/jobs/{job.id}"
 
-    response = create_once(db, key, body, create)
+    response = create_once(db, key, fingerprint, create)
     supervisor.wake()
     return response
 

@@ -78,20 +78,28 @@ class Group:
     rollouts: list[Rollout]
     rewards: list[float]
     errors: int = 0
+    parts: dict[str, list[float]] = field(default_factory=dict)  # each user function's scores (RewardResult.parts)
 
 
 def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
     """The reward phase: every rollout scored, grouped by its prompt."""
     examples, rollouts = sampled.examples, sampled.rollouts
     n = len(rollouts) // len(examples)
-    scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
-                        [examples[r.prompt_index].scored_against for r in rollouts], split)
+    rows = [examples[r.prompt_index] for r in rollouts]
+    scored = ctx.reward([e.prompt for e in rows], [r.text for r in rollouts], [e.scored_against for e in rows], split,
+                        [e.extras for e in rows])
     if len(rollouts) > 1 and scored.errors == len(rollouts):
         # Not one response could be scored: a broken reward, not a run to train on zeros.
         raise ValueError(f"the reward failed on every one of the {len(rollouts)} {split} responses of step "
                          f"{ctx.step + 1}; the first: {scored.first_error} (reward.timeout_s bounds each call)")
-    return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
+    return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0,
+                  {name: xs[i * n : (i + 1) * n] for name, xs in scored.parts.items()})
             for i, e in enumerate(examples)]
+
+
+def part_means(groups: list[Group], prefix: str) -> dict:
+    """`<prefix><name>/mean`: the mean score of each user reward function over the groups' rollouts."""
+    return {f"{prefix}{name}/mean": _mean([x for g in groups for x in g.parts[name]]) for name in groups[0].parts}
 
 
 def sample(ctx: Context, examples: list[Example], split: str,
@@ -125,7 +133,7 @@ def general_groups(ctx: Context, first: list[Group], sampling: SamplingSpec, t: 
     m = {"reward/zero_variance_frac": sum(not has_reward_variance(g.rewards) for g in first) / len(first),
          "reward/reward_mean": float(every.mean()),
          "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0,
-         "time/rollout_busy": busy}
+         "time/rollout_busy": busy} | part_means(r.seen, "reward/")
     if not alg.filter_zero_variance_groups:
         return first, m
     return r.kept, m | {"reward/sampling_rounds": float(r.rounds), "reward/kept_groups": float(len(r.kept))}
@@ -173,8 +181,9 @@ def rollout_batch(ctx: Context, groups: list[Group], split: str, stale: bool, t:
                 m[name + "is_capped_frac"] = float((weights[on] >= alg.tis_cap).float().mean())
         if train and alg.mask_truncated_completions:
             batch = batch.without_truncated()
-    if not train:
+    if not train:  # the general split's part means are over every draw of the step, as its reward is (general_groups)
         m[f"{prefix}between_prompt_var_frac"] = between_prompt_variance_fraction(batch.rewards, batch.group_ids)
+        m |= part_means(groups, prefix)
     return batch, m | {
         f"{prefix}reward_mean": float(batch.rewards.mean()),
         f"{prefix}reward_std": float(batch.rewards.std()) if batch.size > 1 else 0.0,

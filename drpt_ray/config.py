@@ -18,7 +18,8 @@ from typing import Annotated, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from drpt_ray.feasible_sets import FEASIBLE_SETS, Granularity
 
@@ -277,7 +278,8 @@ class DataSpec(Spec):
     chat_template: bool | None = Field(
         None,
         description="Render prompts as a user turn with the model's chat template; None: the task's default (on for "
-        "gsm8k and reasoning_gym, off for the synthetic tasks and files).",
+        "gsm8k and reasoning_gym, off for the synthetic tasks and files, on for files that hold conversations: "
+        "`messages`, or a list of messages as the prompt).",
     )
     max_len: Int = Field(64, ge=4, description="Max tokens of prompt + response.")
     seed: Seed = Field(0, description="Data seed (task generation and shuffling).")
@@ -477,13 +479,45 @@ class AlgorithmSpec(Spec):
         return v
 
 
+def _function_path(v: str) -> str:
+    if ":" not in v:
+        raise ValueError(f"must look like 'package.module:function', got {v!r}")
+    return v
+
+
+# A user function's import path; only its shape is checked here (the schema never imports user code).
+FunctionPath = Annotated[str, AfterValidator(_function_path)]
+
+
+class RewardFunctionSpec(Spec):
+    """One of several user reward functions (`reward.functions`): the reward is their weighted sum."""
+
+    function: FunctionPath = Field(description="Import path `package.module:function`, called as `reward.function` is.")
+    weight: float = Field(1.0, description="Its score's factor in the sum (negative: a penalty; 0: logged only).")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=64,
+        description="Its metrics: reward/<name>/mean (general split) and target/<name>/mean; None: the function's "
+        "name (the part after ':').",
+    )
+
+    @property
+    def label(self) -> str:
+        """`name`, else the function's own name."""
+        return self.name or self.function.rpartition(":")[2]
+
+
 class RewardSpec(Spec):
     kind: Literal["task", "exact_match", "math", "function", "model"] = Field(
         "task",
         description="task: the built-in task's verifiers; exact_match / math (math-verify) against the reference "
-        "answer; function: a user `module:function`; model: a reward model (RLHF).",
+        "answer; function: a user `module:function` (or several, `functions`); model: a reward model (RLHF).",
     )
-    function: str | None = Field(None, description="kind=function: import path `package.module:function`.")
+    function: FunctionPath | None = Field(None, description="kind=function: import path `package.module:function`.")
+    functions: list[RewardFunctionSpec] | None = Field(
+        None, min_length=1,
+        description="kind=function, instead of `function`: several functions ({function, weight, name}); the reward "
+        "is their weighted sum, each one's mean a metric of its own (TRL's reward_funcs and reward_weights).",
+    )
     model_path: str | None = Field(
         None, description="kind=model: sequence-classification model dir; None builds a tiny one in code.",
     )
@@ -502,12 +536,25 @@ class RewardSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _function_given(self) -> "RewardSpec":
-        if self.kind == "function" and not self.function:
-            raise ValueError("reward.kind is 'function', so reward.function ('module:function') is required")
-        if self.function and ":" not in self.function:
-            raise ValueError(f"reward.function must look like 'package.module:function', got {self.function!r}")
+    def _functions_given(self) -> "RewardSpec":
+        if self.kind == "function" and not (self.function or self.functions):
+            raise ValueError("reward.kind is 'function', so reward.function ('module:function') or "
+                             "reward.functions is required")
+        if self.function and self.functions:
+            raise ValueError("give reward.function (one function) or reward.functions (several), not both")
+        labels = [f.label for f in self.functions or []]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"reward.functions: more than one function is named {twice}; give each a distinct "
+                             "`name` (its metrics are reward/<name>/mean)")
         return self
+
+    def user_functions(self) -> dict[tuple[str | int, ...], RewardFunctionSpec]:
+        """The user functions this section names, by their location in a job spec: `functions`, or
+        `function` as the one function of weight 1."""
+        if self.functions:
+            return {("reward", "functions", i, "function"): f for i, f in enumerate(self.functions)}
+        return {("reward", "function"): RewardFunctionSpec(function=self.function)} if self.function else {}
 
 
 class CheckpointSpec(Spec):
@@ -713,10 +760,11 @@ class JobSpec(Spec):
                              "advantages, so the importance weights of stale target rollouts cannot reach it: use "
                              "'token_pg' or 'train_loss' with rollout.max_staleness > 0")
 
-    def user_code(self) -> dict[tuple[str, ...], str]:
+    def user_code(self) -> dict[tuple[str | int, ...], str]:
         """The `module:function` paths this job would import and run, by field location."""
         values = {loc: get_path(self.model_dump(), ".".join(loc)) for loc in CODE_FIELDS}
-        return {loc: v for loc, v in values.items() if isinstance(v, str) and ":" in v}
+        return ({loc: v for loc, v in values.items() if isinstance(v, str) and ":" in v}
+                | {loc: f.function for loc, f in self.reward.user_functions().items()})
 
     def _check_learner_layout(self) -> None:
         """What the data-parallel / FSDP learner cannot run (drpt_ray/learner/fsdp.py says why)."""
@@ -834,7 +882,7 @@ class SweepSpec(Spec):
             return self.num_samples
         return math.prod(len(d.values) for d in self.space.values()) * self.num_samples
 
-    def user_code(self) -> dict[tuple[str, ...], str]:
+    def user_code(self) -> dict[tuple[str | int, ...], str]:
         """The `module:function` paths any trial would import and run, by field location (base and space)."""
         out = {("base", *loc): path for loc, path in self.base.user_code().items()}
         for path, dim in self.space.items():

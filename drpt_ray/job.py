@@ -127,7 +127,7 @@ def build(spec: JobSpec, splits: TaskSplits, address: str | None) -> Context:
         learner = LearnerGroup(spec)
         path = model_dir(spec.model, out)
         tokenizer = _tokenizer(path)
-    if spec.data.uses_chat_template:
+    if spec.data.uses_chat_template or splits.conversational:  # (load_task refused conversations with it off)
         splits = render_chat(splits, tokenizer)  # ctx.splits is all the driver tokenizes prompts from
     ctx = Context(
         spec=spec, out=out, splits=splits, tokenizer=tokenizer, learner=learner,

@@ -82,21 +82,29 @@ class Group:
     rewards: list[float]
     errors: int = 0
     advantages: list[float] | None = None  # per response: its tokens' mean advantage (set by `rollout_batch`)
+    parts: dict[str, list[float]] = field(default_factory=dict)  # each user function's scores (RewardResult.parts)
 
 
 def score(ctx: Context, sampled: Sampled, split: str) -> list[Group]:
     """The reward phase: every rollout scored, grouped by its prompt."""
     examples, rollouts = sampled.examples, sampled.rollouts
     n = len(rollouts) // len(examples)
-    scored = ctx.reward([examples[r.prompt_index].prompt for r in rollouts], [r.text for r in rollouts],
-                        [examples[r.prompt_index].scored_against for r in rollouts], split)
+    rows = [examples[r.prompt_index] for r in rollouts]
+    scored = ctx.reward([e.prompt for e in rows], [r.text for r in rollouts], [e.scored_against for e in rows], split,
+                        [e.extras for e in rows])
     if scored.errors > ctx.spec.reward.max_error_frac * len(rollouts):
         # Most responses could not be scored: a broken reward, not a run to train on zeros.
         raise ValueError(f"the reward failed on {scored.errors} of the {len(rollouts)} {split} responses of step "
                          f"{ctx.step + 1} (more than reward.max_error_frac {ctx.spec.reward.max_error_frac:g}; "
                          f"reward.timeout_s bounds each call); the first:\n{scored.first_error}")
-    return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0)
+    return [Group(e, rollouts[i * n : (i + 1) * n], scored.scores[i * n : (i + 1) * n], scored.errors if i == 0 else 0,
+                  parts={name: xs[i * n : (i + 1) * n] for name, xs in scored.parts.items()})
             for i, e in enumerate(examples)]
+
+
+def part_means(groups: list[Group], prefix: str) -> dict:
+    """`<prefix><name>/mean`: the mean score of each user reward function over the groups' rollouts."""
+    return {f"{prefix}{name}/mean": _mean([x for g in groups for x in g.parts[name]]) for name in groups[0].parts}
 
 
 def sample(ctx: Context, examples: list[Example], split: str,
@@ -130,7 +138,7 @@ def general_groups(ctx: Context, first: list[Group], sampling: SamplingSpec, t: 
     m = {"reward/zero_variance_frac": sum(not has_reward_variance(g.rewards) for g in first) / len(first),
          "reward/reward_mean": float(every.mean()),
          "reward/reward_std": float(every.std()) if every.numel() > 1 else 0.0,
-         "time/rollout_busy": busy}
+         "time/rollout_busy": busy} | part_means(r.seen, "reward/")
     if not alg.filter_zero_variance_groups:
         return first, m
     return r.kept, m | {"reward/sampling_rounds": float(r.rounds), "reward/kept_groups": float(len(r.kept))}
@@ -181,8 +189,9 @@ def rollout_batch(ctx: Context, groups: list[Group], split: str, stale: bool, t:
             m |= {name + k: v for k, v in correction_metrics(log_ratio, weights, mask, fix.mode, fix.upper).items()}
         if train and alg.mask_truncated_completions:
             batch = batch.without_truncated()
-    if not train:
+    if not train:  # the general split's part means are over every draw of the step, as its reward is (general_groups)
         m[f"{prefix}between_prompt_var_frac"] = between_prompt_variance_fraction(batch.rewards, batch.group_ids)
+        m |= part_means(groups, prefix)
     return batch, m | {
         f"{prefix}reward_mean": float(batch.rewards.mean()),
         f"{prefix}reward_std": float(batch.rewards.std()) if batch.size > 1 else 0.0,

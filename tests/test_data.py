@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from drpt_ray.config import DataSpec
 from drpt_ray.data import (
     IGNORE_INDEX,
     Example,
+    TaskSplits,
     load_examples,
     load_task,
     scarce_target_task,
@@ -141,7 +143,8 @@ def write_jsonl(path, rows: list[dict], blank_lines: bool = False) -> None:
 def test_jsonl_round_trip_with_custom_keys(tmp_path):
     p = tmp_path / "d.jsonl"
     write_jsonl(p, [{"q": e.prompt, "a": e.response, "extra": 1} for e in ROWS], blank_lines=True)
-    assert load_examples(p, prompt_key="q", response_key="a") == ROWS
+    loaded = load_examples(p, prompt_key="q", response_key="a")
+    assert loaded == [replace(e, extras={"extra": 1}) for e in ROWS]  # the other columns are kept
 
 
 def test_parquet_round_trip(tmp_path):
@@ -206,6 +209,91 @@ def test_load_task_from_files_uses_target_as_eval_when_no_eval_path(tmp_path):
     assert (len(splits.general), splits.target, splits.eval) == (3, [Example("t", " 2")], [Example("t", " 2")])
     splits = load_task(spec.model_copy(update={"eval_path": str(e)}))
     assert splits.eval == [Example("e", " 3")]
+
+
+# ------------------------------------------------------------------------------------------
+# TRL conversational rows and extra columns
+
+SYS, USER = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}
+ANSWER = {"role": "assistant", "content": "4"}
+# CHAT_TEMPLATE (drpt_ray.models) written out by hand: ChatML, then the assistant's turn opened
+CHATML = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_trl_conversational_rows_load_with_their_extra_columns(tmp_path):
+    """`messages` (the last, assistant message is the response) and TRL's prompt-completion with
+    lists of messages; every other column is kept, JSONL and parquet alike."""
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, [{"messages": [SYS, USER, ANSWER], "answer": 4, "meta": {"level": [1, 2]}},
+                    {"prompt": [SYS, USER], "completion": [ANSWER], "difficulty": "easy"},
+                    {"prompt": "plain", "completion": " text", "id": None}])
+    want = [Example("", "4", messages=[SYS, USER], extras={"answer": 4, "meta": {"level": [1, 2]}}),
+            Example("", "4", messages=[SYS, USER], extras={"difficulty": "easy"}),
+            Example("plain", " text", extras={"id": None})]
+    assert load_examples(p, response_key="completion") == want
+    q = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"messages": [[SYS, USER, ANSWER]], "answer": [4]}), q)
+    assert load_examples(q) == [Example("", "4", messages=[SYS, USER], extras={"answer": 4})]
+
+
+def test_conversations_render_through_the_chat_template(tmp_path, tokenizer):
+    from drpt_ray.data import render_chat
+
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, [{"messages": [SYS, USER, ANSWER]}, {"prompt": "Q", "response": "A"}])
+    splits = render_chat(TaskSplits(general=load_examples(p), target=[], eval=[]), tokenizer)
+    assert [e.prompt for e in splits.general] == [CHATML, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"]
+    assert splits.general[0].response == "4"
+    # an earlier assistant turn stays in the prompt; only the last one is the response
+    turns = [USER, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+             {"role": "assistant", "content": "6"}]
+    write_jsonl(p, [{"messages": turns}])
+    (e,) = render_chat(TaskSplits(general=load_examples(p), target=[], eval=[]), tokenizer).general
+    assert (e.prompt, e.response) == ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+                                      "<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n", "6")
+
+
+@pytest.mark.parametrize("row,why", [
+    ({"messages": "hi"}, "d.jsonl:1: key 'messages' must be a non-empty list of {role, content} messages"),
+    ({"messages": []}, "d.jsonl:1: key 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user"}, ANSWER]}, "d.jsonl:1: key 'messages', message 0: expected an object with "
+                                               "string 'role' and 'content'"),
+    ({"messages": [SYS, USER]}, "d.jsonl:1: key 'messages' must end with an assistant message (the response), "
+                                "got role 'user'"),
+    ({"messages": [ANSWER]}, "d.jsonl:1: key 'messages' holds only the response"),
+    ({"prompt": [USER], "response": [ANSWER, ANSWER]}, "d.jsonl:1: key 'response' must hold one assistant message, "
+                                                       "got 2"),
+    ({"prompt": [USER], "response": [USER]}, "d.jsonl:1: key 'response' must end with an assistant message"),
+    ({"prompt": [USER], "response": 4}, "d.jsonl:1: key 'response' must be a string, got int"),
+    ({"question": "q", "response": "r"}, "d.jsonl:1: missing key 'prompt' (there are ['question', 'response']; "
+                                         "data.prompt_key names the key to read instead"),
+])
+def test_bad_conversational_rows_name_the_line_and_key(tmp_path, row, why):
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, [row])
+    with pytest.raises(ValueError, match=re.escape(why)):
+        load_examples(p)
+
+
+def test_an_extra_column_that_is_not_json_names_the_row_and_column(tmp_path):
+    import datetime
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "response": ["x", "y"],
+                             "when": [None, datetime.datetime(2020, 1, 1)]}), p)
+    with pytest.raises(ValueError, match=r"d\.parquet: row 2: column 'when' holds a datetime, not a JSON value"):
+        load_examples(p)
+
+
+def test_conversations_with_the_chat_template_off_are_refused(tmp_path):
+    g, t = tmp_path / "g.jsonl", tmp_path / "t.jsonl"
+    write_jsonl(g, [{"prompt": "g", "response": "1"}])
+    write_jsonl(t, [{"messages": [USER, ANSWER]}])
+    spec = DataSpec(task=None, general_path=str(g), target_path=str(t))
+    assert load_task(spec).conversational
+    assert not load_task(spec.model_copy(update={"target_path": str(g)})).conversational
+    with pytest.raises(ValueError, match=r"t\.jsonl: holds conversations .* data\.chat_template is false"):
+        load_task(spec.model_copy(update={"chat_template": False}))
 
 
 # ------------------------------------------------------------------------------------------

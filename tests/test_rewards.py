@@ -19,7 +19,6 @@ from drpt_ray.config import DataSpec, RewardSpec
 from drpt_ray.data import load_task, scarce_target_task, solve
 from drpt_ray.data.synthetic import arithmetic_task
 from drpt_ray.rewards import (
-    FunctionReward,
     Reward,
     RewardModelScorer,
     RewardResult,
@@ -57,6 +56,23 @@ def dispatch(prompt, response, reference):
     if response == "exit":
         os._exit(3)
     return len(response)
+
+
+def answer_kw(prompt, response, reference, answer):
+    return float(answer)
+
+
+def every_kw(prompt, response, reference, **columns):
+    return float(sum(columns.values()))
+
+
+def kw_only(prompt, response, reference, *, bonus=0.0):
+    return float(bonus)
+
+
+def renamed(p, r, answer, **columns):
+    """The reference fills `answer` by position, so a column named 'answer' is not passed again."""
+    return float(len(columns))
 '''
 
 
@@ -69,6 +85,11 @@ def user_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sys.path.insert(0, str(root))
     yield USER_MODULE
     sys.path.remove(str(root))
+
+
+def function_reward(path: str, timeout_s: float) -> Reward:
+    """The reward of `reward.function: path`."""
+    return make_reward(RewardSpec(kind="function", function=path, timeout_s=timeout_s), None, ".")
 
 
 def score_one(
@@ -163,7 +184,7 @@ def test_function_reward_happy_path(user_module: str, tmp_path: Path) -> None:
 
 def test_function_failures_score_zero_and_count(user_module: str) -> None:
     """An exception, a non-number and a NaN each give 0.0 and an error; the process keeps serving."""
-    with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=5.0)) as reward:
+    with contextlib.closing(function_reward(f"{user_module}:dispatch", 5.0)) as reward:
         responses = ["ok", "raise", "str", "nan", "four"]
         result = reward(["p"] * 5, responses, [None] * 5, "general")
         assert result == RewardResult(scores=[2.0, 0.0, 0.0, 0.0, 4.0], errors=3)
@@ -186,7 +207,7 @@ def test_a_step_whose_responses_mostly_fail_ends_the_job_with_the_traceback(user
                             finish_reason="stop", weights_version=0) for t in texts]
         return Sampled([Example("p", "r")], rollouts)
 
-    with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=5.0)) as reward:
+    with contextlib.closing(function_reward(f"{user_module}:dispatch", 5.0)) as reward:
         def ctx(max_error_frac: float) -> SimpleNamespace:
             return SimpleNamespace(reward=reward, step=0, spec=SimpleNamespace(
                 reward=RewardSpec(kind="function", function=f"{user_module}:dispatch", max_error_frac=max_error_frac)))
@@ -216,12 +237,12 @@ def test_a_reward_module_next_to_the_spec_is_importable(tmp_path: Path, monkeypa
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     importable_beside(tmp_path / "spec.yaml")
     assert os.environ["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
-    with contextlib.closing(FunctionReward("beside_spec_reward:score", timeout_s=5.0)) as reward:
+    with contextlib.closing(function_reward("beside_spec_reward:score", 5.0)) as reward:
         assert score_one(reward, "anything") == RewardResult([7.0], 0)
 
 
 def test_function_timeout_kills_and_recovers(user_module: str) -> None:
-    with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=0.5)) as reward:
+    with contextlib.closing(function_reward(f"{user_module}:dispatch", 0.5)) as reward:
         assert score_one(reward, "ok") == RewardResult([2.0], 0)  # start-up is not part of a call's time
         start = time.monotonic()
         assert score_one(reward, "slow") == RewardResult([0.0], 1)
@@ -230,9 +251,113 @@ def test_function_timeout_kills_and_recovers(user_module: str) -> None:
 
 
 def test_function_process_death_recovers(user_module: str) -> None:
-    with contextlib.closing(FunctionReward(f"{user_module}:dispatch", timeout_s=5.0)) as reward:
+    with contextlib.closing(function_reward(f"{user_module}:dispatch", 5.0)) as reward:
         assert score_one(reward, "exit") == RewardResult([0.0], 1)
         assert score_one(reward, "abc") == RewardResult([3.0], 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Extra columns as keyword arguments, several weighted functions
+
+
+def test_taken_columns_follow_the_signature(user_module: str) -> None:
+    """What each signature is passed of the columns {answer, bonus, reference}: only what it takes."""
+    from drpt_ray.rewards.user import taken_columns
+
+    columns = ["answer", "bonus", "reference"]
+    taken = {name: [c for c in columns if taken_columns(resolve_function(f"{user_module}:{name}"))(c)]
+             for name in ("length", "answer_kw", "every_kw", "kw_only", "renamed")}
+    # every_kw(prompt, response, reference, **columns) takes 'reference' by position already;
+    # renamed(p, r, answer, **columns) takes 'answer' so
+    assert taken == {"length": [], "answer_kw": ["answer"], "every_kw": ["answer", "bonus"], "kw_only": ["bonus"],
+                     "renamed": ["bonus", "reference"]}
+    assert not taken_columns(max)("answer")  # no signature to read: the three arguments only
+
+
+def test_several_functions_weighted_with_the_rows_columns(user_module: str, tmp_path: Path) -> None:
+    """One child process serves every function; each gets the columns its signature takes; the reward
+    is the weighted sum (hand-computed below), each function's scores are in `parts`, and a response
+    whose one function failed counts one error, named by its field."""
+    names = [("answer_kw", 1.0, None), ("every_kw", 10.0, "all"), ("length", 0.5, None), ("renamed", 100.0, None),
+             ("kw_only", -1.0, None), ("dispatch", 1000.0, None)]
+    spec = RewardSpec(kind="function", functions=[{"function": f"{user_module}:{f}", "weight": w, "name": n}
+                                                  for f, w, n in names])
+    extras = [{"answer": 3, "bonus": 2}, {"answer": 1, "bonus": 0}, {"answer": 7, "bonus": 0}]
+    with contextlib.closing(make_reward(spec, None, tmp_path)) as reward:
+        result = reward(["p"] * 3, ["abcd", "ab", "raise"], ["ref"] * 3, "general", extras)
+    assert result.parts == {"answer_kw": [3.0, 1.0, 7.0], "all": [5.0, 1.0, 7.0], "length": [4.0, 2.0, 5.0],
+                            "renamed": [1.0, 1.0, 1.0], "kw_only": [2.0, 0.0, 0.0], "dispatch": [4.0, 2.0, 0.0]}
+    # 3 + 10*5 + 0.5*4 + 100*1 - 1*2 + 1000*4, then the same for "ab" and "raise" (dispatch raised: 0)
+    assert result.scores == [4153.0, 2112.0, 179.5]
+    assert result.errors == 1 and result.first_error.startswith("reward.functions.5.function: Traceback")
+    assert result.first_error.endswith("RuntimeError: user bug\n")
+
+
+def test_the_columns_travel_from_the_example_to_the_reward_and_each_part_is_a_metric() -> None:
+    """trainer.score looks each rollout's row up by its prompt index and passes the row's extras;
+    general_groups logs each part's mean as reward/<name>/mean next to reward_mean."""
+    from types import SimpleNamespace
+
+    from drpt_ray.config import JobSpec
+    from drpt_ray.data import Example
+    from drpt_ray.metrics import PhaseTimer
+    from drpt_ray.rollout import Rollout
+    from drpt_ray.rollout.pipeline import Sampled
+    from drpt_ray.trainer import general_groups, score
+
+    class ColumnReward(Reward):
+        """Scores each response with its row's 'answer' column, in two parts."""
+
+        def __call__(self, prompts, responses, references, split, extras=None) -> RewardResult:
+            a = [float(x["answer"]) for x in extras]
+            return RewardResult(scores=[2 * x + 1 for x in a], errors=0, parts={"a": a, "one": [1.0] * len(a)})
+
+    examples = [Example("p0", "r", extras={"answer": 1}), Example("p1", "r", extras={"answer": 5})]
+    rollouts = [Rollout(prompt_index=i, prompt_ids=[1], response_ids=[2], response_logprobs=[0.0], text="t",
+                        finish_reason="stop", weights_version=0) for i in (0, 0, 1, 1)]
+    ctx = SimpleNamespace(reward=ColumnReward(), step=0, spec=JobSpec(mode="rlvr", batch_size=2))
+    groups = score(ctx, Sampled(examples, rollouts), "general")
+    assert [g.rewards for g in groups] == [[3.0, 3.0], [11.0, 11.0]]
+    assert [g.parts for g in groups] == [{"a": [1.0, 1.0], "one": [1.0, 1.0]}, {"a": [5.0, 5.0], "one": [1.0, 1.0]}]
+    _, m = general_groups(ctx, groups, ctx.spec.rollout.sampling, PhaseTimer())
+    assert (m["reward/reward_mean"], m["reward/a/mean"], m["reward/one/mean"]) == (7.0, 3.0, 1.0)
+
+
+@pytest.mark.parametrize("reward,why", [
+    ({"kind": "function"}, "reward.function ('module:function') or reward.functions is required"),
+    ({"kind": "function", "functions": []}, "reward.functions\n  List should have at least 1 item"),
+    ({"kind": "function", "function": "m:f", "functions": [{"function": "m:g"}]}, "not both"),
+    ({"kind": "function", "functions": [{"function": "a:score"}, {"function": "b:score"}]},
+     "more than one function is named ['score']; give each a distinct `name`"),
+    ({"kind": "function", "functions": [{"function": "a:f", "name": "x"}, {"function": "b:g", "name": "x"}]},
+     "named ['x']"),
+    ({"kind": "function", "functions": [{"function": "a:f", "weight": float("inf")}]},
+     "reward.functions.0.weight\n  Input should be a finite number"),
+    ({"kind": "function", "functions": [{"function": "a:f", "weight": "2"}]}, "reward.functions.0.weight"),
+    ({"kind": "function", "functions": [{"function": "a:f"}, {"function": "no_colon"}]},
+     "reward.functions.1.function\n  Value error, must look like 'package.module:function', got 'no_colon'"),
+    ({"kind": "function", "functions": [{"function": "a:f", "name": "a/b"}]}, "reward.functions.0.name"),
+    ({"kind": "function", "functions": [{"function": "a:f", "wieght": 2.0}]}, "reward.functions.0.wieght"),
+])
+def test_bad_reward_functions_name_the_key(reward: dict, why: str) -> None:
+    from pydantic import ValidationError
+
+    from drpt_ray.config import JobSpec
+
+    with pytest.raises(ValidationError, match=re.escape(why)):
+        JobSpec.model_validate({"mode": "rlvr", "reward": reward})
+
+
+def test_every_function_is_user_code_and_resolved_at_preflight(user_module: str) -> None:
+    from drpt_ray.config import JobSpec
+
+    spec = JobSpec.model_validate({"mode": "rlvr", "reward": {"kind": "function", "functions": [
+        {"function": f"{user_module}:length"}, {"function": "drpt_no_such_module:f", "name": "g"}]}})
+    assert spec.user_code() == {("reward", "functions", 0, "function"): f"{user_module}:length",
+                                ("reward", "functions", 1, "function"): "drpt_no_such_module:f"}
+    with pytest.raises(ValueError, match=re.escape("reward.functions.1.function 'drpt_no_such_module:f': module "
+                                                   "'drpt_no_such_module' not found")):
+        check_reward(spec.reward, None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -238,3 +238,33 @@ def test_eval_before_warm_start_is_the_loaded_model(tmp_path):
     # the warm start moved the policy: after it the held-out reward differs (0 -> 0.73 on seed 0)
     assert start["eval/target_reward"] > start["eval_base/target_reward"] + 0.3
     assert not any(k.startswith("eval_base/") for k in cold.history[0])
+
+
+def test_trl_conversations_with_weighted_reward_functions(tmp_path, monkeypatch):
+    """TRL conversational rows, one extra column and two weighted functions through a real run. The
+    functions read what the data and the chat template fix, so every figure is known in advance:
+    `chat` is 1 only for a prompt rendered by the template (the run renders conversations although
+    data.chat_template is null), `level` returns the row's own column (1 in the general pool, 3 in
+    the target pool); the reward is 2 * chat + 0.5 * level."""
+    (tmp_path / "drpt_conv_rewards.py").write_text(
+        "def chat(prompt, response, reference):\n"
+        "    return float(prompt.startswith('<|im_start|>user\\nrev ') and prompt.endswith('<|im_start|>assistant\\n'))"
+        "\n\n\ndef level(prompt, response, reference, level):\n    return float(level)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the reward's child process reads the driver's sys.path
+
+    def pool(name: str, words: list[str], lvl: int) -> str:
+        rows = [{"messages": [{"role": "user", "content": f"rev {w} ="}, {"role": "assistant", "content": w[::-1]}],
+                 "level": lvl} for w in words]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / f"{name}.jsonl")
+
+    data = {"task": None, "general_path": pool("general", ["abc", "bcd", "cde", "def"] * 4, 1),
+            "target_path": pool("target", ["fed", "gfe"], 3)}
+    reward = {"kind": "function", "functions": [{"function": "drpt_conv_rewards:chat", "weight": 2.0},
+                                                {"function": "drpt_conv_rewards:level", "weight": 0.5}]}
+    r = run_job(rlvr(tmp_path / "out", data=data, reward=reward, steps=2, eval_every=2, eval_samples=0,
+                     warm_start_sft_steps=0))
+    m = r.history[-1]
+    assert (m["reward/chat/mean"], m["reward/level/mean"], m["reward/reward_mean"]) == (1.0, 1.0, 2.5)
+    assert (m["target/chat/mean"], m["target/level/mean"], m["target/reward_mean"]) == (1.0, 3.0, 3.5)
+    assert m["reward/errors"] == 0 and m["eval/target_reward"] == 3.5

@@ -7,10 +7,14 @@ The bottom of the data package: `synthetic` builds its pools from these types an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+
+
+# TRL's conversational language-modeling rows hold the whole conversation under this key.
+MESSAGES_KEY = "messages"
 
 
 @dataclass(frozen=True)
@@ -20,11 +24,19 @@ class Example:
     The text is concatenated as-is (no separator is inserted), so any space between the two
     belongs at the start of `response`. `reference` is what a verifier scores a generated reply
     against when that is not the response itself (a reasoning-gym entry, as JSON).
+
+    A conversational row (TRL's `messages`, or a list of messages as the prompt) keeps its turns
+    before the response in `messages`, and `prompt` is empty until `render_chat` renders them
+    with the model's chat template. `extras` holds the row's other columns (JSON values), which
+    user reward functions take as keyword arguments.
     """
 
     prompt: str
     response: str
     reference: str | None = None
+    # Lists and dicts cannot be hashed; an Example hashes by its text.
+    messages: list[dict] | None = field(default=None, hash=False)
+    extras: dict = field(default_factory=dict, hash=False)
 
     @property
     def scored_against(self) -> str:
@@ -46,6 +58,11 @@ class TaskSplits:
     target: list[Example]
     eval: list[Example]
 
+    @property
+    def conversational(self) -> bool:
+        """Whether any example is a conversation, which only the chat template can render."""
+        return any(e.messages is not None for pool in (self.general, self.target, self.eval) for e in pool)
+
 
 def _checked_text(value: object, key: str, where: str) -> str:
     """Return `value` if it is a string, else raise a ValueError that names `where` and `key`."""
@@ -56,12 +73,74 @@ def _checked_text(value: object, key: str, where: str) -> str:
     return value
 
 
-def _check_keys(present, prompt_key: str, response_key: str, where: str, what: str) -> None:
-    """Both keys present, else an error naming the missing one, what there is, and the setting to change."""
-    for key, field in ((prompt_key, "data.prompt_key"), (response_key, "data.response_key")):
+def _checked_messages(value: object, key: str, where: str) -> list[dict]:
+    """Return `value` if it is a non-empty list of messages (objects with string `role` and
+    `content`), else raise a ValueError that names `where` and `key`."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: key {key!r} must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: key {key!r}, message {i}: expected an object with string 'role' and "
+                             f"'content', got {m!r:.80}")
+    return value
+
+
+def _assistant_text(messages: list[dict], key: str, where: str) -> str:
+    """The content of `messages`' last message, which must be the assistant's (the response)."""
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: key {key!r} must end with an assistant message (the response), got role "
+                         f"{messages[-1]['role']!r}")
+    return messages[-1]["content"]
+
+
+def _checked_json(value: object, key: str, where: str) -> object:
+    """Return `value` if it is a JSON value (extras travel to the reward process and into checkpoints)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: column {key!r} holds a {type(value).__name__}, not a JSON value; the "
+                         "extra columns of a row are passed to reward functions and must be JSON") from None
+    return value
+
+
+def _read_keys(present, prompt_key: str, response_key: str, where: str, what: str) -> tuple[str, ...]:
+    """The keys a row is read from: `messages` alone (a TRL conversation) where the prompt key is
+    absent and it is present, else the prompt and response keys, which must both be present."""
+    if prompt_key not in present and MESSAGES_KEY in present:
+        return (MESSAGES_KEY,)
+    for key, setting in ((prompt_key, "data.prompt_key"), (response_key, "data.response_key")):
         if key not in present:
-            raise ValueError(f"{where}: missing {what} {key!r} (there are {sorted(present)}; {field} names the "
-                             f"{what} to read instead, e.g. response_key: completion for TRL-style data)")
+            raise ValueError(f"{where}: missing {what} {key!r} (there are {sorted(present)}; {setting} names the "
+                             f"{what} to read instead, e.g. response_key: completion for TRL-style data, or give "
+                             f"the conversation as {MESSAGES_KEY!r})")
+    return (prompt_key, response_key)
+
+
+def _example(row: dict, keys: tuple[str, ...], where: str) -> Example:
+    """The example of one row read from `keys` (see `_read_keys`); every other column is an extra.
+
+    A prompt is a string or a list of messages (a conversation, rendered later); a response is a
+    string or TRL's completion, a list of one assistant message.
+    """
+    extras = {k: _checked_json(v, k, where) for k, v in row.items() if k not in keys}
+    if keys == (MESSAGES_KEY,):
+        messages = _checked_messages(row[MESSAGES_KEY], MESSAGES_KEY, where)
+        response = _assistant_text(messages, MESSAGES_KEY, where)
+        if len(messages) < 2:
+            raise ValueError(f"{where}: key {MESSAGES_KEY!r} holds only the response; a prompt message must "
+                             "come before it")
+        return Example("", response, messages=messages[:-1], extras=extras)
+    prompt_key, response_key = keys
+    prompt, response = row[prompt_key], row[response_key]
+    if isinstance(response, list):
+        completion = _checked_messages(response, response_key, where)
+        if len(completion) != 1:
+            raise ValueError(f"{where}: key {response_key!r} must hold one assistant message, got {len(completion)}")
+        response = _assistant_text(completion, response_key, where)
+    response = _checked_text(response, response_key, where)
+    if isinstance(prompt, list):
+        return Example("", response, messages=_checked_messages(prompt, prompt_key, where), extras=extras)
+    return Example(_checked_text(prompt, prompt_key, where), response, extras=extras)
 
 
 def _load_jsonl(path: Path, prompt_key: str, response_key: str) -> list[Example]:
@@ -78,38 +157,29 @@ def _load_jsonl(path: Path, prompt_key: str, response_key: str) -> list[Example]
                 raise ValueError(f"{where}: not valid JSON: {e}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            _check_keys(row, prompt_key, response_key, where, "key")
-            examples.append(
-                Example(
-                    prompt=_checked_text(row.get(prompt_key), prompt_key, where),
-                    response=_checked_text(row.get(response_key), response_key, where),
-                )
-            )
+            examples.append(_example(row, _read_keys(row, prompt_key, response_key, where, "key"), where))
     return examples
 
 
 def _load_parquet(path: Path, prompt_key: str, response_key: str) -> list[Example]:
-    """Read the two columns of a parquet file; rows are numbered from 1 in error messages."""
+    """Read a parquet file row by row; rows are numbered from 1 in error messages."""
     import pyarrow.parquet as pq  # deferred: pyarrow is heavy and only parquet inputs need it
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for unreadable files
         raise ValueError(f"{path}: not a readable parquet file: {e}") from None
-    _check_keys(table.column_names, prompt_key, response_key, str(path), "column")
-    prompts = table.column(prompt_key).to_pylist()
-    responses = table.column(response_key).to_pylist()
-    return [
-        Example(
-            prompt=_checked_text(p, prompt_key, f"{path}: row {i}"),
-            response=_checked_text(r, response_key, f"{path}: row {i}"),
-        )
-        for i, (p, r) in enumerate(zip(prompts, responses), start=1)
-    ]
+    keys = _read_keys(table.column_names, prompt_key, response_key, str(path), "column")
+    return [_example(row, keys, f"{path}: row {i}") for i, row in enumerate(table.to_pylist(), start=1)]
 
 
 def load_examples(path: str | Path, prompt_key: str = "prompt", response_key: str = "response") -> list[Example]:
     """Load (prompt, response) examples from a `.jsonl` or `.parquet` file.
+
+    Rows are read as TRL writes them: the prompt and response are strings, or a list of messages
+    for the prompt and a list of one assistant message for the response (conversational
+    prompt-completion); a row without the prompt key but with `messages` is a whole conversation
+    whose last, assistant message is the response. Every other column is kept in `extras`.
 
     Args:
         path: The file. JSONL: one object per line, blank lines skipped. Parquet: one row per example.

@@ -1,6 +1,6 @@
 """Rewards: one `Reward` interface, one door (`make_reward`), one preflight (`check_reward`).
 
-A `Reward` is called on a batch, `reward(prompts, responses, references, split) -> RewardResult`
+A `Reward` is called on a batch, `reward(prompts, responses, references, split, extras) -> RewardResult`
 (one score per response plus an error count), whatever `reward.kind` is:
 
 | reward.kind | scores                                         | runs where                        |
@@ -8,7 +8,7 @@ A `Reward` is called on a batch, `reward(prompts, responses, references, split) 
 | task        | the built-in task's verifier (tasks.py)        | in the caller                     |
 | exact_match | stripped response == stripped reference        | in the caller                     |
 | math        | math-verify equality with the reference        | in the caller                     |
-| function    | user `package.module:function`, with a timeout | a child process of the caller     |
+| function    | user `module:function`s, weighted, timed out   | a child process of the caller     |
 | model       | a reward model's logit (RLHF)                  | one `RewardModelWorker` Ray actor |
 
 With `reward.target_kind` the target split is scored by that verifier instead (`SplitReward`).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drpt_ray.config import RewardSpec
+from drpt_ray.config import RewardFunctionSpec, RewardSpec
 from drpt_ray.rewards.model import ModelReward, RewardModelScorer, RewardModelWorker, tiny_reward_model
 from drpt_ray.rewards.user import FunctionReward, resolve_function
 from drpt_ray.rewards.verifiable import (
@@ -64,8 +64,8 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
 
     Raises:
         ValueError: kind 'task' without a built-in task (names `reward.kind`); kind 'function'
-            whose function cannot be resolved (names `reward.function`); kind 'model' whose
-            `reward.model_path` is not a directory.
+            with a function that cannot be resolved (names its field: `reward.function` or
+            `reward.functions.<i>.function`); kind 'model' whose `reward.model_path` is not a directory.
     """
     from drpt_ray.tasks import TASKS  # the task registry imports this package
 
@@ -78,7 +78,8 @@ def check_reward(spec: RewardSpec, task: str | None) -> None:
             "'exact_match', 'math', 'function' or 'model'"
         )
     if spec.kind == "function":
-        resolve_function(spec.function)
+        for field, f in _functions(spec).items():
+            resolve_function(f.function, field)
     if spec.kind == "model" and spec.model_path is not None and not Path(spec.model_path).expanduser().is_dir():
         raise ValueError(
             f"reward.model_path {spec.model_path!r} is not a directory; give the local directory of a "
@@ -111,10 +112,15 @@ def make_reward(spec: RewardSpec, task: str | None, work_dir: Path | str,
     if spec.kind in ("task", "exact_match", "math"):
         return _verifier(spec.kind, task)
     if spec.kind == "function":
-        return FunctionReward(spec.function, spec.timeout_s)
+        return FunctionReward(_functions(spec), spec.timeout_s)
     model_path = spec.model_path or tiny_reward_model(Path(work_dir) / "tiny-reward-model")
     worker = RewardModelWorker.options(num_cpus=num_cpus).remote(str(Path(model_path).expanduser()))
     return ModelReward(worker)
+
+
+def _functions(spec: RewardSpec) -> dict[str, RewardFunctionSpec]:
+    """The user functions of `spec` by their dotted field, as errors name them."""
+    return {".".join(map(str, loc)): f for loc, f in spec.user_functions().items()}
 
 
 def _verifier(kind: str, task: str | None) -> VerifierReward:
@@ -131,9 +137,9 @@ class SplitReward(Reward):
     def __init__(self, general: Reward, target: Reward) -> None:
         self.general, self.target = general, target
 
-    def __call__(self, prompts: list[str], responses: list[str],
-                 references: list[str | None], split: Split) -> RewardResult:
-        return (self.target if split == "target" else self.general)(prompts, responses, references, split)
+    def __call__(self, prompts: list[str], responses: list[str], references: list[str | None], split: Split,
+                 extras: list[dict] | None = None) -> RewardResult:
+        return (self.target if split == "target" else self.general)(prompts, responses, references, split, extras)
 
     def close(self) -> None:
         self.general.close()

@@ -131,10 +131,11 @@ class ModelReward(Reward):
         self.worker = worker
 
     def __call__(
-        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split
+        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split,
+        extras: list[dict] | None = None,
     ) -> RewardResult:
-        """Score the batch on the actor (references and split unused); see `Reward.__call__`."""
-        check_batch(prompts, responses, references, split)
+        """Score the batch on the actor (references, split and extras unused); see `Reward.__call__`."""
+        check_batch(prompts, responses, references, split, extras)
         scores = ray.get(self.worker.score.remote(prompts=prompts, responses=responses))
         return RewardResult(scores=scores, errors=0)
 

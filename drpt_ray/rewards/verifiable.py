@@ -1,7 +1,8 @@
 """The reward interface and the reference-based verifiers: exact match and math-verify.
 
-Every reward kind is a `Reward`: called on a batch of (prompt, response, reference) triples and a
-split name, it returns one score per response plus a count of scoring errors. Built-in verifiers
+Every reward kind is a `Reward`: called on a batch of (prompt, response, reference) triples, a
+split name and optionally each row's extra columns, it returns one score per response plus a count
+of scoring errors. Built-in verifiers
 are pure per-example functions wrapped by `VerifierReward`; they never fail on a bad response
 (an unparseable answer scores 0.0), so their `errors` is always 0.
 
@@ -40,11 +41,15 @@ class RewardResult:
         scores: One reward per response, in input order; a failed scoring counts as 0.0.
         errors: How many scorings failed (user-function exceptions, timeouts, bad return values).
         first_error: What the first failure said (not part of equality).
+        parts: The unweighted scores of each user function (`reward.function(s)`), by its name,
+            in input order; `scores` is their weighted sum. Empty for the other kinds. Not part of
+            equality: a result is its scores.
     """
 
     scores: list[float]
     errors: int
     first_error: str | None = field(default=None, compare=False)
+    parts: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
 
 class Reward(ABC):
@@ -53,7 +58,8 @@ class Reward(ABC):
 
     @abstractmethod
     def __call__(
-        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split
+        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split,
+        extras: list[dict] | None = None,
     ) -> RewardResult:
         """Score a batch.
 
@@ -63,6 +69,8 @@ class Reward(ABC):
             references: Reference answers (the pool's response field), None where there is none.
             split: "general" or "target" (eval prompts are scored as "target"); only task
                 verifiers distinguish them.
+            extras: One dict per response: its row's other columns (`Example.extras`), which user
+                functions take as keyword arguments; None: no columns. Other kinds ignore them.
 
         Returns:
             One score per response and the error count.
@@ -76,16 +84,18 @@ class Reward(ABC):
         """Release what the reward holds (a child process, a Ray actor); the default holds nothing."""
 
 
-def check_batch(prompts: list[str], responses: list[str], references: list[str | None], split: str) -> None:
+def check_batch(prompts: list[str], responses: list[str], references: list[str | None], split: str,
+                extras: list[dict] | None = None) -> None:
     """Validate the arguments of `Reward.__call__`.
 
     Raises:
-        ValueError: The three lists differ in length or `split` is not a known split.
+        ValueError: The lists differ in length or `split` is not a known split.
     """
-    if not len(prompts) == len(responses) == len(references):
+    if not len(prompts) == len(responses) == len(references) == len(responses if extras is None else extras):
         raise ValueError(
-            f"reward batch: {len(prompts)} prompts, {len(responses)} responses and {len(references)} "
-            "references; pass one prompt and one reference (or None) per response"
+            f"reward batch: {len(prompts)} prompts, {len(responses)} responses, {len(references)} references"
+            + ("" if extras is None else f" and {len(extras)} extras") + "; pass one prompt, one reference (or "
+            "None) and, if any, one dict of extras per response"
         )
     if split not in SPLITS:
         raise ValueError(f"reward split must be one of {SPLITS}, got {split!r}")
@@ -139,10 +149,11 @@ class VerifierReward(Reward):
         self.score = score
 
     def __call__(
-        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split
+        self, prompts: list[str], responses: list[str], references: list[str | None], split: Split,
+        extras: list[dict] | None = None,
     ) -> RewardResult:
-        """Score each example with `self.score`; see `Reward.__call__`."""
-        check_batch(prompts, responses, references, split)
+        """Score each example with `self.score` (extras unused); see `Reward.__call__`."""
+        check_batch(prompts, responses, references, split, extras)
         scores = [self.score(p, r, ref, split) for p, r, ref in zip(prompts, responses, references)]
         return RewardResult(scores=scores, errors=0)
 

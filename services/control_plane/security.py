@@ -141,7 +141,7 @@ def refuse_escaping_paths(paths: dict[tuple[str, ...], str]) -> None:
         raise RequestValidationError(errors)
 
 
-def refuse_unallowed_code(code: dict[tuple[str, ...], str], allowed: bool, modules: list[str]) -> None:
+def refuse_unallowed_code(code: dict[tuple[str | int, ...], str], allowed: bool, modules: list[str]) -> None:
     """422 naming every body field (location -> 'module:function') whose code the operator did not
     allow: any, when `allowed` (DRPT_USER_CODE) is off; else a module outside the `modules` prefixes."""
     def permitted(path: str) -> bool:

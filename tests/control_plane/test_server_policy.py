@@ -24,6 +24,8 @@ USER_CODE = [  # each field that takes a 'module:function', with the probe and w
     ({"algorithm": {"kl_estimator": "os:system"}}, "body.algorithm.kl_estimator"),
     ({"algorithm": {"target_objective": "builtins:print"}}, "body.algorithm.target_objective"),
     ({"reward": {"kind": "function", "function": "shutil:move"}}, "body.reward.function"),
+    ({"reward": {"kind": "function", "functions": [{"function": "os:system", "weight": 2.0}]}},
+     "body.reward.functions.0.function"),
 ]
 
 
@@ -70,6 +72,12 @@ def test_allowed_modules_only_and_still_no_import(server_factory, probe_dir):
         for body, field in USER_CODE[1:]:
             r = c.post("/v1/jobs", json=RL | body)
             assert r.status_code == 422 and field in r.text and "DRPT_USER_CODE_MODULES" in r.text, r.text
+        # each of several reward functions is checked: only the one outside the allow-list is refused
+        several = {"kind": "function", "functions": [{"function": "drpt_probe_sidefx:estimator"},
+                                                     {"function": "shutil:move", "name": "other"}]}
+        r = c.post("/v1/jobs", json=RL | {"reward": several})
+        assert r.status_code == 422, r.text
+        assert [".".join(map(str, d["loc"])) for d in r.json()["detail"]] == ["body.reward.functions.1.function"]
         # a prefix allows its submodules, not a module that merely starts with the same letters
         assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "mycompany.rl.adv:f"}}).status_code == 201
         assert c.post("/v1/jobs", json=RL | {"algorithm": {"advantage": "mycompany.rlx:f"}}).status_code == 422

@@ -24,10 +24,12 @@ def progress_postfix(metrics: dict) -> dict[str, str]:
 def markdown_table(rows: list[dict]) -> str:
     """Rows of a samples table as Markdown (TensorBoard renders it), cells escaped to stay one cell."""
     def cell(v) -> str:
+        if isinstance(v, dict):  # a row's per-function scores
+            v = ", ".join(f"{k} {x:.3f}" for k, x in v.items())
         text = "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
         return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
-    cols = ["group", "prompt", "response", "reward", "advantage"]
+    cols = ["group", "prompt", "response", "reward", "advantage", "parts"]
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                      + ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows])
 

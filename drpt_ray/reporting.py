@@ -28,7 +28,8 @@ An EVENT is a flat JSON object: `seq` (int, from 1, no gaps), `ts` (unix seconds
 | `log`     | `line`: one line of the driver's stdout/stderr, without the newline                      |
 | `alert`   | `step` (int >= 0) and `message` (non-empty str): the divergence guard tripped at `step`   |
 | `samples` | `step` and `rows`: a samples table (`JobSpec.samples`), each row `split` (general, target, |
-|           | eval), `group`, `prompt`, `response`, `reward`, `advantage` (null for eval rows)          |
+|           | eval), `group`, `prompt`, `response`, `reward`, `advantage` (null for eval rows), `parts`|
+|           | (each reward function's score by name; {} for a single built-in reward)                  |
 | `trial`   | sweeps: `trial_id`, `config` (searched path -> value), `state` (PENDING, RUNNING,        |
 |           | TERMINATED, STOPPED, ERROR), `metrics` (that report's metrics, {} on start), optional     |
 |           | `error`                                                                                  |

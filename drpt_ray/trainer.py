@@ -266,9 +266,11 @@ def rl_step(ctx: Context, t: PhaseTimer) -> dict:
 
 
 def sample_rows(groups: list[Group], split: str, n_groups: int) -> list[dict]:
-    """The first `n_groups` prompts' responses as rows of the samples table."""
+    """The first `n_groups` prompts' responses as rows of the samples table (`parts`: each user reward
+    function's own score, `reward.functions`)."""
     return [{"split": split, "group": i, "prompt": g.example.prompt, "response": r.text, "reward": reward,
-             "advantage": None if g.advantages is None else g.advantages[j]}
+             "advantage": None if g.advantages is None else g.advantages[j],
+             "parts": {name: xs[j] for name, xs in g.parts.items()}}
             for i, g in enumerate(groups[:n_groups]) for j, (r, reward) in enumerate(zip(g.rollouts, g.rewards))]
 
 

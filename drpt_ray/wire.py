@@ -208,6 +208,8 @@ class SampleRow(BaseModel):
     response: str = Field(max_length=100_000)
     reward: float | None
     advantage: float | None = Field(None, description="The response's mean token advantage (eval rows: none).")
+    parts: dict[str, float] = Field(default_factory=dict, description="Each reward function's own score "
+                                    "(reward.functions), by name.")
 
 
 class SamplesEvent(_Event):

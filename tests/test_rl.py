@@ -263,8 +263,14 @@ def test_trl_conversations_with_weighted_reward_functions(tmp_path, monkeypatch)
     reward = {"kind": "function", "functions": [{"function": "drpt_conv_rewards:chat", "weight": 2.0},
                                                 {"function": "drpt_conv_rewards:level", "weight": 0.5}]}
     r = run_job(rlvr(tmp_path / "out", data=data, reward=reward, steps=2, eval_every=2, eval_samples=0,
-                     warm_start_sft_steps=0))
+                     warm_start_sft_steps=0, samples={"every": 1, "groups": 1}))
     m = r.history[-1]
     assert (m["reward/chat/mean"], m["reward/level/mean"], m["reward/reward_mean"]) == (1.0, 1.0, 2.5)
     assert (m["target/chat/mean"], m["target/level/mean"], m["target/reward_mean"]) == (1.0, 3.0, 3.5)
     assert m["reward/errors"] == 0 and m["eval/target_reward"] == 3.5
+    # the samples table shows each function's own score beside the weighted reward
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    want = {"general": ({"chat": 1.0, "level": 1.0}, 2.5), "target": ({"chat": 1.0, "level": 3.0}, 3.5),
+            "eval": ({"chat": 1.0, "level": 3.0}, 3.5)}
+    assert {r["split"] for r in rows} == set(want)
+    assert all((r["parts"], r["reward"]) == want[r["split"]] for r in rows)

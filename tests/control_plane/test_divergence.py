@@ -107,7 +107,7 @@ def test_cli_shows_a_diverged_job_and_following_it_exits_non_zero(dry_server, ca
 def test_driver_reports_diverged_with_artifacts_and_exits_3(dry_server, tmp_path, monkeypatch):
     from drpt_ray import trainer
 
-    def collapsing_run_job(spec, on_metrics=None, address=None, on_alert=None):
+    def collapsing_run_job(spec, on_metrics=None, address=None, on_alert=None, on_samples=None):
         """`run_job`'s side of the contract when the guard stops a job at step 3, without training
         (tests/control_plane/test_ray_jobs.py trains one to collapse)."""
         for step in range(4):

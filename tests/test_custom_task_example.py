@@ -48,7 +48,7 @@ def test_the_custom_task_readme_runs_end_to_end(tmp_path):
         assert done.returncode == 0, f"{shlex.join(argv)} exited {done.returncode}:\n{outputs[-1][-3000:]}"
     for name in ("general", "target", "eval"):
         assert (tmp_path / "examples" / "custom_task" / f"{name}.jsonl").stat().st_size > 0
-    assert "regularizer.feasible_set" in outputs[1]  # config show printed the schema
+    assert "\nregularizer:\n  feasible_set: " in outputs[1]  # config show printed the schema
     for run in ("layerwise", "full"):
         history = [json.loads(line) for line in (tmp_path / "runs" / "custom_task" / run / "metrics.jsonl").open()]
         evals = [m["step"] for m in history if "eval/target_reward" in m]

@@ -96,17 +96,17 @@ def correction_weights(log_ratio: torch.Tensor, mask: torch.Tensor, mode: str,
     """
     if upper is not None and upper <= 0:
         raise ValueError(f"rollout correction upper must be > 0 (or None for no truncation), got {upper}")
-    if mode == "truncate":
-        w = log_ratio.exp() if upper is None else log_ratio.clamp(max=math.log(upper)).exp()
-    elif mode == "mask":
-        if upper is None or (lower is not None and not 0 <= lower < upper):
-            raise ValueError(f"rollout correction mask needs 0 <= lower < upper, got lower={lower}, upper={upper}")
+    if mode not in ("truncate", "mask"):
+        raise ValueError(f"rollout correction mode must be truncate or mask, got {mode!r}")
+    if mode == "mask" and (upper is None or (lower is not None and not 0 <= lower < upper)):
+        raise ValueError(f"rollout correction mask needs 0 <= lower < upper, got lower={lower}, upper={upper}")
+    # exp of the clamped log: a sequence-level log ratio may overflow exp before any cap applies
+    w = log_ratio.exp() if upper is None else log_ratio.clamp(max=math.log(upper)).exp()
+    if mode == "mask":
         keep = log_ratio <= math.log(upper)
         if lower:
             keep &= log_ratio >= math.log(lower)
-        w = torch.where(keep, log_ratio.clamp(max=math.log(upper)).exp(), 0.0)
-    else:
-        raise ValueError(f"rollout correction mode must be truncate or mask, got {mode!r}")
+        w = torch.where(keep, w, 0.0)
     return torch.where(mask != 0, w, 0.0)
 
 

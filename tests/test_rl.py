@@ -64,6 +64,8 @@ def assert_samples_tables(path, spec) -> None:
     assert by("general") == by("target") == list(range(every, spec.steps + 1, every))
     assert by("eval") == list(range(0, spec.steps + 1, spec.eval_every))
     assert all(r["reward"] in (0.0, 1.0) and r["advantage"] is None for r in rows if r["split"] == "eval")
+    # not vacuous: groups whose rewards differ, so the advantage check below has something to check
+    assert sum(abs(r["advantage"]) > 0.1 for r in rows if r["split"] == "general") >= 10
     for step in by("general"):
         for split in ("general", "target"):
             table = [r for r in rows if r["step"] == step and r["split"] == split]
